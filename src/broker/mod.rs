@@ -1,0 +1,285 @@
+//! The embedded MQTT broker: rumqttd's router, fed by the hub's own connection layer.
+//!
+//! rumqttd routes messages between links; everything a client sees before and around that is the
+//! hub's: the listeners ([`serve`]), TLS, the MQTT 3.1.1 session with each client
+//! ([`session`]), who may connect ([`crate::auth`]), and the hub's own in-process client
+//! ([`HubLink`]). The router runs on a thread of its own and cannot be stopped: if it ends, the hub
+//! treats that as fatal and lets systemd restart it.
+//!
+//! This module must not decode device payloads or run rules; it moves packets.
+
+pub mod session;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
+use rumqttd::{Notification, Router, RouterConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::auth::Authenticator;
+
+/// Router slots kept for the hub's own links beyond `max_connections`.
+const LOCAL_LINKS: usize = 8;
+
+/// Time a client has to finish its TLS handshake and send CONNECT. A dead ESP or a port scan
+/// holding a socket open costs one idle task, never another client's connect.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client id of the hub's own link. It holds a NUL, which MQTT forbids in strings, so no
+/// network client can take it over.
+const HUB_CLIENT_ID: &str = "\u{0}hub";
+
+/// Why the broker could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The router refused a local link or is gone.
+    #[error("router link: {0}")]
+    Link(#[from] LinkError),
+    /// The router thread could not be reached.
+    #[error("the router thread is gone")]
+    RouterGone,
+}
+
+/// Opens a link to the router for a client id; `clean` is MQTT's clean-session flag.
+///
+/// rumqttd does not export the type of its router channel, so the channel lives inside this
+/// closure, where its type is inferred.
+pub type LinkFactory = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// Limits the sessions enforce.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most client connections at once.
+    pub max_connections: usize,
+    /// Largest accepted MQTT packet, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+/// What every session shares.
+pub struct Shared {
+    /// Opens router links.
+    pub links: LinkFactory,
+    /// Checks credentials at CONNECT.
+    pub auth: Authenticator,
+    /// Limits per connection and in total.
+    pub limits: Limits,
+    /// Client ids of declared devices, which users may not take.
+    pub device_ids: std::collections::HashSet<String>,
+    /// Connected clients right now.
+    pub connected: AtomicUsize,
+    /// Publishes wills on behalf of clients that died.
+    pub hub: HubLink,
+    /// Cancelled when sessions must flush and close.
+    pub closing: CancellationToken,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Number of clients connected now.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Router settings sized for a Raspberry Pi.
+///
+/// rumqttd's defaults are unusable (`max_connections = 0` drops every connect) and its sample
+/// config is sized for a datacentre (100 MB segments). Each subscription filter keeps at most
+/// `(count + 1) × size` bytes of recent messages: 5 × 256 KiB, enough for thousands of small
+/// device messages in flight to a slow reader.
+pub fn router_config(max_connections: usize) -> RouterConfig {
+    RouterConfig {
+        max_connections: max_connections + LOCAL_LINKS,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 256 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Starts the router on its own thread and returns a factory for links to it.
+pub fn start_router(max_connections: usize) -> LinkFactory {
+    let router_tx = Router::new(0, router_config(max_connections)).spawn();
+    Arc::new(move |client_id: &str, clean: bool| LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).build())
+}
+
+/// A message the hub's link received from the router.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Topic it was published on.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// A command for the thread that owns the hub link's sending half.
+enum LinkCommand {
+    Publish(Publish),
+    Subscribe(String),
+}
+
+/// The hub's own in-process MQTT client: it publishes status, wills and rule actions, and
+/// receives what the hub subscribes to.
+///
+/// rumqttd's `LinkTx` sends block on a bounded channel when the router is busy, so the sending
+/// half lives on a thread of its own and callers only queue (never block, never await).
+#[derive(Clone, Debug)]
+pub struct HubLink {
+    commands: std::sync::mpsc::Sender<LinkCommand>,
+}
+
+impl std::fmt::Debug for LinkCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkCommand::Publish(p) => write!(f, "Publish({:?})", p.topic),
+            LinkCommand::Subscribe(s) => write!(f, "Subscribe({s:?})"),
+        }
+    }
+}
+
+impl HubLink {
+    /// Connects the hub's link; returns it, the stream of messages it receives, and the task
+    /// that reads from the router (it ends when the router does).
+    pub fn connect(links: &LinkFactory) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
+        let (mut tx, rx, _ack) = links(HUB_CLIENT_ID, true)?;
+        let (commands, queue) = std::sync::mpsc::channel::<LinkCommand>();
+        thread::Builder::new()
+            .name("hub-link".to_owned())
+            .spawn(move || {
+                while let Ok(cmd) = queue.recv() {
+                    let sent = match cmd {
+                        LinkCommand::Publish(p) => tx.push_packet(Packet::Publish(p, None)),
+                        LinkCommand::Subscribe(filter) => tx.subscribe(filter).map(drop),
+                    };
+                    if let Err(e) = sent {
+                        warn!(error = %e, "hub link: router is gone");
+                        return;
+                    }
+                }
+            })
+            .map_err(|_| BrokerError::RouterGone)?;
+        let (messages_tx, messages) = mpsc::unbounded_channel();
+        Ok((HubLink { commands }, messages, LinkReader { rx, messages: messages_tx }))
+    }
+
+    /// Queues a QoS 0 publish from the hub.
+    pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>, retain: bool) {
+        let publish = Publish::new(Bytes::from(topic.into()), payload.into(), retain);
+        let _ = self.commands.send(LinkCommand::Publish(publish));
+    }
+
+    /// Subscribes the hub to a filter; matching messages arrive on the hub's message stream.
+    pub fn subscribe(&self, filter: impl Into<String>) {
+        let _ = self.commands.send(LinkCommand::Subscribe(filter.into()));
+    }
+}
+
+/// Sends one packet into the router and wakes it (`LinkTx::send` is async in name only: it
+/// blocks on the router channel, which is why only the hub-link thread calls this).
+pub(crate) trait Push {
+    fn push_packet(&mut self, packet: Packet) -> Result<(), LinkError>;
+}
+
+impl Push for LinkTx {
+    fn push_packet(&mut self, packet: Packet) -> Result<(), LinkError> {
+        // The future completes on its first poll: it awaits nothing.
+        let mut fut = std::pin::pin!(self.send(packet));
+        let waker = std::task::Waker::noop();
+        match fut.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(r) => r.map(drop),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// Reads what the router sends to the hub's link.
+pub struct LinkReader {
+    rx: LinkRx,
+    messages: mpsc::UnboundedSender<Message>,
+}
+
+impl LinkReader {
+    /// Runs until the router ends, which is fatal for the hub.
+    pub async fn run(mut self) -> BrokerError {
+        loop {
+            match self.rx.next().await {
+                Ok(Some(Notification::Forward(f))) => {
+                    let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
+                    let _ = self.messages.send(Message { topic, payload: f.publish.payload });
+                }
+                Ok(Some(Notification::Unschedule)) => {
+                    if let Err(e) = self.rx.wake().await {
+                        return e.into();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return e.into(),
+            }
+        }
+    }
+}
+
+/// Accepts connections on `listener` until `token` is cancelled; each client runs in its own
+/// task (TLS handshake included, under a timeout), tracked by `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    token: CancellationToken,
+) {
+    let kind = if tls.is_some() { "tls" } else { "plain" };
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = token.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off instead of spinning.
+                    warn!(listener = kind, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tracker.spawn(async move {
+            accept_one(socket, peer, tls, shared).await;
+        });
+    }
+}
+
+async fn accept_one(socket: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+    // Without NODELAY, Nagle holds small MQTT packets (CONNACK, PUBACK) for tens of milliseconds.
+    let _ = socket.set_nodelay(true);
+    match tls {
+        None => session::run(socket, peer, shared).await,
+        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+            Ok(Ok(stream)) => session::run(stream, peer, shared).await,
+            Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(%peer, "TLS handshake timed out"),
+        },
+    }
+}

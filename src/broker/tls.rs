@@ -1,0 +1,76 @@
+//! The TLS server configuration, built once from the hub's certificate files.
+//!
+//! Client certificates are optional at the TLS layer (users log in with a password); when one is
+//! presented it must chain to the hub CA, so a certificate from another CA fails the handshake.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+
+use crate::certs::{check_key_mode, CertPaths};
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// A file held no usable certificate or key.
+    #[error("{path}: {reason}")]
+    Invalid { path: String, reason: String },
+    /// A key file is readable by others.
+    #[error(transparent)]
+    Cert(#[from] crate::certs::CertError),
+    /// rustls refused the certificate, key or settings.
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+/// The process-wide crypto provider: ring, which builds everywhere a Pi toolchain does.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice()).filter_map(Result::ok).collect();
+    if certs.is_empty() {
+        return Err(TlsError::Invalid { path: path.display().to_string(), reason: "no certificate in file".into() });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    check_key_mode(path)?;
+    let pem = fs::read(path).map_err(|source| TlsError::Io { path: path.display().to_string(), source })?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| TlsError::Invalid { path: path.display().to_string(), reason: "no private key in file".into() })
+}
+
+/// Builds the server configuration from the hub's CA, certificate and key.
+pub fn server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let chain = read_certs(&paths.server_cert)?;
+    let key = read_key(&paths.server_key)?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&paths.ca_cert)? {
+        roots.add(ca).map_err(|e| TlsError::Rustls(e.to_string()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,299 @@
+//! The command line: parsing (clap) and one function per command.
+//!
+//! Commands that change users or read state open the database directly; the daemon reads it at
+//! every connect, so nothing needs a restart. Every error a person can cause comes back as an
+//! error value that `main` prints on one line.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::auth;
+use crate::certs::{self, CertPaths};
+use crate::config::{self, Config};
+use crate::hub;
+use crate::secret::Secret;
+use crate::store::{self, users::Role};
+
+/// DomoticPi hub: a TLS MQTT broker, state store and local alarm and light rules for one house.
+///
+/// Run `domoticpi run` to start the hub (it creates its CA, certificates and database on first
+/// start). Devices connect over MQTT with TLS; people and scripts use a user name and password.
+#[derive(Debug, Parser)]
+#[command(name = "domoticpi", version, about, long_about, max_term_width = 100)]
+pub struct Cli {
+    /// Config file (TOML). Without one, the built-in defaults apply.
+    #[arg(long, global = true, env = "DOMOTICPI_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Data directory (database and certificates); overrides `data_dir` in the config.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the hub in the foreground (systemd runs it as is); initialises an empty data dir first.
+    Run,
+    /// Create the data dir, CA, server certificate and database, then exit (safe to repeat).
+    Init,
+    /// Validate the config file; print every error with line and column; exit 1 on any.
+    CheckConfig,
+    /// Certificates of the hub.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// People who log in with a name and password.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Whether the hub is up, its listeners, devices and last events.
+    Status,
+}
+
+/// `certs …`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// CA path, server certificate names and expiry, SHA-256 and SHA-1 fingerprints.
+    Show,
+}
+
+/// `user …`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from the terminal (or stdin with --password-stdin).
+    Add {
+        /// User name (also the MQTT username).
+        name: String,
+        /// What the user may do: residents command devices and read dpi/#, admins do anything.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        #[command(flatten)]
+        input: SecretInput,
+    },
+    /// Set the user's alarm code (4 to 8 digits), read from the terminal or stdin.
+    Pin {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        input: SecretInput,
+    },
+    /// List users.
+    List,
+    /// Remove a user; their next connect is refused.
+    Remove {
+        /// User name.
+        name: String,
+    },
+}
+
+/// Where a secret comes from.
+#[derive(Debug, Args)]
+pub struct SecretInput {
+    /// Read the secret from the first line of standard input instead of the terminal.
+    #[arg(long)]
+    pub password_stdin: bool,
+}
+
+/// A role, as typed.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum RoleArg {
+    Admin,
+    Resident,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Resident => Role::Resident,
+        }
+    }
+}
+
+/// Loads the config the options point at, or the built-in defaults.
+pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    Ok(config)
+}
+
+/// Runs every command but `run` (which `main` handles: it needs logging and a runtime).
+pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Run => unreachable!("main handles run"),
+        Command::Init => {
+            hub::init(config)?;
+            println!("data dir ready: {}", config.data_dir.display());
+            println!("ca: {}", CertPaths::new(&config.data_dir).ca_cert.display());
+            Ok(())
+        }
+        Command::CheckConfig => {
+            let source = config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
+            println!(
+                "{source}: ok ({} rooms, {} devices, {} rules, {} scenes)",
+                config.rooms.len(),
+                config.devices.len(),
+                config.rules.motion_light.len() + config.rules.schedule.len() + config.rules.switch.len(),
+                config.scenes.len()
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Show) => certs_show(config),
+        Command::User(cmd) => user(cmd, config),
+        Command::Status => status(config),
+    }
+}
+
+/// Opens the database of an initialised data dir, creating it if needed.
+fn open_db(config: &Config) -> anyhow::Result<rusqlite::Connection> {
+    certs::create_private_dir(&config.data_dir)?;
+    Ok(store::open(&hub::db_path(&config.data_dir))?)
+}
+
+fn certs_show(config: &Config) -> anyhow::Result<()> {
+    let paths = CertPaths::new(&config.data_dir);
+    if !paths.server_cert.exists() {
+        bail!("no certificates in {} yet; run `domoticpi init` or start the hub", config.data_dir.display());
+    }
+    let info = certs::read_info(&paths.server_cert)?;
+    let ca = certs::read_info(&paths.ca_cert)?;
+    let names: Vec<String> = info.names.iter().map(ToString::to_string).collect();
+    let date = |t: time::OffsetDateTime| t.date().to_string();
+    println!("ca: {}", paths.ca_cert.display());
+    println!("ca_expires: {}", date(ca.not_after));
+    println!("ca_sha256: {}", ca.sha256);
+    println!("server_cert: {}", paths.server_cert.display());
+    println!("server_names: {}", names.join(", "));
+    println!("server_expires: {}", date(info.not_after));
+    println!("server_sha256: {}", info.sha256);
+    println!("server_sha1: {}", info.sha1);
+    Ok(())
+}
+
+/// User names share a namespace with device ids and become MQTT usernames.
+fn check_user_name(name: &str, config: &Config) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c.is_whitespace() || "+#/$".contains(c)) {
+        bail!("user name {name:?} must be 1 to 64 characters without spaces or any of + # / $");
+    }
+    if config.device(name).is_some() {
+        bail!("{name:?} is a device id in {}; users and devices share one namespace", config_name(config));
+    }
+    if config::RESERVED_IDS.contains(&name) {
+        bail!("{name:?} is reserved for the hub's own topics");
+    }
+    Ok(())
+}
+
+fn config_name(config: &Config) -> String {
+    config.source.as_ref().map_or_else(|| "the config".to_owned(), |p| p.display().to_string())
+}
+
+fn user(cmd: &UserCommand, config: &Config) -> anyhow::Result<()> {
+    match cmd {
+        UserCommand::Add { name, role, input } => {
+            check_user_name(name, config)?;
+            let password = read_secret(input, "Password", true)?;
+            if password.expose().chars().count() < 8 {
+                bail!("the password must be at least 8 characters");
+            }
+            let conn = open_db(config)?;
+            store::users::add(&conn, name, (*role).into(), &auth::hash(&password))?;
+            let role: Role = (*role).into();
+            store::events::record(&conn, "user", &format!("user {name} added ({})", role.as_str()))?;
+            println!("user {name} added ({})", role.as_str());
+        }
+        UserCommand::Pin { name, input } => {
+            let pin = read_secret(input, "Alarm code", true)?;
+            let digits = pin.expose();
+            if !(4..=8).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                bail!("the alarm code must be 4 to 8 digits");
+            }
+            let conn = open_db(config)?;
+            store::users::set_pin(&conn, name, &auth::hash(&pin))?;
+            store::events::record(&conn, "user", &format!("alarm code set for {name}"))?;
+            println!("alarm code set for {name}");
+        }
+        UserCommand::List => {
+            let conn = open_db(config)?;
+            let users = store::users::list(&conn)?;
+            if users.is_empty() {
+                println!("no users; add one with: domoticpi user add NAME --role admin");
+            }
+            for u in users {
+                println!("{}\t{}\t{}\tcreated {}", u.name, u.role.as_str(), if u.has_pin { "pin" } else { "no-pin" }, u.created_at);
+            }
+        }
+        UserCommand::Remove { name } => {
+            let conn = open_db(config)?;
+            store::users::remove(&conn, name)?;
+            store::events::record(&conn, "user", &format!("user {name} removed"))?;
+            println!("user {name} removed");
+        }
+    }
+    Ok(())
+}
+
+/// Reads a secret from the terminal (asking twice) or from the first line of stdin.
+fn read_secret(input: &SecretInput, what: &str, confirm: bool) -> anyhow::Result<Secret> {
+    if input.password_stdin {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).context("reading standard input")?;
+        let value = line.trim_end_matches(['\n', '\r']).to_owned();
+        if value.is_empty() {
+            bail!("no {} on standard input", what.to_lowercase());
+        }
+        return Ok(Secret::new(value));
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("standard input is not a terminal; pass --password-stdin to read the {} from it", what.to_lowercase());
+    }
+    let first = Secret::new(rpassword::prompt_password(format!("{what}: ")).context("reading from the terminal")?);
+    if confirm {
+        let second = Secret::new(rpassword::prompt_password(format!("{what} again: ")).context("reading from the terminal")?);
+        if first != second {
+            bail!("the two entries differ");
+        }
+    }
+    Ok(first)
+}
+
+fn status(config: &Config) -> anyhow::Result<()> {
+    let db = hub::db_path(&config.data_dir);
+    if !db.exists() {
+        println!("hub: down (no database at {}; never started)", db.display());
+        return Ok(());
+    }
+    let conn = store::open(&db)?;
+    match store::runtime::get(&conn)? {
+        Some(r) if r.stopped_at.is_none() && process_alive(r.pid) => {
+            println!("hub: up (pid {}, since {})", r.pid, r.started_at);
+            println!("tls_listen: {}", r.tls_listen);
+            println!("plain_listen: {}", r.plain_listen.as_deref().unwrap_or("off"));
+        }
+        Some(r) => match r.stopped_at {
+            Some(at) => println!("hub: down (stopped {at})"),
+            None => println!("hub: down (pid {} is gone: it did not stop cleanly)", r.pid),
+        },
+        None => println!("hub: down (never started)"),
+    }
+    println!("devices: {} declared", config.devices.len());
+    println!("last events:");
+    for (at, kind, detail) in store::events::latest(&conn, 10)? {
+        println!("  {at}  {kind}: {detail}");
+    }
+    Ok(())
+}
+
+fn process_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.windows(9).any(|w| w == b"domoticpi"))
+}

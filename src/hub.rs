@@ -1,0 +1,212 @@
+//! The supervisor: prepares the data dir, starts the store, the broker and its listeners, announces
+//! the hub, and shuts everything down in order.
+//!
+//! [`run`] takes its config, already-bound listeners and a cancellation token, so a test starts a
+//! whole hub in-process on port 0 with its own temp dir, and `main` passes SIGTERM/Ctrl-C.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::auth::Authenticator;
+use crate::broker::{self, HubLink, Limits, Shared};
+use crate::certs::{self, CertPaths};
+use crate::config::Config;
+use crate::store::{self, Store};
+
+/// Topic of the hub's own retained `online`/`offline` status.
+pub const STATUS_TOPIC: &str = "dpi/hub/status";
+
+/// How long shutdown may take before the hub gives up waiting for sessions (SPEC: exit within 5 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Why the hub could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The data dir or its certificates could not be prepared.
+    #[error(transparent)]
+    Certs(#[from] certs::CertError),
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] broker::tls::TlsError),
+    /// The database could not be opened or written.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { addr: SocketAddr, what: &'static str, source: std::io::Error },
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// The hub's listeners, bound before [`run`] so that a port in use is reported at once.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The TLS listener.
+    pub tls: TcpListener,
+    /// The optional plain listener.
+    pub plain: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the listeners the config asks for.
+    pub async fn bind(config: &Config) -> Result<Listeners, HubError> {
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr).await.map_err(|source| HubError::Bind { addr, what, source })
+        };
+        let tls = bind(config.broker.tls_listen, "TLS listener, broker.tls_listen").await?;
+        let plain = match config.broker.plain_listen {
+            Some(addr) => Some(bind(addr, "plain listener, broker.plain_listen").await?),
+            None => None,
+        };
+        Ok(Listeners { tls, plain })
+    }
+}
+
+/// Creates the data dir (0700), the CA and server certificate, and the database; idempotent.
+pub fn init(config: &Config) -> Result<(), HubError> {
+    certs::create_private_dir(&config.data_dir)?;
+    let paths = CertPaths::new(&config.data_dir);
+    let names = certs::wanted_names(&config.broker.server_names, config.broker.tls_listen);
+    let outcome = certs::ensure(&paths, &names)?;
+    if outcome.created_ca {
+        info!(path = %paths.ca_cert.display(), "created the hub CA");
+    }
+    if outcome.issued_server {
+        let list: Vec<String> = names.iter().map(ToString::to_string).collect();
+        info!(path = %paths.server_cert.display(), names = %list.join(", "), "issued the server certificate");
+    }
+    store::open(&db_path(&config.data_dir))?;
+    Ok(())
+}
+
+/// The database file under a data dir.
+pub fn db_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join(store::DB_FILE)
+}
+
+/// Runs the hub until `shutdown` is cancelled (or the router dies, which is an error).
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), HubError> {
+    init(&config)?;
+    let paths = CertPaths::new(&config.data_dir);
+    let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
+    let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
+
+    let links = broker::start_router(config.broker.max_connections);
+    let (hub, mut messages, reader) = HubLink::connect(&links)?;
+    let mut router = tokio::spawn(reader.run());
+
+    let closing = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        links,
+        auth: Authenticator::new(store.clone()),
+        limits: Limits {
+            max_connections: config.broker.max_connections,
+            max_payload_bytes: config.broker.max_payload_bytes,
+        },
+        device_ids: config.devices.iter().map(|d| d.id.clone()).collect::<HashSet<_>>(),
+        connected: AtomicUsize::new(0),
+        hub: hub.clone(),
+        closing: closing.clone(),
+    });
+
+    let tls_addr = local_addr(&listeners.tls);
+    let plain_addr = listeners.plain.as_ref().map(local_addr);
+    let tracker = TaskTracker::new();
+    let accepting = CancellationToken::new();
+    tracker.spawn(broker::serve(listeners.tls, Some(acceptor), shared.clone(), tracker.clone(), accepting.clone()));
+    if let Some(plain) = listeners.plain {
+        tracker.spawn(broker::serve(plain, None, shared.clone(), tracker.clone(), accepting.clone()));
+    }
+
+    hub.subscribe(STATUS_TOPIC);
+    hub.publish(STATUS_TOPIC, "online", true);
+    let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
+    store
+        .call(move |c| {
+            store::runtime::started(c, &tls_text, plain_text.as_deref())?;
+            store::events::record(c, "hub", "started")
+        })
+        .await?;
+    info!(tls = %tls_addr, plain = %plain_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), "hub ready: listeners accepting");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let watchdog = spawn_watchdog();
+
+    let failure = tokio::select! {
+        () = shutdown.cancelled() => None,
+        ended = &mut router => {
+            let reason = ended.map_or_else(|e| e.to_string(), |e| e.to_string());
+            error!(%reason, "the MQTT router stopped; exiting so that the service manager restarts the hub");
+            Some(HubError::Broker(broker::BrokerError::RouterGone))
+        }
+    };
+
+    info!("hub stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    accepting.cancel();
+    hub.publish(STATUS_TOPIC, "offline", true);
+    // The hub's link gets its own publish back once the router has routed it to every subscriber.
+    let echoed = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(m) = messages.recv().await {
+            if m.topic == STATUS_TOPIC && &m.payload[..] == b"offline" {
+                return;
+            }
+        }
+    })
+    .await;
+    if echoed.is_err() {
+        warn!("offline status not confirmed by the router");
+    }
+    closing.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        warn!(sessions = shared.connected(), "some client sessions did not close in time");
+    }
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    let recorded = store
+        .call(|c| {
+            store::runtime::stopped(c)?;
+            store::events::record(c, "hub", "stopped")
+        })
+        .await;
+    if let Err(e) = recorded {
+        warn!(error = %e, "could not record the stop");
+    }
+    drop(shared);
+    drop(store);
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    info!("hub stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+fn local_addr(listener: &TcpListener) -> SocketAddr {
+    listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Pings systemd's watchdog at half its interval, when the service has one.
+fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = Duration::from_micros(usec / 2);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }))
+}

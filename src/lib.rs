@@ -1,0 +1,14 @@
+//! The DomoticPi hub: a TLS MQTT broker, a SQLite state store and the house's rules, in one process.
+//!
+//! `main` parses the command line and calls into [`cli`] or [`hub::run`]; everything else is here so
+//! that integration tests can start a whole hub in-process. See `ARCHITECTURE.md` for the event flow.
+
+pub mod auth;
+pub mod broker;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod logging;
+pub mod secret;
+pub mod store;

@@ -1,0 +1,60 @@
+//! `domoticpi`: parse the command line, run the command, map the outcome to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use domoticpi::cli::{self, Cli, Command};
+use domoticpi::{hub, logging};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let config = cli::load_config(cli)?;
+    match cli.command {
+        Command::Run => {
+            logging::init(&config.log_level);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(async {
+                let listeners = hub::Listeners::bind(&config).await?;
+                let shutdown = CancellationToken::new();
+                tokio::spawn(signals(shutdown.clone(), config.clone()));
+                hub::run(config, listeners, shutdown).await?;
+                Ok(())
+            })
+        }
+        _ => cli::execute(cli, &config),
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or Ctrl-C; on SIGHUP re-reads the config and reports on it.
+async fn signals(shutdown: CancellationToken, config: domoticpi::config::Config) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt received"); break; }
+            _ = hup.recv() => match &config.source {
+                Some(path) => match domoticpi::config::Config::load(path) {
+                    Ok(new) => tracing::info!(devices = new.devices.len(), "SIGHUP: config is valid; devices and rules apply at the next restart"),
+                    Err(e) => tracing::error!("SIGHUP: new config rejected, keeping the running one:\n{e}"),
+                },
+                None => tracing::info!("SIGHUP: no config file; nothing to reload"),
+            },
+        }
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,441 @@
+//! The state store: one SQLite file (`hub.db`, WAL) shared by the daemon and the CLI.
+//!
+//! The schema is versioned with `PRAGMA user_version` and migrated forward at open; a file written
+//! by a newer hub is refused before anything touches it. The daemon keeps its connection on a
+//! thread of its own behind [`Store`], an async handle, so no runtime worker ever waits on the
+//! disk; the CLI uses the same domain functions ([`users`], [`runtime`], [`events`]) on a plain
+//! connection. This module must not know about MQTT or the rules.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::oneshot;
+
+/// The file name of the database inside the data dir.
+pub const DB_FILE: &str = "hub.db";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error.
+    #[error("database {path}: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    /// The file was written by a newer version of the hub; it is left untouched.
+    #[error("database {path} has schema version {found}, newer than this hub understands ({supported}); upgrade domoticpi or restore a backup")]
+    TooNew { path: PathBuf, found: i64, supported: i64 },
+    /// No such user.
+    #[error("no user named {0:?}")]
+    NoSuchUser(String),
+    /// The user name is taken.
+    #[error("a user named {0:?} already exists")]
+    UserExists(String),
+    /// The store thread is gone (the hub is shutting down or it crashed).
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A short alias used throughout the module.
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Schema migrations; entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: users, the running hub, the event log.
+    "CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'resident')),
+        password_hash TEXT NOT NULL,
+        pin_hash TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE hub_runtime (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        pid INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        stopped_at TEXT,
+        tls_listen TEXT NOT NULL,
+        plain_listen TEXT
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );",
+];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Opens (creating if needed) and migrates the database at `path`.
+pub fn open(path: &Path) -> Result<Connection> {
+    let sql = |source| StoreError::Sqlite { path: path.to_owned(), source };
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+    // It holds password hashes: owner only. SQLite gives the -wal and -shm files the same mode.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| sql(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+    // Check the version before anything writes to the file.
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+    conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(sql)?;
+    migrate(&conn, version).map_err(sql)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(usize::try_from(from).unwrap_or(0)) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The current time as RFC 3339 text, the form every timestamp in the database takes.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A job for the store thread.
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The daemon's async handle on the database, which lives on a thread of its own.
+///
+/// Cloning is cheap; every clone talks to the same thread. Jobs run one at a time in the order
+/// they were sent.
+#[derive(Clone)]
+pub struct Store {
+    /// Sends jobs to the store thread. A std channel: sending never blocks or awaits.
+    jobs: mpsc::Sender<Job>,
+    /// The database path, for messages.
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// Joins the store thread; the daemon waits on it at shutdown so that nothing is lost.
+pub struct StoreThread(thread::JoinHandle<()>);
+
+impl StoreThread {
+    /// Waits until every job sent before the last [`Store`] handle was dropped has run and the
+    /// database is closed (WAL checkpointed).
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl Store {
+    /// Opens the database and starts its thread.
+    pub fn start(path: &Path) -> Result<(Store, StoreThread)> {
+        let mut conn = open(path)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let thread = thread::Builder::new()
+            .name("store".to_owned())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job(&mut conn);
+                }
+                // Every handle is gone: checkpoint so the main file is complete on its own.
+                if let Err(e) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+                    tracing::warn!(error = %e, "store: final checkpoint failed");
+                }
+            })
+            .map_err(|e| StoreError::Sqlite {
+                path: path.to_owned(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok((Store { jobs, path: path.to_owned() }, StoreThread(thread)))
+    }
+
+    /// Runs `f` on the store thread and returns its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The database path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Maps a rusqlite error to a [`StoreError`] for `conn`'s file.
+pub(crate) fn sql_err(conn: &Connection) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite { path: PathBuf::from(conn.path().unwrap_or_default()), source }
+}
+
+/// Users: residents and admins who log in with a name and a password.
+pub mod users {
+    use super::*;
+    use rusqlite::{params, OptionalExtension};
+
+    /// What a user may do (SPEC §6).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Role {
+        /// Anything.
+        Admin,
+        /// Commands and reading `dpi/#`.
+        Resident,
+    }
+
+    impl Role {
+        /// The name stored and printed.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Role::Admin => "admin",
+                Role::Resident => "resident",
+            }
+        }
+
+        fn parse(s: &str) -> Role {
+            if s == "admin" {
+                Role::Admin
+            } else {
+                Role::Resident
+            }
+        }
+    }
+
+    /// A user as listed.
+    #[derive(Debug, Clone)]
+    pub struct User {
+        pub name: String,
+        pub role: Role,
+        pub has_pin: bool,
+        pub created_at: String,
+    }
+
+    /// A user's credentials, for authentication.
+    #[derive(Clone)]
+    pub struct Credentials {
+        pub role: Role,
+        /// PHC string of the argon2 password hash.
+        pub password_hash: String,
+    }
+
+    /// Adds a user with an already hashed password.
+    pub fn add(conn: &Connection, name: &str, role: Role, password_hash: &str) -> Result<()> {
+        let res = conn.execute(
+            "INSERT INTO users (name, role, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![name, role.as_str(), password_hash, now_rfc3339()],
+        );
+        match res {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                Err(StoreError::UserExists(name.to_owned()))
+            }
+            Err(e) => Err(sql_err(conn)(e)),
+        }
+    }
+
+    /// Sets a user's alarm code hash.
+    pub fn set_pin(conn: &Connection, name: &str, pin_hash: &str) -> Result<()> {
+        let n = conn
+            .execute("UPDATE users SET pin_hash = ?2 WHERE name = ?1", params![name, pin_hash])
+            .map_err(sql_err(conn))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchUser(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Removes a user.
+    pub fn remove(conn: &Connection, name: &str) -> Result<()> {
+        let n = conn.execute("DELETE FROM users WHERE name = ?1", [name]).map_err(sql_err(conn))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchUser(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Every user, by name.
+    pub fn list(conn: &Connection) -> Result<Vec<User>> {
+        let mut stmt = conn
+            .prepare("SELECT name, role, pin_hash IS NOT NULL, created_at FROM users ORDER BY name")
+            .map_err(sql_err(conn))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(User {
+                    name: r.get(0)?,
+                    role: Role::parse(&r.get::<_, String>(1)?),
+                    has_pin: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            })
+            .map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+
+    /// A user's credentials, if the user exists.
+    pub fn credentials(conn: &Connection, name: &str) -> Result<Option<Credentials>> {
+        conn.query_row("SELECT role, password_hash FROM users WHERE name = ?1", [name], |r| {
+            Ok(Credentials { role: Role::parse(&r.get::<_, String>(0)?), password_hash: r.get(1)? })
+        })
+        .optional()
+        .map_err(sql_err(conn))
+    }
+}
+
+/// The running hub's record: which process, which listeners; read by `domoticpi status`.
+pub mod runtime {
+    use super::*;
+    use rusqlite::{params, OptionalExtension};
+
+    /// The hub's last start, as recorded.
+    #[derive(Debug, Clone)]
+    pub struct Record {
+        pub pid: u32,
+        pub started_at: String,
+        pub stopped_at: Option<String>,
+        pub tls_listen: String,
+        pub plain_listen: Option<String>,
+    }
+
+    /// Records a start.
+    pub fn started(conn: &Connection, tls_listen: &str, plain_listen: Option<&str>) -> Result<()> {
+        conn.execute(
+            "INSERT OR REPLACE INTO hub_runtime (id, pid, started_at, stopped_at, tls_listen, plain_listen)
+             VALUES (1, ?1, ?2, NULL, ?3, ?4)",
+            params![std::process::id(), now_rfc3339(), tls_listen, plain_listen],
+        )
+        .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// Records a clean stop.
+    pub fn stopped(conn: &Connection) -> Result<()> {
+        conn.execute("UPDATE hub_runtime SET stopped_at = ?1 WHERE id = 1", [now_rfc3339()])
+            .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// The last recorded start, if any.
+    pub fn get(conn: &Connection) -> Result<Option<Record>> {
+        conn.query_row(
+            "SELECT pid, started_at, stopped_at, tls_listen, plain_listen FROM hub_runtime WHERE id = 1",
+            [],
+            |r| {
+                Ok(Record {
+                    pid: r.get(0)?,
+                    started_at: r.get(1)?,
+                    stopped_at: r.get(2)?,
+                    tls_listen: r.get(3)?,
+                    plain_listen: r.get(4)?,
+                })
+            },
+        )
+        .optional()
+        .map_err(sql_err(conn))
+    }
+}
+
+/// The event log shown by `domoticpi status`.
+pub mod events {
+    use super::*;
+
+    /// How many events are kept; older ones are pruned as new ones arrive.
+    const KEEP: i64 = 10_000;
+
+    /// Appends an event.
+    pub fn record(conn: &Connection, kind: &str, detail: &str) -> Result<()> {
+        conn.execute("INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)", [&now_rfc3339(), kind, detail])
+            .map_err(sql_err(conn))?;
+        conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1", [KEEP])
+            .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// The `n` newest events, newest first: (at, kind, detail).
+    pub fn latest(conn: &Connection, n: usize) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = conn
+            .prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1")
+            .map_err(sql_err(conn))?;
+        let rows = stmt
+            .query_map([n as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_a_new_file_to_the_latest_version_in_wal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join(DB_FILE)).unwrap();
+        let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_newer_database_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        let err = open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("hub.db-wal").exists());
+    }
+
+    #[test]
+    fn users_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join(DB_FILE)).unwrap();
+        users::add(&conn, "alice", users::Role::Admin, "$argon2id$x").unwrap();
+        assert!(matches!(users::add(&conn, "alice", users::Role::Resident, "h"), Err(StoreError::UserExists(_))));
+        users::set_pin(&conn, "alice", "$argon2id$p").unwrap();
+        let list = users::list(&conn).unwrap();
+        assert_eq!(list.len(), 1);
+        assert!(list[0].has_pin);
+        assert_eq!(users::credentials(&conn, "alice").unwrap().unwrap().role, users::Role::Admin);
+        users::remove(&conn, "alice").unwrap();
+        assert!(matches!(users::remove(&conn, "alice"), Err(StoreError::NoSuchUser(_))));
+    }
+
+    #[tokio::test]
+    async fn the_async_handle_runs_jobs_on_its_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::start(&dir.path().join(DB_FILE)).unwrap();
+        store.call(|c| events::record(c, "test", "hello")).await.unwrap();
+        let latest = store.call(|c| events::latest(c, 5)).await.unwrap();
+        assert_eq!(latest[0].2, "hello");
+        drop(store);
+        thread.join();
+    }
+}
