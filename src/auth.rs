@@ -24,7 +24,8 @@ pub fn hash(secret: &Secret) -> String {
 
 /// Whether `secret` matches the PHC string `hash`; a malformed hash never matches.
 pub fn verify(hash: &str, secret: &Secret) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| Argon2::default().verify_password(secret.expose().as_bytes(), &parsed).is_ok())
+    PasswordHash::new(hash)
+        .is_ok_and(|parsed| Argon2::default().verify_password(secret.expose().as_bytes(), &parsed).is_ok())
 }
 
 /// Who an authenticated client is.

@@ -142,13 +142,8 @@ pub fn check_key_mode(path: &Path) -> Result<(), CertError> {
 /// Writes `contents` to `path` atomically with the given mode.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut file =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io_err(&tmp))?;
     // The mode given to open() is filtered by the umask; set it exactly.
     fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io_err(&tmp))?;
     file.write_all(contents).map_err(io_err(&tmp))?;

@@ -138,7 +138,8 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
-            let source = config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
+            let source =
+                config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
             println!(
                 "{source}: ok ({} rooms, {} devices, {} rules, {} scenes)",
                 config.rooms.len(),
@@ -182,7 +183,10 @@ fn certs_show(config: &Config) -> anyhow::Result<()> {
 
 /// User names share a namespace with device ids and become MQTT usernames.
 fn check_user_name(name: &str, config: &Config) -> anyhow::Result<()> {
-    if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_control() || c.is_whitespace() || "+#/$".contains(c)) {
+    if name.is_empty()
+        || name.len() > 64
+        || name.chars().any(|c| c.is_control() || c.is_whitespace() || "+#/$".contains(c))
+    {
         bail!("user name {name:?} must be 1 to 64 characters without spaces or any of + # / $");
     }
     if config.device(name).is_some() {
@@ -230,7 +234,13 @@ fn user(cmd: &UserCommand, config: &Config) -> anyhow::Result<()> {
                 println!("no users; add one with: domoticpi user add NAME --role admin");
             }
             for u in users {
-                println!("{}\t{}\t{}\tcreated {}", u.name, u.role.as_str(), if u.has_pin { "pin" } else { "no-pin" }, u.created_at);
+                println!(
+                    "{}\t{}\t{}\tcreated {}",
+                    u.name,
+                    u.role.as_str(),
+                    if u.has_pin { "pin" } else { "no-pin" },
+                    u.created_at
+                );
             }
         }
         UserCommand::Remove { name } => {
@@ -259,7 +269,8 @@ fn read_secret(input: &SecretInput, what: &str, confirm: bool) -> anyhow::Result
     }
     let first = Secret::new(rpassword::prompt_password(format!("{what}: ")).context("reading from the terminal")?);
     if confirm {
-        let second = Secret::new(rpassword::prompt_password(format!("{what} again: ")).context("reading from the terminal")?);
+        let second =
+            Secret::new(rpassword::prompt_password(format!("{what} again: ")).context("reading from the terminal")?);
         if first != second {
             bail!("the two entries differ");
         }

@@ -44,11 +44,7 @@ pub enum ConfigError {
 
 fn render(path: Option<&Path>, diagnostics: &[Diagnostic]) -> String {
     let name = path.map_or_else(|| "<config>".to_owned(), |p| p.display().to_string());
-    diagnostics
-        .iter()
-        .map(|d| format!("{name}:{}:{}: {}", d.line, d.column, d.message))
-        .collect::<Vec<_>>()
-        .join("\n")
+    diagnostics.iter().map(|d| format!("{name}:{}:{}: {}", d.line, d.column, d.message)).collect::<Vec<_>>().join("\n")
 }
 
 /// The validated configuration the hub runs on.
@@ -499,8 +495,7 @@ fn line_column(source: &str, offset: usize) -> (usize, usize) {
 
 /// `[a-z0-9-]{1,32}`: the shape of every id (device, room, scene).
 pub fn is_valid_id(id: &str) -> bool {
-    (1..=32).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// Ids the hub uses in its own topics; no device may take them.
@@ -519,8 +514,8 @@ impl Default for Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(&text, Some(path))
     }
 
@@ -564,7 +559,10 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
 
     let store = Store {
         commit_interval: Duration::from_millis(
-            file.store.commit_interval_ms.map_or(Some(1000), |v| c.integer(&v, "commit_interval_ms", 10..3_600_001)).unwrap_or(1000),
+            file.store
+                .commit_interval_ms
+                .map_or(Some(1000), |v| c.integer(&v, "commit_interval_ms", 10..3_600_001))
+                .unwrap_or(1000),
         ),
         history_days: file
             .store
@@ -602,12 +600,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
                 c.error(room.span(), format!("device {id:?} is in room {:?}, which is not declared", room.get_ref()));
             }
         }
-        devices.push(Device {
-            id,
-            kind: device.kind,
-            room: device.room.map(Spanned::into_inner),
-            zone: device.zone,
-        });
+        devices.push(Device { id, kind: device.kind, room: device.room.map(Spanned::into_inner), zone: device.zone });
     }
 
     let alarm = Alarm {
@@ -662,18 +655,15 @@ fn build_house(house: raw::House, c: &mut Checker<'_>) -> House {
         Some(tz) => match jiff::tz::TimeZone::get(tz.get_ref()) {
             Ok(zone) => (tz.get_ref().clone(), zone),
             Err(_) => {
-                c.error(tz.span(), format!("unknown timezone {:?} (use an IANA name such as \"Europe/Paris\")", tz.get_ref()));
+                c.error(
+                    tz.span(),
+                    format!("unknown timezone {:?} (use an IANA name such as \"Europe/Paris\")", tz.get_ref()),
+                );
                 ("UTC".to_owned(), jiff::tz::TimeZone::UTC)
             }
         },
     };
-    House {
-        name: house.name.unwrap_or_else(|| "My house".to_owned()),
-        latitude,
-        longitude,
-        timezone_name,
-        timezone,
-    }
+    House { name: house.name.unwrap_or_else(|| "My house".to_owned()), latitude, longitude, timezone_name, timezone }
 }
 
 fn build_broker(broker: raw::Broker, c: &mut Checker<'_>) -> Broker {
@@ -708,10 +698,8 @@ fn build_broker(broker: raw::Broker, c: &mut Checker<'_>) -> Broker {
             c.error(name.span(), format!("server name {text:?} is neither an IP address nor a DNS name"));
         }
     }
-    let max_connections = broker
-        .max_connections
-        .map_or(Some(500), |v| c.integer(&v, "max_connections", 1..65_536))
-        .unwrap_or(500);
+    let max_connections =
+        broker.max_connections.map_or(Some(500), |v| c.integer(&v, "max_connections", 1..65_536)).unwrap_or(500);
     let max_payload_bytes = broker
         .max_payload_bytes
         .map_or(Some(16_384), |v| c.integer(&v, "max_payload_bytes", 16..268_435_456))
@@ -815,7 +803,8 @@ fn build_rules(rules: raw::Rules, refs: &DeviceRefs<'_>, house: &House, c: &mut 
         let on = time(&rule.on, "on");
         let off = time(&rule.off, "off");
         let lights = refs.check(c, rule.lights, "light", &[K::Light]);
-        let days = rule.days.unwrap_or_else(|| vec![Day::Mon, Day::Tue, Day::Wed, Day::Thu, Day::Fri, Day::Sat, Day::Sun]);
+        let days =
+            rule.days.unwrap_or_else(|| vec![Day::Mon, Day::Tue, Day::Wed, Day::Thu, Day::Fri, Day::Sat, Day::Sun]);
         if let (Some(on), Some(off)) = (on, off) {
             out.schedule.push(Schedule { lights, on, off, days });
         }
@@ -911,7 +900,7 @@ mod tests {
         bad_listen_address: "[broker]\ntls_listen = \"localhost\"\n" => (2, 14), "not an IP:port";
         plain_listener_on_lan: "[broker]\nplain_listen = \"0.0.0.0:1883\"\n" => (2, 16), "allow_insecure_lan";
         latitude_out_of_range: "[house]\nlatitude = 91.5\nlongitude = 0.0\n" => (2, 12), "out of range";
-        longitude_out_of_range: "[house]\nlatitude = 1.0\nlongitude = -181\n" => (3, 13), "unknown";
+        longitude_out_of_range: "[house]\nlatitude = 1.0\nlongitude = -181\n" => (3, 13), "out of range";
         unknown_timezone: "[house]\ntimezone = \"Mars/Olympus\"\n" => (2, 12), "unknown timezone";
         duplicate_device: "[[device]]\nid = \"a\"\nkind = \"motion\"\n[[device]]\nid = \"a\"\nkind = \"light\"\n" => (5, 6), "duplicate device";
         bad_device_id: "[[device]]\nid = \"Front Door\"\nkind = \"contact\"\n" => (2, 6), "must be 1 to 32";
@@ -947,7 +936,9 @@ mod tests {
     fn loopback_plain_listener_is_allowed() {
         let c = Config::from_toml("[broker]\nplain_listen = \"127.0.0.1:1883\"\n", None).unwrap();
         assert_eq!(c.broker.plain_listen, Some("127.0.0.1:1883".parse().unwrap()));
-        assert!(Config::from_toml("[broker]\nplain_listen = \"0.0.0.0:1883\"\nallow_insecure_lan = true\n", None).is_ok());
+        assert!(
+            Config::from_toml("[broker]\nplain_listen = \"0.0.0.0:1883\"\nallow_insecure_lan = true\n", None).is_ok()
+        );
     }
 
     #[test]

@@ -105,9 +105,7 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
 
 /// The current time as RFC 3339 text, the form every timestamp in the database takes.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// A job for the store thread.
@@ -331,8 +329,7 @@ pub mod runtime {
 
     /// Records a clean stop.
     pub fn stopped(conn: &Connection) -> Result<()> {
-        conn.execute("UPDATE hub_runtime SET stopped_at = ?1 WHERE id = 1", [now_rfc3339()])
-            .map_err(sql_err(conn))?;
+        conn.execute("UPDATE hub_runtime SET stopped_at = ?1 WHERE id = 1", [now_rfc3339()]).map_err(sql_err(conn))?;
         Ok(())
     }
 
@@ -374,12 +371,9 @@ pub mod events {
 
     /// The `n` newest events, newest first: (at, kind, detail).
     pub fn latest(conn: &Connection, n: usize) -> Result<Vec<(String, String, String)>> {
-        let mut stmt = conn
-            .prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1")
-            .map_err(sql_err(conn))?;
-        let rows = stmt
-            .query_map([n as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(sql_err(conn))?;
+        let mut stmt =
+            conn.prepare("SELECT at, kind, detail FROM events ORDER BY id DESC LIMIT ?1").map_err(sql_err(conn))?;
+        let rows = stmt.query_map([n as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err(conn))?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
     }
 }

@@ -108,15 +108,7 @@ impl Zone {
 
     /// The zone named as in the config (`entry`, `perimeter`, `interior`, `24h`, `none`).
     pub fn from_name(name: &str) -> Option<Zone> {
-        [
-            Zone::Entry,
-            Zone::Perimeter,
-            Zone::Interior,
-            Zone::H24,
-            Zone::None,
-        ]
-        .into_iter()
-        .find(|z| z.as_str() == name)
+        [Zone::Entry, Zone::Perimeter, Zone::Interior, Zone::H24, Zone::None].into_iter().find(|z| z.as_str() == name)
     }
 }
 
@@ -258,10 +250,7 @@ impl State {
 
     /// The state named `name` (as [`State::as_str`]) with the mode stored next to it.
     fn from_parts(name: &str, mode: Option<Mode>) -> Result<State, SnapshotError> {
-        let needs = |state: fn(Mode) -> State| {
-            mode.map(state)
-                .ok_or(SnapshotError::MissingMode(name.to_owned()))
-        };
+        let needs = |state: fn(Mode) -> State| mode.map(state).ok_or(SnapshotError::MissingMode(name.to_owned()));
         match name {
             "disarmed" => Ok(State::Disarmed),
             "arming" => needs(|mode| State::Arming { mode }),
@@ -540,18 +529,8 @@ struct Tracked {
 
 impl Tracked {
     fn new(sensor: &Sensor) -> Tracked {
-        let zone = if sensor.kind == SensorKind::Smoke {
-            Zone::H24
-        } else {
-            sensor.zone
-        };
-        Tracked {
-            zone,
-            kind: sensor.kind,
-            tripped: false,
-            tamper: false,
-            online: None,
-        }
+        let zone = if sensor.kind == SensorKind::Smoke { Zone::H24 } else { sensor.zone };
+        Tracked { zone, kind: sensor.kind, tripped: false, tamper: false, online: None }
     }
 }
 
@@ -592,16 +571,10 @@ impl Alarm {
 
     /// The alarm as it was when `snapshot` was taken, its delays resumed from `now` with the time that
     /// was left. Queues `Persist`, `PublishState` and, if triggered, the sirens (and lights) again.
-    pub fn restore(
-        config: AlarmConfig,
-        snapshot: &Snapshot,
-        now: Instant,
-    ) -> Result<Alarm, SnapshotError> {
+    pub fn restore(config: AlarmConfig, snapshot: &Snapshot, now: Instant) -> Result<Alarm, SnapshotError> {
         let mode = match &snapshot.mode {
             None => None,
-            Some(name) => Some(
-                Mode::from_name(name).ok_or_else(|| SnapshotError::UnknownMode(name.clone()))?,
-            ),
+            Some(name) => Some(Mode::from_name(name).ok_or_else(|| SnapshotError::UnknownMode(name.clone()))?),
         };
         let state = State::from_parts(&snapshot.state, mode)?;
         let mut alarm = Alarm::blank(config, now);
@@ -610,15 +583,9 @@ impl Alarm {
         alarm.mode_by = snapshot.mode_by.clone();
         alarm.bypassed = snapshot.bypassed.iter().cloned().collect();
         // A delay state stored without its time left (not written by `snapshot`) gets its full delay.
-        alarm.deadline = alarm
-            .delay_of(state)
-            .map(|full| now + snapshot.remaining.unwrap_or(full));
+        alarm.deadline = alarm.delay_of(state).map(|full| now + snapshot.remaining.unwrap_or(full));
         alarm.locked_until = snapshot.lockout_remaining.map(|left| now + left);
-        let mut expiries: Vec<Instant> = snapshot
-            .wrong_codes
-            .iter()
-            .map(|left| now + *left)
-            .collect();
+        let mut expiries: Vec<Instant> = snapshot.wrong_codes.iter().map(|left| now + *left).collect();
         expiries.sort();
         alarm.wrong_codes = expiries.into();
         alarm.announce();
@@ -680,10 +647,7 @@ impl Alarm {
             mode_by: self.mode_by.clone(),
             bypassed: self.bypassed.iter().cloned().collect(),
             remaining: self.deadline.map(|d| d.saturating_duration_since(now)),
-            lockout_remaining: self
-                .locked_until
-                .filter(|u| now < *u)
-                .map(|u| u.saturating_duration_since(now)),
+            lockout_remaining: self.locked_until.filter(|u| now < *u).map(|u| u.saturating_duration_since(now)),
             wrong_codes: self
                 .wrong_codes
                 .iter()
@@ -696,18 +660,10 @@ impl Alarm {
     /// Feeds one event in; the consequences come out of [`Alarm::poll_action`].
     pub fn handle_event(&mut self, event: Event, now: Instant) {
         match event {
-            Event::Command {
-                action,
-                code,
-                force,
-                by,
-            } => self.on_command(action, code, force, &by, now),
-            Event::SensorState {
-                device,
-                tripped,
-                tamper,
-                first_after_connect,
-            } => self.on_sensor(&device, tripped, tamper, first_after_connect, now),
+            Event::Command { action, code, force, by } => self.on_command(action, code, force, &by, now),
+            Event::SensorState { device, tripped, tamper, first_after_connect } => {
+                self.on_sensor(&device, tripped, tamper, first_after_connect, now)
+            }
             Event::Availability { device, online } => self.on_availability(&device, online),
         }
     }
@@ -723,42 +679,21 @@ impl Alarm {
                 State::Arming { mode } => {
                     let by = self.mode_by.clone();
                     self.enter(mode.armed(), by, now);
-                    self.event(
-                        EventKind::Armed,
-                        None,
-                        format!("exit delay ended: {}", mode.armed()),
-                        None,
-                    );
+                    self.event(EventKind::Armed, None, format!("exit delay ended: {}", mode.armed()), None);
                 }
                 State::Pending { .. } => {
                     let device = self.by.clone();
                     self.trigger(device.clone(), now);
-                    self.event(
-                        EventKind::Triggered,
-                        Some(device),
-                        "entry delay ended".to_owned(),
-                        None,
-                    );
+                    self.event(EventKind::Triggered, Some(device), "entry delay ended".to_owned(), None);
                 }
                 State::Triggered { mode } => {
                     let back = mode.map_or(State::Disarmed, Mode::armed);
                     let by = self.mode_by.clone();
                     self.enter(back, by, now);
-                    let kind = if mode.is_some() {
-                        EventKind::Armed
-                    } else {
-                        EventKind::Disarmed
-                    };
-                    self.event(
-                        kind,
-                        None,
-                        format!("siren time ended: back to {back}"),
-                        None,
-                    );
+                    let kind = if mode.is_some() { EventKind::Armed } else { EventKind::Disarmed };
+                    self.event(kind, None, format!("siren time ended: back to {back}"), None);
                 }
-                State::Disarmed | State::ArmedAway | State::ArmedHome | State::ArmedNight => {
-                    self.deadline = None
-                }
+                State::Disarmed | State::ArmedAway | State::ArmedHome | State::ArmedNight => self.deadline = None,
             }
         }
     }
@@ -803,11 +738,7 @@ impl Alarm {
     fn announce(&mut self) {
         let snapshot = self.snapshot(self.since);
         self.actions.push_back(Action::Persist(snapshot));
-        self.actions.push_back(Action::PublishState {
-            state: self.state,
-            since: self.since,
-            by: self.by.clone(),
-        });
+        self.actions.push_back(Action::PublishState { state: self.state, since: self.since, by: self.by.clone() });
     }
 
     /// Every siren on, and the lights if configured.
@@ -820,10 +751,7 @@ impl Alarm {
 
     fn sirens(&mut self, on: bool) {
         for device in &self.config.sirens {
-            self.actions.push_back(Action::Siren {
-                device: device.clone(),
-                on,
-            });
+            self.actions.push_back(Action::Siren { device: device.clone(), on });
         }
     }
 
@@ -831,9 +759,7 @@ impl Alarm {
     fn enter(&mut self, state: State, by: String, now: Instant) {
         let state = match (state, self.delay_of(state)) {
             (State::Arming { mode }, Some(d)) if d.is_zero() => mode.armed(),
-            (State::Pending { mode }, Some(d)) if d.is_zero() => {
-                State::Triggered { mode: Some(mode) }
-            }
+            (State::Pending { mode }, Some(d)) if d.is_zero() => State::Triggered { mode: Some(mode) },
             _ => state,
         };
         let was_triggered = matches!(self.state, State::Triggered { .. });
@@ -855,29 +781,11 @@ impl Alarm {
         self.enter(State::Triggered { mode }, by, now);
     }
 
-    fn event(
-        &mut self,
-        kind: EventKind,
-        device: Option<String>,
-        reason: String,
-        user: Option<String>,
-    ) {
-        self.actions.push_back(Action::Event {
-            kind,
-            device,
-            reason,
-            user,
-        });
+    fn event(&mut self, kind: EventKind, device: Option<String>, reason: String, user: Option<String>) {
+        self.actions.push_back(Action::Event { kind, device, reason, user });
     }
 
-    fn on_command(
-        &mut self,
-        action: Command,
-        code: CodeCheck,
-        force: bool,
-        source: &Source,
-        now: Instant,
-    ) {
+    fn on_command(&mut self, action: Command, code: CodeCheck, force: bool, source: &Source, now: Instant) {
         let required = match action {
             Command::Panic => {
                 if !matches!(self.state, State::Triggered { .. }) {
@@ -897,44 +805,25 @@ impl Alarm {
         let device = source.device();
         match action {
             Command::Disarm if self.state == State::Disarmed => {
-                self.event(
-                    EventKind::Disarmed,
-                    device,
-                    "already disarmed".to_owned(),
-                    user,
-                );
+                self.event(EventKind::Disarmed, device, "already disarmed".to_owned(), user);
             }
             Command::Disarm => {
                 let from = self.state;
                 self.bypassed.clear();
                 self.mode_by = by.clone();
                 self.enter(State::Disarmed, by, now);
-                self.event(
-                    EventKind::Disarmed,
-                    device,
-                    format!("disarmed from {from}"),
-                    user,
-                );
+                self.event(EventKind::Disarmed, device, format!("disarmed from {from}"), user);
             }
             Command::Arm(mode) => self.arm(mode, force, by, device, user, now),
             Command::Panic => {}
         }
     }
 
-    fn arm(
-        &mut self,
-        mode: Mode,
-        force: bool,
-        by: String,
-        device: Option<String>,
-        user: Option<String>,
-        now: Instant,
-    ) {
+    fn arm(&mut self, mode: Mode, force: bool, by: String, device: Option<String>, user: Option<String>, now: Instant) {
         let refusal = match self.state {
-            State::Pending { .. } | State::Triggered { .. } => Some((
-                EventKind::ArmRefused,
-                format!("alarm is {}: disarm first", self.state),
-            )),
+            State::Pending { .. } | State::Triggered { .. } => {
+                Some((EventKind::ArmRefused, format!("alarm is {}: disarm first", self.state)))
+            }
             State::Arming { mode: m } if m == mode => {
                 Some((EventKind::Armed, format!("already arming {}", mode.armed())))
             }
@@ -949,9 +838,7 @@ impl Alarm {
             .sensors
             .iter()
             .filter(|(id, t)| {
-                t.tripped
-                    && matches!(t.zone, Zone::Entry | Zone::Perimeter)
-                    && !self.bypassed.contains(*id)
+                t.tripped && matches!(t.zone, Zone::Entry | Zone::Perimeter) && !self.bypassed.contains(*id)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -974,13 +861,7 @@ impl Alarm {
     }
 
     /// Applies the code policy; on refusal the events (and a `Persist` for a counted wrong code) are queued.
-    fn check_code(
-        &mut self,
-        code: CodeCheck,
-        required: bool,
-        source: &Source,
-        now: Instant,
-    ) -> Verdict {
+    fn check_code(&mut self, code: CodeCheck, required: bool, source: &Source, now: Instant) -> Verdict {
         if !required && code == CodeCheck::Missing {
             return Verdict::Accepted(None);
         }
@@ -996,20 +877,11 @@ impl Alarm {
         match code {
             CodeCheck::Valid { user } => Verdict::Accepted(Some(user)),
             CodeCheck::Missing => {
-                self.event(
-                    EventKind::CodeRejected,
-                    source.device(),
-                    "code required".to_owned(),
-                    source.user(),
-                );
+                self.event(EventKind::CodeRejected, source.device(), "code required".to_owned(), source.user());
                 Verdict::Refused
             }
             CodeCheck::Invalid => {
-                while self
-                    .wrong_codes
-                    .front()
-                    .is_some_and(|expiry| *expiry <= now)
-                {
+                while self.wrong_codes.front().is_some_and(|expiry| *expiry <= now) {
                     self.wrong_codes.pop_front();
                 }
                 self.wrong_codes.push_back(now + WRONG_CODE_WINDOW);
@@ -1023,10 +895,7 @@ impl Alarm {
                 let why = format!("wrong code ({count} in {} s)", WRONG_CODE_WINDOW.as_secs());
                 self.event(EventKind::CodeRejected, source.device(), why, source.user());
                 if locked {
-                    let why = format!(
-                        "{count} wrong codes: code entry locked for {} s",
-                        LOCKOUT.as_secs()
-                    );
+                    let why = format!("{count} wrong codes: code entry locked for {} s", LOCKOUT.as_secs());
                     self.event(EventKind::CodeLockout, source.device(), why, source.user());
                 }
                 Verdict::Refused
@@ -1034,14 +903,7 @@ impl Alarm {
         }
     }
 
-    fn on_sensor(
-        &mut self,
-        device: &str,
-        tripped: bool,
-        tamper: bool,
-        first_after_connect: bool,
-        now: Instant,
-    ) {
+    fn on_sensor(&mut self, device: &str, tripped: bool, tamper: bool, first_after_connect: bool, now: Instant) {
         let Some(t) = self.sensors.get_mut(device) else {
             return;
         };
@@ -1052,19 +914,9 @@ impl Alarm {
         if tamper && !was.1 {
             if !matches!(self.state, State::Triggered { .. }) {
                 self.trigger(device.to_owned(), now);
-                self.event(
-                    EventKind::Triggered,
-                    Some(device.to_owned()),
-                    "tamper (24h)".to_owned(),
-                    None,
-                );
+                self.event(EventKind::Triggered, Some(device.to_owned()), "tamper (24h)".to_owned(), None);
             }
-            self.event(
-                EventKind::Tamper,
-                Some(device.to_owned()),
-                "tamper switch opened".to_owned(),
-                None,
-            );
+            self.event(EventKind::Tamper, Some(device.to_owned()), "tamper switch opened".to_owned(), None);
             return;
         }
         let trips = tripped && (!was.0 || (kind == SensorKind::Motion && !first_after_connect));
@@ -1076,15 +928,9 @@ impl Alarm {
             Effect::Pending(mode) => {
                 self.enter(State::Pending { mode }, device.to_owned(), now);
                 // An entry delay of zero goes straight to triggered.
-                let kind = if self.state == (State::Pending { mode }) {
-                    EventKind::Pending
-                } else {
-                    EventKind::Triggered
-                };
-                let why = format!(
-                    "entry zone, entry delay {} s",
-                    self.config.entry_delay.as_secs()
-                );
+                let kind =
+                    if self.state == (State::Pending { mode }) { EventKind::Pending } else { EventKind::Triggered };
+                let why = format!("entry zone, entry delay {} s", self.config.entry_delay.as_secs());
                 self.event(kind, Some(device.to_owned()), why, None);
             }
             Effect::Trigger => {
@@ -1098,10 +944,7 @@ impl Alarm {
     fn on_availability(&mut self, device: &str, online: bool) {
         if online && self.config.sirens.iter().any(|s| s == device) {
             let on = matches!(self.state, State::Triggered { .. });
-            self.actions.push_back(Action::Siren {
-                device: device.to_owned(),
-                on,
-            });
+            self.actions.push_back(Action::Siren { device: device.to_owned(), on });
         }
         let Some(t) = self.sensors.get_mut(device) else {
             return;
@@ -1115,10 +958,7 @@ impl Alarm {
 }
 
 fn tracked(sensors: &[Sensor]) -> BTreeMap<String, Tracked> {
-    sensors
-        .iter()
-        .map(|s| (s.id.clone(), Tracked::new(s)))
-        .collect()
+    sensors.iter().map(|s| (s.id.clone(), Tracked::new(s))).collect()
 }
 
 /// The outcome of the code policy for one command.
@@ -1179,36 +1019,22 @@ mod tests {
     const PENDING_AWAY: State = State::Pending { mode: Mode::Away };
     const PENDING_HOME: State = State::Pending { mode: Mode::Home };
     const PENDING_NIGHT: State = State::Pending { mode: Mode::Night };
-    const TRIGGERED_AWAY: State = State::Triggered {
-        mode: Some(Mode::Away),
-    };
-    const TRIGGERED_HOME: State = State::Triggered {
-        mode: Some(Mode::Home),
-    };
-    const TRIGGERED_NIGHT: State = State::Triggered {
-        mode: Some(Mode::Night),
-    };
+    const TRIGGERED_AWAY: State = State::Triggered { mode: Some(Mode::Away) };
+    const TRIGGERED_HOME: State = State::Triggered { mode: Some(Mode::Home) };
+    const TRIGGERED_NIGHT: State = State::Triggered { mode: Some(Mode::Night) };
     const TRIGGERED_NONE: State = State::Triggered { mode: None };
 
     fn all_states() -> Vec<State> {
         let mut states = vec![DISARMED, TRIGGERED_NONE];
         for m in Mode::ALL {
-            states.extend([
-                State::Arming { mode: m },
-                m.armed(),
-                State::Pending { mode: m },
-            ]);
+            states.extend([State::Arming { mode: m }, m.armed(), State::Pending { mode: m }]);
             states.push(State::Triggered { mode: Some(m) });
         }
         states
     }
 
     fn sensor(id: &str, zone: Zone, kind: SensorKind) -> Sensor {
-        Sensor {
-            id: id.to_owned(),
-            zone,
-            kind,
-        }
+        Sensor { id: id.to_owned(), zone, kind }
     }
 
     fn config() -> AlarmConfig {
@@ -1241,17 +1067,10 @@ mod tests {
 
     // Every helper returns a Vec so that a table line can splice repeated steps (`times(5, ..)`).
     fn command(action: Command, code: CodeCheck, force: bool) -> Vec<Step> {
-        vec![Step::Do(Event::Command {
-            action,
-            code,
-            force,
-            by: Source::Keypad(KEYPAD.to_owned()),
-        })]
+        vec![Step::Do(Event::Command { action, code, force, by: Source::Keypad(KEYPAD.to_owned()) })]
     }
     fn good() -> CodeCheck {
-        CodeCheck::Valid {
-            user: "alice".to_owned(),
-        }
+        CodeCheck::Valid { user: "alice".to_owned() }
     }
     const BAD: CodeCheck = CodeCheck::Invalid;
     const NONE: CodeCheck = CodeCheck::Missing;
@@ -1271,12 +1090,7 @@ mod tests {
         command(Command::Panic, NONE, false)
     }
     fn report(device: &str, tripped: bool, tamper: bool, first_after_connect: bool) -> Vec<Step> {
-        vec![Step::Do(Event::SensorState {
-            device: device.to_owned(),
-            tripped,
-            tamper,
-            first_after_connect,
-        })]
+        vec![Step::Do(Event::SensorState { device: device.to_owned(), tripped, tamper, first_after_connect })]
     }
     fn open(device: &str) -> Vec<Step> {
         report(device, true, false, false)
@@ -1294,10 +1108,7 @@ mod tests {
         vec![Step::Seed(device, tripped)]
     }
     fn availability(device: &str, online: bool) -> Vec<Step> {
-        vec![Step::Do(Event::Availability {
-            device: device.to_owned(),
-            online,
-        })]
+        vec![Step::Do(Event::Availability { device: device.to_owned(), online })]
     }
     fn offline(device: &str) -> Vec<Step> {
         availability(device, false)
@@ -1312,12 +1123,7 @@ mod tests {
         vec![Step::Jump]
     }
     fn times(n: usize, steps: Vec<Step>) -> Vec<Step> {
-        steps
-            .iter()
-            .cloned()
-            .cycle()
-            .take(n * steps.len())
-            .collect()
+        steps.iter().cloned().cycle().take(n * steps.len()).collect()
     }
 
     /// An alarm, a fake clock, and every action it has asked for.
@@ -1329,11 +1135,7 @@ mod tests {
 
     impl Harness {
         fn new(config: AlarmConfig) -> Harness {
-            let mut h = Harness {
-                alarm: Alarm::new(config, T0),
-                now: T0,
-                log: Vec::new(),
-            };
+            let mut h = Harness { alarm: Alarm::new(config, T0), now: T0, log: Vec::new() };
             h.drain();
             h.log.clear();
             h
@@ -1346,9 +1148,7 @@ mod tests {
             let steps = match state {
                 State::Disarmed => vec![],
                 State::Arming { mode } => arm_code(mode, good()),
-                State::ArmedAway | State::ArmedHome | State::ArmedNight => {
-                    armed(state.mode().unwrap())
-                }
+                State::ArmedAway | State::ArmedHome | State::ArmedNight => armed(state.mode().unwrap()),
                 State::Pending { mode } => [armed(mode), open(DOOR)].concat(),
                 State::Triggered { mode: Some(mode) } => [armed(mode), open(WINDOW)].concat(),
                 State::Triggered { mode: None } => open(SMOKE),
@@ -1414,9 +1214,7 @@ mod tests {
                 .log
                 .iter()
                 .filter_map(|a| match a {
-                    Action::Siren { device, on } if device == SIREN => {
-                        Some(if *on { "on" } else { "off" })
-                    }
+                    Action::Siren { device, on } if device == SIREN => Some(if *on { "on" } else { "off" }),
                     _ => None,
                 })
                 .collect();
@@ -1436,19 +1234,14 @@ mod tests {
 
     fn assert_persisted_first(batch: &[Action]) {
         if batch.iter().any(|a| matches!(a, Action::Persist(_))) {
-            assert!(
-                matches!(batch[0], Action::Persist(_)),
-                "a batch announced before persisting: {batch:#?}"
-            );
+            assert!(matches!(batch[0], Action::Persist(_)), "a batch announced before persisting: {batch:#?}");
         }
         let mut persisted: Option<&Snapshot> = None;
         for action in batch {
             match action {
                 Action::Persist(snapshot) => persisted = Some(snapshot),
                 Action::PublishState { state, by, .. } => {
-                    let snapshot = persisted
-                        .take()
-                        .expect("PublishState without a Persist before it");
+                    let snapshot = persisted.take().expect("PublishState without a Persist before it");
                     assert_eq!(snapshot.state, state.as_str());
                     assert_eq!(&snapshot.by, by);
                 }
@@ -1670,18 +1463,13 @@ mod tests {
     fn every_state_and_event_keeps_the_invariants() {
         let mut cases = 0;
         for code_arm_required in [false, true] {
-            let config = AlarmConfig {
-                code_arm_required,
-                ..config()
-            };
+            let config = AlarmConfig { code_arm_required, ..config() };
             for from in all_states() {
                 for step in all_steps() {
                     let mut h = Harness::in_state(from, config.clone());
                     h.run(&step);
                     let to = h.alarm.state();
-                    let case = format!(
-                        "{from:?} + {step:?} (code_arm_required {code_arm_required}) => {to:?}"
-                    );
+                    let case = format!("{from:?} + {step:?} (code_arm_required {code_arm_required}) => {to:?}");
                     let triggered = |s: State| matches!(s, State::Triggered { .. });
 
                     // Announced iff changed, and the last announcement is the state it is in.
@@ -1700,11 +1488,7 @@ mod tests {
                             _ => None,
                         })
                         .collect();
-                    let lights = h
-                        .log
-                        .iter()
-                        .filter(|a| matches!(a, Action::AllLightsOn))
-                        .count();
+                    let lights = h.log.iter().filter(|a| matches!(a, Action::AllLightsOn)).count();
                     if !triggered(from) && triggered(to) {
                         assert!(sirens.contains(&(&SIREN.to_owned(), true)), "{case}");
                         assert!(sirens.contains(&(&SIREN2.to_owned(), true)), "{case}");
@@ -1720,10 +1504,8 @@ mod tests {
                     }
 
                     // A delay runs exactly in the states that have one, and ends in the future.
-                    let has_delay = matches!(
-                        to,
-                        State::Arming { .. } | State::Pending { .. } | State::Triggered { .. }
-                    );
+                    let has_delay =
+                        matches!(to, State::Arming { .. } | State::Pending { .. } | State::Triggered { .. });
                     assert_eq!(h.alarm.poll_timeout().is_some(), has_delay, "{case}");
                     assert!(h.alarm.poll_timeout().is_none_or(|d| d > h.now), "{case}");
 
@@ -1732,26 +1514,15 @@ mod tests {
                     match &step[0] {
                         Step::Do(Event::SensorState { .. }) => {
                             assert!(rank(to) >= rank(from), "{case}");
+                            assert!(from != DISARMED || to == DISARMED || to == TRIGGERED_NONE, "{case}");
                             assert!(
-                                from != DISARMED || to == DISARMED || to == TRIGGERED_NONE,
-                                "{case}"
-                            );
-                            assert!(
-                                kinds.split_whitespace().all(|k| [
-                                    "pending",
-                                    "triggered",
-                                    "tamper"
-                                ]
-                                .contains(&k)),
+                                kinds.split_whitespace().all(|k| ["pending", "triggered", "tamper"].contains(&k)),
                                 "{case}"
                             );
                         }
                         Step::Do(Event::Availability { .. }) => {
                             assert_eq!(from, to, "{case}");
-                            assert!(
-                                kinds.split_whitespace().all(|k| k == "sensor_offline"),
-                                "{case}"
-                            );
+                            assert!(kinds.split_whitespace().all(|k| k == "sensor_offline"), "{case}");
                         }
                         Step::Do(Event::Command { action, code, .. }) => {
                             let silent = *action == Command::Panic && triggered(from);
@@ -1776,10 +1547,7 @@ mod tests {
                                     assert!(to == from || rank(to) == 1, "{case}")
                                 }
                             }
-                            if matches!(action, Command::Arm(_))
-                                && code_arm_required
-                                && *code == NONE
-                            {
+                            if matches!(action, Command::Arm(_)) && code_arm_required && *code == NONE {
                                 assert_eq!(from, to, "{case}");
                             }
                         }
@@ -1814,38 +1582,19 @@ mod tests {
                 Action::Event { .. } => "event",
             })
             .collect();
-        assert_eq!(
-            shape,
-            ["persist", "publish", "siren", "siren", "lights", "event"]
-        );
-        let Action::Persist(snapshot) = &h.log[0] else {
-            unreachable!()
-        };
+        assert_eq!(shape, ["persist", "publish", "siren", "siren", "lights", "event"]);
+        let Action::Persist(snapshot) = &h.log[0] else { unreachable!() };
         assert_eq!(snapshot.state, "triggered");
         assert_eq!(snapshot.mode.as_deref(), Some("away"));
         assert_eq!(snapshot.remaining, Some(Duration::from_secs(180)));
-        assert_eq!(
-            h.log[1],
-            Action::PublishState {
-                state: TRIGGERED_AWAY,
-                since: h.now,
-                by: WINDOW.to_owned()
-            }
-        );
+        assert_eq!(h.log[1], Action::PublishState { state: TRIGGERED_AWAY, since: h.now, by: WINDOW.to_owned() });
     }
 
     #[test]
     fn a_fresh_alarm_persists_and_announces_disarmed() {
         let mut alarm = Alarm::new(config(), T0);
         assert!(matches!(alarm.poll_action(), Some(Action::Persist(s)) if s.state == "disarmed"));
-        assert_eq!(
-            alarm.poll_action(),
-            Some(Action::PublishState {
-                state: DISARMED,
-                since: T0,
-                by: HUB.to_owned()
-            })
-        );
+        assert_eq!(alarm.poll_action(), Some(Action::PublishState { state: DISARMED, since: T0, by: HUB.to_owned() }));
         assert_eq!(alarm.poll_action(), None);
         assert_eq!(alarm.poll_timeout(), None);
     }
@@ -1860,13 +1609,7 @@ mod tests {
             by: Source::User("bob".to_owned()),
         };
         h.run(&[Step::Do(by_bob), Step::Jump]);
-        assert_eq!(
-            h.published(),
-            [
-                (ARMING_AWAY, "alice".to_owned()),
-                (AWAY, "alice".to_owned())
-            ]
-        );
+        assert_eq!(h.published(), [(ARMING_AWAY, "alice".to_owned()), (AWAY, "alice".to_owned())]);
         let accepted = h.log.iter().find(|a| matches!(a, Action::Event { .. }));
         assert!(
             matches!(accepted, Some(Action::Event { kind: EventKind::Armed, user: Some(u), device: None, .. }) if u == "alice")
@@ -1878,12 +1621,8 @@ mod tests {
 
         // A rejected code names the user who sent it, or the keypad it was typed on.
         let mut h = Harness::new(config());
-        let cli = Event::Command {
-            action: Command::Disarm,
-            code: BAD,
-            force: false,
-            by: Source::User("bob".to_owned()),
-        };
+        let cli =
+            Event::Command { action: Command::Disarm, code: BAD, force: false, by: Source::User("bob".to_owned()) };
         h.run(&[Step::Do(cli)]);
         h.run(&disarm(BAD));
         let rejected: Vec<(Option<String>, Option<String>)> = h
@@ -1894,49 +1633,29 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(
-            rejected,
-            [
-                (None, Some("bob".to_owned())),
-                (Some(KEYPAD.to_owned()), None)
-            ]
-        );
+        assert_eq!(rejected, [(None, Some("bob".to_owned())), (Some(KEYPAD.to_owned()), None)]);
 
         // After a trigger the armed state comes back under the name of whoever armed it.
         let mut h = Harness::in_state(AWAY, config());
         h.run(&[open(DOOR), jump(), jump()].concat());
         assert_eq!(
             h.published(),
-            [
-                (PENDING_AWAY, DOOR.to_owned()),
-                (TRIGGERED_AWAY, DOOR.to_owned()),
-                (AWAY, "alice".to_owned())
-            ]
+            [(PENDING_AWAY, DOOR.to_owned()), (TRIGGERED_AWAY, DOOR.to_owned()), (AWAY, "alice".to_owned())]
         );
     }
 
     #[test]
     fn code_arm_required_needs_a_valid_code_to_arm() {
-        let config = AlarmConfig {
-            code_arm_required: true,
-            ..config()
-        };
+        let config = AlarmConfig { code_arm_required: true, ..config() };
         let mut h = Harness::new(config);
         h.run(&arm(Mode::Away));
-        assert_eq!(
-            (h.alarm.state(), h.events()),
-            (DISARMED, "code_rejected".to_owned())
-        );
+        assert_eq!((h.alarm.state(), h.events()), (DISARMED, "code_rejected".to_owned()));
         h.run(&arm_code(Mode::Away, BAD));
         assert_eq!(h.alarm.state(), DISARMED);
         h.run(&arm_code(Mode::Away, good()));
         assert_eq!(h.alarm.state(), ARMING_AWAY);
         assert_eq!(h.events(), "code_rejected code_rejected armed");
-        assert_eq!(
-            h.alarm.snapshot(h.now).wrong_codes.len(),
-            1,
-            "only the wrong code counted, not the missing one"
-        );
+        assert_eq!(h.alarm.snapshot(h.now).wrong_codes.len(), 1, "only the wrong code counted, not the missing one");
     }
 
     #[test]
@@ -1945,10 +1664,7 @@ mod tests {
         h.run(&times(4, disarm(BAD)));
         assert!(!h.alarm.code_locked_out(h.now));
         assert_eq!(
-            h.log
-                .iter()
-                .filter(|a| matches!(a, Action::Persist(_)))
-                .count(),
+            h.log.iter().filter(|a| matches!(a, Action::Persist(_))).count(),
             4,
             "every wrong code is persisted"
         );
@@ -1971,11 +1687,7 @@ mod tests {
 
         // kill -9, reboot: the monotonic clock starts again from a small value.
         let boot = Instant::from_millis(500);
-        let mut h = Harness {
-            alarm: Alarm::restore(config(), &snapshot, boot).unwrap(),
-            now: boot,
-            log: vec![],
-        };
+        let mut h = Harness { alarm: Alarm::restore(config(), &snapshot, boot).unwrap(), now: boot, log: vec![] };
         h.drain();
         assert_eq!(h.published(), [(PENDING_AWAY, DOOR.to_owned())]);
         assert_eq!(h.alarm.poll_timeout(), Some(boot + Duration::from_secs(20)));
@@ -1991,11 +1703,7 @@ mod tests {
         let mut h = Harness::in_state(ARMING_HOME, config());
         h.run(&wait(25));
         let snapshot = h.alarm.snapshot(h.now);
-        let mut h = Harness {
-            alarm: Alarm::restore(config(), &snapshot, T0).unwrap(),
-            now: T0,
-            log: vec![],
-        };
+        let mut h = Harness { alarm: Alarm::restore(config(), &snapshot, T0).unwrap(), now: T0, log: vec![] };
         h.run(&wait(4));
         assert_eq!(h.alarm.state(), ARMING_HOME);
         h.run(&wait(1));
@@ -2008,17 +1716,10 @@ mod tests {
         let mut h = Harness::in_state(TRIGGERED_NIGHT, config());
         h.run(&wait(100));
         let snapshot = h.alarm.snapshot(h.now);
-        let mut h = Harness {
-            alarm: Alarm::restore(config(), &snapshot, T0).unwrap(),
-            now: T0,
-            log: vec![],
-        };
+        let mut h = Harness { alarm: Alarm::restore(config(), &snapshot, T0).unwrap(), now: T0, log: vec![] };
         h.drain();
         assert_eq!(h.siren(), "on");
-        assert!(h.log.contains(&Action::Siren {
-            device: SIREN2.to_owned(),
-            on: true
-        }));
+        assert!(h.log.contains(&Action::Siren { device: SIREN2.to_owned(), on: true }));
         assert!(h.log.contains(&Action::AllLightsOn));
         h.run(&wait(79));
         assert_eq!(h.alarm.state(), TRIGGERED_NIGHT);
@@ -2031,15 +1732,8 @@ mod tests {
     fn restore_keeps_bypass_lockout_and_wrong_codes() {
         let mut h = Harness::new(config());
         h.run(
-            &[
-                open(DOOR),
-                arm_force(Mode::Away),
-                jump(),
-                times(3, disarm(BAD)),
-                wait(60),
-                times(2, disarm(BAD)),
-            ]
-            .concat(),
+            &[open(DOOR), arm_force(Mode::Away), jump(), times(3, disarm(BAD)), wait(60), times(2, disarm(BAD))]
+                .concat(),
         );
         assert!(h.alarm.code_locked_out(h.now));
         h.run(&wait(60));
@@ -2047,19 +1741,11 @@ mod tests {
         assert_eq!(snapshot.bypassed, [DOOR]);
         assert_eq!(snapshot.lockout_remaining, Some(Duration::from_secs(240)));
 
-        let mut h = Harness {
-            alarm: Alarm::restore(config(), &snapshot, T0).unwrap(),
-            now: T0,
-            log: vec![],
-        };
+        let mut h = Harness { alarm: Alarm::restore(config(), &snapshot, T0).unwrap(), now: T0, log: vec![] };
         h.drain();
         assert_eq!(h.alarm.bypassed().collect::<Vec<_>>(), [DOOR]);
         h.run(&[disarm(good()), wait(240), close(DOOR), open(DOOR)].concat());
-        assert_eq!(
-            h.alarm.state(),
-            AWAY,
-            "still locked out, door still bypassed"
-        );
+        assert_eq!(h.alarm.state(), AWAY, "still locked out, door still bypassed");
         h.run(&disarm(good()));
         assert_eq!(h.alarm.state(), DISARMED);
 
@@ -2068,11 +1754,7 @@ mod tests {
         h.run(&[times(4, disarm(BAD)), wait(100)].concat());
         let snapshot = h.alarm.snapshot(h.now);
         assert_eq!(snapshot.wrong_codes, vec![Duration::from_secs(200); 4]);
-        let mut h = Harness {
-            alarm: Alarm::restore(config(), &snapshot, T0).unwrap(),
-            now: T0,
-            log: vec![],
-        };
+        let mut h = Harness { alarm: Alarm::restore(config(), &snapshot, T0).unwrap(), now: T0, log: vec![] };
         h.run(&disarm(BAD));
         assert!(h.alarm.code_locked_out(h.now));
     }
@@ -2085,18 +1767,9 @@ mod tests {
             ..Snapshot::default()
         };
         let restore = |s: Snapshot| Alarm::restore(config(), &s, T0).map(|a| a.state());
-        assert_eq!(
-            restore(bad("asleep", None)),
-            Err(SnapshotError::UnknownState("asleep".to_owned()))
-        );
-        assert_eq!(
-            restore(bad("pending", Some("party"))),
-            Err(SnapshotError::UnknownMode("party".to_owned()))
-        );
-        assert_eq!(
-            restore(bad("arming", None)),
-            Err(SnapshotError::MissingMode("arming".to_owned()))
-        );
+        assert_eq!(restore(bad("asleep", None)), Err(SnapshotError::UnknownState("asleep".to_owned())));
+        assert_eq!(restore(bad("pending", Some("party"))), Err(SnapshotError::UnknownMode("party".to_owned())));
+        assert_eq!(restore(bad("arming", None)), Err(SnapshotError::MissingMode("arming".to_owned())));
         assert_eq!(restore(bad("triggered", None)), Ok(TRIGGERED_NONE));
         // A delay stored without its time left gets the full delay.
         let alarm = Alarm::restore(config(), &bad("pending", Some("home")), T0).unwrap();
@@ -2105,11 +1778,7 @@ mod tests {
 
     #[test]
     fn zero_delays_skip_arming_and_pending() {
-        let config = AlarmConfig {
-            exit_delay: Duration::ZERO,
-            entry_delay: Duration::ZERO,
-            ..config()
-        };
+        let config = AlarmConfig { exit_delay: Duration::ZERO, entry_delay: Duration::ZERO, ..config() };
         let mut h = Harness::new(config);
         h.run(&arm(Mode::Away));
         assert_eq!(h.alarm.state(), AWAY);
@@ -2121,13 +1790,7 @@ mod tests {
 
     #[test]
     fn no_lights_unless_lights_on_trigger() {
-        let mut h = Harness::in_state(
-            AWAY,
-            AlarmConfig {
-                lights_on_trigger: false,
-                ..config()
-            },
-        );
+        let mut h = Harness::in_state(AWAY, AlarmConfig { lights_on_trigger: false, ..config() });
         h.run(&open(WINDOW));
         assert_eq!(h.alarm.state(), TRIGGERED_AWAY);
         assert!(!h.log.contains(&Action::AllLightsOn));
@@ -2140,17 +1803,13 @@ mod tests {
         h.alarm.handle_timeout(late);
         h.drain();
         assert_eq!(h.alarm.state(), TRIGGERED_AWAY);
-        assert_eq!(
-            h.alarm.poll_timeout(),
-            Some(late + Duration::from_secs(180))
-        );
+        assert_eq!(h.alarm.poll_timeout(), Some(late + Duration::from_secs(180)));
     }
 
     #[test]
     fn an_early_wakeup_does_nothing() {
         let mut h = Harness::in_state(ARMING_AWAY, config());
-        h.alarm
-            .handle_timeout(h.now + Duration::from_millis(29_999));
+        h.alarm.handle_timeout(h.now + Duration::from_millis(29_999));
         h.drain();
         assert!(h.log.is_empty());
         assert_eq!(h.alarm.state(), ARMING_AWAY);
@@ -2163,26 +1822,10 @@ mod tests {
         let mut smaller = config();
         smaller.sensors.retain(|s| s.id != GARAGE);
         h.alarm.reconfigure(smaller);
-        assert_eq!(
-            (h.alarm.state(), h.alarm.poll_timeout()),
-            (PENDING_AWAY, deadline)
-        );
+        assert_eq!((h.alarm.state(), h.alarm.poll_timeout()), (PENDING_AWAY, deadline));
         h.run(&[disarm(good()), arm(Mode::Away)].concat());
-        assert_eq!(
-            h.events(),
-            "disarmed arm_refused",
-            "the door is still remembered open"
-        );
-        h.run(
-            &[
-                open(GARAGE),
-                close(DOOR),
-                arm(Mode::Away),
-                jump(),
-                open(GARAGE),
-            ]
-            .concat(),
-        );
+        assert_eq!(h.events(), "disarmed arm_refused", "the door is still remembered open");
+        h.run(&[open(GARAGE), close(DOOR), arm(Mode::Away), jump(), open(GARAGE)].concat());
         assert_eq!(h.alarm.state(), AWAY, "an unlisted sensor is ignored");
     }
 
@@ -2192,19 +1835,10 @@ mod tests {
             let parsed = State::from_parts(state.as_str(), state.mode()).unwrap();
             assert_eq!(parsed, state);
         }
-        for zone in [
-            Zone::Entry,
-            Zone::Perimeter,
-            Zone::Interior,
-            Zone::H24,
-            Zone::None,
-        ] {
+        for zone in [Zone::Entry, Zone::Perimeter, Zone::Interior, Zone::H24, Zone::None] {
             assert_eq!(Zone::from_name(zone.as_str()), Some(zone));
         }
-        assert_eq!(
-            Command::from_action("arm_night"),
-            Some(Command::Arm(Mode::Night))
-        );
+        assert_eq!(Command::from_action("arm_night"), Some(Command::Arm(Mode::Night)));
         assert_eq!(Command::from_action("disarm"), Some(Command::Disarm));
         assert_eq!(Command::from_action("open_sesame"), None);
         assert_eq!(Source::Cli.name(), "cli");

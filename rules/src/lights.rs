@@ -231,22 +231,13 @@ pub struct LightCommand {
 
 impl LightCommand {
     /// `{"on": true}`.
-    pub const ON: LightCommand = LightCommand {
-        on: Some(true),
-        brightness: None,
-    };
+    pub const ON: LightCommand = LightCommand { on: Some(true), brightness: None };
     /// `{"on": false}`.
-    pub const OFF: LightCommand = LightCommand {
-        on: Some(false),
-        brightness: None,
-    };
+    pub const OFF: LightCommand = LightCommand { on: Some(false), brightness: None };
 
     /// `{"on": on}`.
     pub fn switch(on: bool) -> LightCommand {
-        LightCommand {
-            on: Some(on),
-            brightness: None,
-        }
+        LightCommand { on: Some(on), brightness: None }
     }
 }
 
@@ -287,22 +278,18 @@ pub enum TimeExprErrorKind {
 impl TimeExpr {
     /// Parses `HH:MM` (or `H:MM`), `sunrise`, `sunset`, `sunrise+HH:MM`, `sunset-HH:MM` (any case).
     pub fn parse(input: &str) -> Result<TimeExpr, TimeExprError> {
-        let error = |kind| TimeExprError {
-            input: input.to_string(),
-            kind,
-        };
+        let error = |kind| TimeExprError { input: input.to_string(), kind };
         let text = input.trim().to_ascii_lowercase();
         if text.is_empty() {
             return Err(error(TimeExprErrorKind::Empty));
         }
-        let (make, rest): (fn(SignedDuration) -> TimeExpr, &str) =
-            if let Some(rest) = text.strip_prefix("sunrise") {
-                (TimeExpr::Sunrise, rest)
-            } else if let Some(rest) = text.strip_prefix("sunset") {
-                (TimeExpr::Sunset, rest)
-            } else {
-                return parse_clock(&text).map(TimeExpr::At).map_err(error);
-            };
+        let (make, rest): (fn(SignedDuration) -> TimeExpr, &str) = if let Some(rest) = text.strip_prefix("sunrise") {
+            (TimeExpr::Sunrise, rest)
+        } else if let Some(rest) = text.strip_prefix("sunset") {
+            (TimeExpr::Sunset, rest)
+        } else {
+            return parse_clock(&text).map(TimeExpr::At).map_err(error);
+        };
         let offset = if rest.is_empty() {
             SignedDuration::ZERO
         } else {
@@ -314,9 +301,7 @@ impl TimeExpr {
                 return Err(error(TimeExprErrorKind::BadOffset));
             };
             let time = parse_clock(clock).map_err(|_| error(TimeExprErrorKind::BadOffset))?;
-            SignedDuration::from_mins(
-                sign * (i64::from(time.hour()) * 60 + i64::from(time.minute())),
-            )
+            SignedDuration::from_mins(sign * (i64::from(time.hour()) * 60 + i64::from(time.minute())))
         };
         Ok(make(offset))
     }
@@ -328,9 +313,7 @@ impl TimeExpr {
             // jiff's "compatible" choice: a time in a gap is taken after the gap, one in a fold at
             // its first occurrence; either way, one instant per day.
             TimeExpr::At(time) => house.timezone.to_timestamp(date.to_datetime(time)).ok(),
-            TimeExpr::Sunrise(offset) => {
-                sun(date).sunrise().map(|t| sun::add_saturating(t, offset))
-            }
+            TimeExpr::Sunrise(offset) => sun(date).sunrise().map(|t| sun::add_saturating(t, offset)),
             TimeExpr::Sunset(offset) => sun(date).sunset().map(|t| sun::add_saturating(t, offset)),
         }
     }
@@ -509,8 +492,7 @@ struct Pending {
 impl LightTrack {
     /// The pending command, if still within its confirmation window at `now`.
     fn live_pending(&self, now: Instant) -> Option<Pending> {
-        self.pending
-            .filter(|p| now.saturating_duration_since(p.sent) <= CONFIRM_WINDOW)
+        self.pending.filter(|p| now.saturating_duration_since(p.sent) <= CONFIRM_WINDOW)
     }
 }
 
@@ -530,28 +512,20 @@ impl Tracker {
 
     /// Whether `light` is on as far as the hub knows (unknown: off).
     fn believed_on(&self, light: &str) -> bool {
-        self.lights
-            .get(light)
-            .is_some_and(|t| t.state == Some(true))
+        self.lights.get(light).is_some_and(|t| t.state == Some(true))
     }
 
     /// Queues `command` for `light`; if it switches the light on, `owner` now owns it.
     fn command(&mut self, light: &str, command: LightCommand, owner: Owner, now: Instant) {
         let track = self.track(light);
-        track.pending = Some(Pending {
-            on: command.on,
-            sent: now,
-        });
+        track.pending = Some(Pending { on: command.on, sent: now });
         track.state = command.on.or(track.state);
         match command.on {
             Some(true) => track.owner = owner,
             Some(false) => track.owner = Owner::Nobody,
             None => {}
         }
-        self.actions.push_back(Action::Set {
-            light: light.to_string(),
-            command,
-        });
+        self.actions.push_back(Action::Set { light: light.to_string(), command });
     }
 
     /// A light's report: confirmation, stale state, or a person's doing (see the module docs).
@@ -585,14 +559,7 @@ impl Lights {
         let motion_off_at = vec![None; config.motion_lights.len()];
         // Schedules ask to be woken at once, so a driver that skips `start` still starts them.
         let schedule_check_at = (!config.schedules.is_empty()).then_some(Instant::from_millis(0));
-        Lights {
-            config,
-            tracker,
-            lux: HashMap::new(),
-            motion_off_at,
-            schedules_applied: None,
-            schedule_check_at,
-        }
+        Lights { config, tracker, lux: HashMap::new(), motion_off_at, schedules_applied: None, schedule_check_at }
     }
 
     /// Applies the state each schedule wants at `wall` (on inside a window) and arms the schedules.
@@ -600,8 +567,7 @@ impl Lights {
         for schedule in &self.config.schedules {
             if wants_on(schedule, &self.config.house, wall) {
                 for light in &schedule.lights {
-                    self.tracker
-                        .command(light, LightCommand::ON, Owner::Hub, now);
+                    self.tracker.command(light, LightCommand::ON, Owner::Hub, now);
                 }
             }
         }
@@ -610,22 +576,13 @@ impl Lights {
     }
 
     /// Feeds one event at monotonic `now` and wall time `wall`.
-    pub fn handle_event(
-        &mut self,
-        event: Event,
-        now: Instant,
-        wall: Timestamp,
-    ) -> Result<(), LightsError> {
+    pub fn handle_event(&mut self, event: Event, now: Instant, wall: Timestamp) -> Result<(), LightsError> {
         match event {
             Event::Motion { sensor } => self.motion(&sensor, now, wall),
             Event::Lux { sensor, lux } => {
                 self.lux.insert(sensor, lux);
             }
-            Event::LightState {
-                light,
-                on,
-                brightness: _,
-            } => self.tracker.reported(&light, on, now),
+            Event::LightState { light, on, brightness: _ } => self.tracker.reported(&light, on, now),
             Event::Switch { device, action } => self.switch(&device, &action, now),
             Event::Scene { id } => {
                 let scene = self.config.scenes.iter().find(|s| s.id == id);
@@ -636,8 +593,7 @@ impl Lights {
             }
             Event::AlarmTriggered => {
                 for light in &self.config.lights {
-                    self.tracker
-                        .command(light, LightCommand::ON, Owner::Hub, now);
+                    self.tracker.command(light, LightCommand::ON, Owner::Hub, now);
                 }
             }
         }
@@ -646,12 +602,7 @@ impl Lights {
 
     /// Runs what is due: motion lights whose delay ran out, schedule edges the wall clock passed.
     pub fn handle_timeout(&mut self, now: Instant, wall: Timestamp) {
-        let Lights {
-            config,
-            tracker,
-            motion_off_at,
-            ..
-        } = self;
+        let Lights { config, tracker, motion_off_at, .. } = self;
         let rules = config.motion_lights.iter().zip(motion_off_at.iter_mut());
         for (index, (rule, off_at)) in rules.enumerate() {
             if off_at.is_some_and(|at| at <= now) {
@@ -672,8 +623,7 @@ impl Lights {
             for schedule in &self.config.schedules {
                 if let Some(on) = last_edge(schedule, &self.config.house, applied, wall) {
                     for light in &schedule.lights {
-                        self.tracker
-                            .command(light, LightCommand::switch(on), Owner::Hub, now);
+                        self.tracker.command(light, LightCommand::switch(on), Owner::Hub, now);
                     }
                 }
             }
@@ -690,22 +640,11 @@ impl Lights {
 
     /// When the driver should next call [`Lights::handle_timeout`], on the monotonic clock.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.motion_off_at
-            .iter()
-            .flatten()
-            .copied()
-            .chain(self.schedule_check_at)
-            .min()
+        self.motion_off_at.iter().flatten().copied().chain(self.schedule_check_at).min()
     }
 
     fn motion(&mut self, sensor: &str, now: Instant, wall: Timestamp) {
-        let Lights {
-            config,
-            tracker,
-            lux,
-            motion_off_at,
-            ..
-        } = self;
+        let Lights { config, tracker, lux, motion_off_at, .. } = self;
         let rules = config.motion_lights.iter().zip(motion_off_at.iter_mut());
         for (index, (rule, off_at)) in rules.enumerate() {
             if !rule.sensors.iter().any(|s| s == sensor) {
@@ -741,50 +680,31 @@ impl Lights {
         };
         for rule in self.config.switches.iter().filter(|r| r.switch == device) {
             let on = match (rule.action, input) {
-                (SwitchAction::Toggle, SwitchInput::Press) => {
-                    !rule.lights.iter().any(|l| self.tracker.believed_on(l))
-                }
+                (SwitchAction::Toggle, SwitchInput::Press) => !rule.lights.iter().any(|l| self.tracker.believed_on(l)),
                 (SwitchAction::Toggle | SwitchAction::On, SwitchInput::On) => true,
                 (SwitchAction::Toggle | SwitchAction::Off, SwitchInput::Off) => false,
                 (SwitchAction::On, SwitchInput::Press) => true,
                 (SwitchAction::Off, SwitchInput::Press) => false,
-                (SwitchAction::On, SwitchInput::Off) | (SwitchAction::Off, SwitchInput::On) => {
-                    continue
-                }
+                (SwitchAction::On, SwitchInput::Off) | (SwitchAction::Off, SwitchInput::On) => continue,
             };
             for light in &rule.lights {
-                self.tracker
-                    .command(light, LightCommand::switch(on), Owner::Hub, now);
+                self.tracker.command(light, LightCommand::switch(on), Owner::Hub, now);
             }
         }
     }
 
     /// The monotonic instant at which the schedules next need a look, seen at `now`/`wall`,
     /// with edges up to `applied` already done.
-    fn next_schedule_check(
-        &self,
-        now: Instant,
-        wall: Timestamp,
-        applied: Timestamp,
-    ) -> Option<Instant> {
+    fn next_schedule_check(&self, now: Instant, wall: Timestamp, applied: Timestamp) -> Option<Instant> {
         if self.config.schedules.is_empty() {
             return None;
         }
         let house = &self.config.house;
-        let next_edge = self
-            .config
-            .schedules
-            .iter()
-            .filter_map(|s| next_edge(s, house, applied))
-            .min();
+        let next_edge = self.config.schedules.iter().filter_map(|s| next_edge(s, house, applied)).min();
         let wait = next_edge.map_or(WALL_RECHECK, |edge| {
             // Rounded up to the millisecond, so the wake-up is never before the edge on a clock
             // that keeps pace; positive, since the edge is after `applied` ≥ `wall`.
-            let millis = edge
-                .duration_since(wall)
-                .unsigned_abs()
-                .as_nanos()
-                .div_ceil(1_000_000);
+            let millis = edge.duration_since(wall).unsigned_abs().as_nanos().div_ceil(1_000_000);
             Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX)).min(WALL_RECHECK)
         });
         Some(now + wait)
@@ -792,21 +712,14 @@ impl Lights {
 }
 
 /// Whether a motion rule may switch its lights on at `wall`, given the last lux readings.
-fn condition_holds(
-    rule: &MotionLight,
-    house: &House,
-    lux: &HashMap<String, f64>,
-    wall: Timestamp,
-) -> bool {
+fn condition_holds(rule: &MotionLight, house: &House, lux: &HashMap<String, f64>, wall: Timestamp) -> bool {
     let time_ok = match rule.when {
         When::Always => true,
         When::Night => sun::is_night(house.latitude, house.longitude, wall),
     };
     let lux_ok = match &rule.lux {
         None => true,
-        Some(limit) => lux
-            .get(&limit.sensor)
-            .is_some_and(|lux| *lux < limit.max_lux),
+        Some(limit) => lux.get(&limit.sensor).is_some_and(|lux| *lux < limit.max_lux),
     };
     time_ok && lux_ok
 }
@@ -862,12 +775,7 @@ fn window(schedule: &Schedule, house: &House, date: Date) -> Option<(Timestamp, 
 }
 
 /// The windows opening on `first` to `last` (inclusive), in order.
-fn windows(
-    schedule: &Schedule,
-    house: &House,
-    first: Date,
-    last: Date,
-) -> Vec<(Timestamp, Timestamp)> {
+fn windows(schedule: &Schedule, house: &House, first: Date, last: Date) -> Vec<(Timestamp, Timestamp)> {
     let mut found = Vec::new();
     let mut day = first;
     while day <= last {
@@ -891,18 +799,11 @@ fn shift(date: Date, days: i64) -> Date {
 /// Whether `at` is inside one of the schedule's windows.
 fn wants_on(schedule: &Schedule, house: &House, at: Timestamp) -> bool {
     let today = local_date(house, at);
-    windows(schedule, house, shift(today, -2), today)
-        .iter()
-        .any(|&(on, off)| on <= at && at < off)
+    windows(schedule, house, shift(today, -2), today).iter().any(|&(on, off)| on <= at && at < off)
 }
 
 /// The state (`true`: on) of the last window edge in `(after, upto]`, if any.
-fn last_edge(
-    schedule: &Schedule,
-    house: &House,
-    after: Timestamp,
-    upto: Timestamp,
-) -> Option<bool> {
+fn last_edge(schedule: &Schedule, house: &House, after: Timestamp, upto: Timestamp) -> Option<bool> {
     let last = local_date(house, upto);
     // A window starts at most two days before its end; beyond a week back, older edges are
     // superseded by a later one in any schedule that has windows at all.
@@ -1003,12 +904,7 @@ mod tests {
         fn new(config: LightsConfig, start: &str) -> Harness {
             let tz = config.house.timezone.clone();
             let wall = local(&tz, start);
-            Harness {
-                lights: Lights::new(config),
-                now: Instant::from_millis(1_000_000),
-                wall,
-                tz,
-            }
+            Harness { lights: Lights::new(config), now: Instant::from_millis(1_000_000), wall, tz }
         }
 
         /// Runs one script step; returns the actions it caused, `light:on`, `light:off,b120`,
@@ -1022,22 +918,12 @@ mod tests {
                     self.lights.start(now, wall);
                     Ok(())
                 }
-                ["motion", s] => self.event(Event::Motion {
-                    sensor: s.to_string(),
-                }),
-                ["lux", s, v] => self.event(Event::Lux {
-                    sensor: s.to_string(),
-                    lux: v.parse().unwrap(),
-                }),
-                ["state", l, on] => self.event(Event::LightState {
-                    light: l.to_string(),
-                    on: *on == "on",
-                    brightness: None,
-                }),
-                ["switch", d, a] => self.event(Event::Switch {
-                    device: d.to_string(),
-                    action: a.to_string(),
-                }),
+                ["motion", s] => self.event(Event::Motion { sensor: s.to_string() }),
+                ["lux", s, v] => self.event(Event::Lux { sensor: s.to_string(), lux: v.parse().unwrap() }),
+                ["state", l, on] => {
+                    self.event(Event::LightState { light: l.to_string(), on: *on == "on", brightness: None })
+                }
+                ["switch", d, a] => self.event(Event::Switch { device: d.to_string(), action: a.to_string() }),
                 ["scene", id] => self.event(Event::Scene { id: id.to_string() }),
                 ["alarm"] => self.event(Event::AlarmTriggered),
                 ["wait", d] => {
@@ -1080,10 +966,7 @@ mod tests {
                 let tag = self.tz.to_datetime(self.wall);
                 out.extend(self.drain(Some(format!("@{:02}:{:02}", tag.hour(), tag.minute()))));
                 steps += 1;
-                assert!(
-                    steps < 100_000,
-                    "the machine keeps asking to be woken at {deadline:?}"
-                );
+                assert!(steps < 100_000, "the machine keeps asking to be woken at {deadline:?}");
             }
             self.jump(target);
             out
@@ -1140,24 +1023,14 @@ mod tests {
         for (i, step) in script.split('|').enumerate() {
             let (command, want) = step.split_once("=>").unwrap_or((step, ""));
             let got = harness.step(command.trim());
-            assert_eq!(
-                got.join(" "),
-                want.trim(),
-                "step {} `{}` of: {script}",
-                i + 1,
-                command.trim()
-            );
+            assert_eq!(got.join(" "), want.trim(), "step {} `{}` of: {script}", i + 1, command.trim());
         }
     }
 
     // ---- Configs ----------------------------------------------------------------------------
 
     fn lyon() -> House {
-        House {
-            latitude: 45.76,
-            longitude: 4.84,
-            timezone: TimeZone::get("Europe/Paris").unwrap(),
-        }
+        House { latitude: 45.76, longitude: 4.84, timezone: TimeZone::get("Europe/Paris").unwrap() }
     }
 
     fn ids(list: &[&str]) -> Vec<String> {
@@ -1183,10 +1056,7 @@ mod tests {
             lights: ids(&["hall-light"]),
             off_after: Duration::from_secs(120),
             when,
-            lux: lux.map(|max_lux| LuxLimit {
-                sensor: "hall-lux".into(),
-                max_lux,
-            }),
+            lux: lux.map(|max_lux| LuxLimit { sensor: "hall-lux".into(), max_lux }),
         });
         config
     }
@@ -1215,12 +1085,7 @@ mod tests {
                 })
                 .collect()
         };
-        Schedule {
-            lights: ids(&["porch-light"]),
-            on: on.parse().unwrap(),
-            off: off.parse().unwrap(),
-            days,
-        }
+        Schedule { lights: ids(&["porch-light"]), on: on.parse().unwrap(), off: off.parse().unwrap(), days }
     }
 
     /// The porch has a motion light (`porch-pir`) and an evening schedule, 18:00 to 23:00.
@@ -1250,25 +1115,10 @@ mod tests {
     fn scenes() -> LightsConfig {
         let mut config = motion(When::Always, None);
         let mut set = BTreeMap::new();
-        set.insert(
-            "living-light".to_string(),
-            LightCommand {
-                on: Some(true),
-                brightness: Some(120),
-            },
-        );
+        set.insert("living-light".to_string(), LightCommand { on: Some(true), brightness: Some(120) });
         set.insert("porch-light".to_string(), LightCommand::ON);
-        set.insert(
-            "stairs-light".to_string(),
-            LightCommand {
-                on: None,
-                brightness: Some(40),
-            },
-        );
-        config.scenes.push(Scene {
-            id: "evening".into(),
-            set,
-        });
+        set.insert("stairs-light".to_string(), LightCommand { on: None, brightness: Some(40) });
+        config.scenes.push(Scene { id: "evening".into(), set });
         config
     }
 
@@ -1403,10 +1253,7 @@ mod tests {
     #[test]
     fn schedule_sleeps_until_the_edge_when_it_is_near() {
         let mut lights = Lights::new(schedule("18:00", "23:00", "all"));
-        let wall = local(
-            &TimeZone::get("Europe/Paris").unwrap(),
-            "2024-01-15T17:59:30",
-        );
+        let wall = local(&TimeZone::get("Europe/Paris").unwrap(), "2024-01-15T17:59:30");
         lights.start(Instant::from_millis(0), wall);
         assert_eq!(lights.poll_timeout(), Some(Instant::from_millis(30_000)));
     }

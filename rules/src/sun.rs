@@ -100,10 +100,7 @@ pub fn sun_day(latitude: f64, longitude: f64, date: Date, tz: &TimeZone) -> SunD
     if cos_h < -1.0 {
         return SunDay::AlwaysUp;
     }
-    match (
-        event_near(lat, longitude, noon, -1.0),
-        event_near(lat, longitude, noon, 1.0),
-    ) {
+    match (event_near(lat, longitude, noon, -1.0), event_near(lat, longitude, noon, 1.0)) {
         (Some(rise), Some(set)) => SunDay::RiseSet { rise, set },
         (Some(rise), None) => SunDay::RiseOnly { rise },
         (None, Some(set)) => SunDay::SetOnly { set },
@@ -118,8 +115,7 @@ pub fn elevation(latitude: f64, longitude: f64, at: Timestamp) -> f64 {
     let pos = SolarPosition::at(at);
     let hour_angle = (true_solar_minutes(at, longitude, &pos) / 4.0 - 180.0).to_radians();
     let lat = latitude.to_radians();
-    let cos_zenith =
-        lat.sin() * pos.declination.sin() + lat.cos() * pos.declination.cos() * hour_angle.cos();
+    let cos_zenith = lat.sin() * pos.declination.sin() + lat.cos() * pos.declination.cos() * hour_angle.cos();
     90.0 - cos_zenith.clamp(-1.0, 1.0).acos().to_degrees()
 }
 
@@ -142,8 +138,8 @@ impl SolarPosition {
         // Milliseconds since 1970 fit an f64 exactly for any date jiff can hold.
         let julian_day = at.as_millisecond() as f64 / 86_400_000.0 + 2_440_587.5;
         let t = (julian_day - 2_451_545.0) / 36_525.0; // Julian centuries since J2000.0
-        let mean_long = (280.46646 + t * (36_000.76983 + t * 0.000_303_2)).rem_euclid(360.0);
-        let mean_anom = 357.52911 + t * (35_999.05029 - 0.000_153_7 * t);
+        let mean_long = (280.46646 + t * (36_000.769_83 + t * 0.000_303_2)).rem_euclid(360.0);
+        let mean_anom = 357.52911 + t * (35_999.050_29 - 0.000_153_7 * t);
         let eccent = 0.016_708_634 - t * (0.000_042_037 + 0.000_000_126_7 * t);
         let m = mean_anom.to_radians();
         let centre = m.sin() * (1.914_602 - t * (0.004_817 + 0.000_014 * t))
@@ -152,30 +148,24 @@ impl SolarPosition {
         let true_long = mean_long + centre;
         let omega = (125.04 - 1_934.136 * t).to_radians();
         let apparent_long = (true_long - 0.00569 - 0.00478 * omega.sin()).to_radians();
-        let mean_obliq =
-            23.0 + (26.0 + (21.448 - t * (46.815 + t * (0.000_59 - t * 0.001_813))) / 60.0) / 60.0;
+        let mean_obliq = 23.0 + (26.0 + (21.448 - t * (46.815 + t * (0.000_59 - t * 0.001_813))) / 60.0) / 60.0;
         let obliq = (mean_obliq + 0.00256 * omega.cos()).to_radians();
         let declination = (obliq.sin() * apparent_long.sin()).asin();
         let y = (obliq / 2.0).tan().powi(2);
         let l0 = mean_long.to_radians();
         let equation_of_time = 4.0
-            * (y * (2.0 * l0).sin() - 2.0 * eccent * m.sin()
-                + 4.0 * eccent * y * m.sin() * (2.0 * l0).cos()
+            * (y * (2.0 * l0).sin() - 2.0 * eccent * m.sin() + 4.0 * eccent * y * m.sin() * (2.0 * l0).cos()
                 - 0.5 * y * y * (4.0 * l0).sin()
                 - 1.25 * eccent * eccent * (2.0 * m).sin())
             .to_degrees();
-        SolarPosition {
-            declination,
-            equation_of_time,
-        }
+        SolarPosition { declination, equation_of_time }
     }
 }
 
 /// Cosine of the hour angle at which the sun's centre reaches [`HORIZON_DEG`]; outside
 /// [-1, 1] it never does that day (below -1: always above, above 1: always below).
 fn cos_hour_angle(lat: f64, declination: f64) -> f64 {
-    (HORIZON_DEG.to_radians().sin() - lat.sin() * declination.sin())
-        / (lat.cos() * declination.cos())
+    (HORIZON_DEG.to_radians().sin() - lat.sin() * declination.sin()) / (lat.cos() * declination.cos())
 }
 
 /// True (apparent) solar time at `at` and `longitude`, in minutes after solar midnight, 0..1440.
@@ -185,27 +175,14 @@ fn true_solar_minutes(at: Timestamp, longitude: f64, pos: &SolarPosition) -> f64
 }
 
 /// The instant within 12 hours of `at` at which true solar time is `target` minutes.
-fn shift_to_solar_time(
-    at: Timestamp,
-    longitude: f64,
-    pos: &SolarPosition,
-    target: f64,
-) -> Timestamp {
-    let delta =
-        (target - true_solar_minutes(at, longitude, pos) + 720.0).rem_euclid(1440.0) - 720.0;
-    add_saturating(
-        at,
-        SignedDuration::from_millis((delta * 60_000.0).round() as i64),
-    )
+fn shift_to_solar_time(at: Timestamp, longitude: f64, pos: &SolarPosition, target: f64) -> Timestamp {
+    let delta = (target - true_solar_minutes(at, longitude, pos) + 720.0).rem_euclid(1440.0) - 720.0;
+    add_saturating(at, SignedDuration::from_millis((delta * 60_000.0).round() as i64))
 }
 
 /// `at + by`, pinned to jiff's range instead of failing (only reachable near the year ±9999).
 pub(crate) fn add_saturating(at: Timestamp, by: SignedDuration) -> Timestamp {
-    at.checked_add(by).unwrap_or(if by.is_negative() {
-        Timestamp::MIN
-    } else {
-        Timestamp::MAX
-    })
+    at.checked_add(by).unwrap_or(if by.is_negative() { Timestamp::MIN } else { Timestamp::MAX })
 }
 
 /// Sunrise (`side` = -1) or sunset (`side` = 1) around the solar noon `noon`.

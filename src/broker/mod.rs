@@ -18,7 +18,7 @@ use std::thread;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Notification, Router, RouterConfig};
 use tokio::net::{TcpListener, TcpStream};
@@ -46,7 +46,7 @@ const HUB_CLIENT_ID: &str = "\u{0}hub";
 pub enum BrokerError {
     /// The router refused a local link or is gone.
     #[error("router link: {0}")]
-    Link(#[from] LinkError),
+    Link(String),
     /// The router thread could not be reached.
     #[error("the router thread is gone")]
     RouterGone,
@@ -56,7 +56,7 @@ pub enum BrokerError {
 ///
 /// rumqttd does not export the type of its router channel, so the channel lives inside this
 /// closure, where its type is inferred.
-pub type LinkFactory = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+pub type LinkFactory = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), BrokerError> + Send + Sync>;
 
 /// Limits the sessions enforce.
 #[derive(Debug, Clone)]
@@ -119,7 +119,12 @@ pub fn router_config(max_connections: usize) -> RouterConfig {
 /// Starts the router on its own thread and returns a factory for links to it.
 pub fn start_router(max_connections: usize) -> LinkFactory {
     let router_tx = Router::new(0, router_config(max_connections)).spawn();
-    Arc::new(move |client_id: &str, clean: bool| LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).build())
+    Arc::new(move |client_id: &str, clean: bool| {
+        LinkBuilder::new(client_id, router_tx.clone())
+            .clean_session(clean)
+            .build()
+            .map_err(|e| BrokerError::Link(e.to_string()))
+    })
 }
 
 /// A message the hub's link received from the router.
@@ -159,7 +164,9 @@ impl std::fmt::Debug for LinkCommand {
 impl HubLink {
     /// Connects the hub's link; returns it, the stream of messages it receives, and the task
     /// that reads from the router (it ends when the router does).
-    pub fn connect(links: &LinkFactory) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
+    pub fn connect(
+        links: &LinkFactory,
+    ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
         let (mut tx, rx, _ack) = links(HUB_CLIENT_ID, true)?;
         let (commands, queue) = std::sync::mpsc::channel::<LinkCommand>();
         thread::Builder::new()
@@ -168,7 +175,9 @@ impl HubLink {
                 while let Ok(cmd) = queue.recv() {
                     let sent = match cmd {
                         LinkCommand::Publish(p) => tx.push_packet(Packet::Publish(p, None)),
-                        LinkCommand::Subscribe(filter) => tx.subscribe(filter).map(drop),
+                        LinkCommand::Subscribe(filter) => {
+                            tx.subscribe(filter).map(drop).map_err(|e| BrokerError::Link(e.to_string()))
+                        }
                     };
                     if let Err(e) = sent {
                         warn!(error = %e, "hub link: router is gone");
@@ -196,16 +205,16 @@ impl HubLink {
 /// Sends one packet into the router and wakes it (`LinkTx::send` is async in name only: it
 /// blocks on the router channel, which is why only the hub-link thread calls this).
 pub(crate) trait Push {
-    fn push_packet(&mut self, packet: Packet) -> Result<(), LinkError>;
+    fn push_packet(&mut self, packet: Packet) -> Result<(), BrokerError>;
 }
 
 impl Push for LinkTx {
-    fn push_packet(&mut self, packet: Packet) -> Result<(), LinkError> {
+    fn push_packet(&mut self, packet: Packet) -> Result<(), BrokerError> {
         // The future completes on its first poll: it awaits nothing.
         let mut fut = std::pin::pin!(self.send(packet));
         let waker = std::task::Waker::noop();
         match fut.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
-            std::task::Poll::Ready(r) => r.map(drop),
+            std::task::Poll::Ready(r) => r.map(drop).map_err(|e| BrokerError::Link(e.to_string())),
             std::task::Poll::Pending => Ok(()),
         }
     }
@@ -230,11 +239,11 @@ impl LinkReader {
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     if let Err(e) = self.rx.wake().await {
-                        return e.into();
+                        return BrokerError::Link(e.to_string());
                     }
                 }
                 Ok(_) => {}
-                Err(e) => return e.into(),
+                Err(e) => return BrokerError::Link(e.to_string()),
             }
         }
     }

@@ -113,13 +113,8 @@ where
         }
     };
     let router_ack: Option<Packet> = ack.into();
-    let session_present =
-        matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
-    if conn
-        .send(Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None))
-        .await
-        .is_err()
-    {
+    let session_present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
+    if conn.send(Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None)).await.is_err() {
         let mut link_tx = link_tx;
         let _ = disconnect_link(&mut link_tx).await;
         return;

@@ -1,0 +1,7 @@
+//! Integration tests: real hubs on loopback ephemeral ports with temporary data dirs, real TLS,
+//! real MQTT clients (rumqttc, and mosquitto's tools where installed), the real SQLite file.
+
+mod util;
+
+mod cli;
+mod foundation;

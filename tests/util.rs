@@ -1,0 +1,323 @@
+//! Shared test helpers: start a hub (in-process or as a process), make TLS clients, read the DB.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use domoticpi::config::Config;
+use domoticpi::hub::{self, Listeners};
+use domoticpi::store::{self, users::Role};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, Publish, QoS, TlsConfiguration, Transport,
+};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// The built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_domoticpi")
+}
+
+/// Whether an outside tool is installed. Missing: the test skips itself, unless
+/// `DOMOTICPI_REQUIRE_TOOLS=1` (set by CI), where it fails.
+pub fn have_tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("DOMOTICPI_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("{name} is required (DOMOTICPI_REQUIRE_TOOLS=1) but not installed");
+        }
+        eprintln!("SKIPPED: {name} is not installed (Debian: apt-get install mosquitto-clients)");
+    }
+    found
+}
+
+fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A hub running in this process.
+pub struct TestHub {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub tls: SocketAddr,
+    pub plain: Option<SocketAddr>,
+    pub token: CancellationToken,
+    pub task: Option<tokio::task::JoinHandle<Result<(), hub::HubError>>>,
+}
+
+/// The config text every test hub starts from; `extra` is appended.
+pub fn config_text(data_dir: &Path, extra: &str) -> String {
+    format!("data_dir = {:?}\n[broker]\ntls_listen = \"127.0.0.1:0\"\n{extra}", data_dir.display().to_string())
+}
+
+impl TestHub {
+    /// Starts a hub with the default test config plus `extra` (TOML, appended inside [broker]
+    /// unless it opens a table of its own).
+    pub async fn start(extra: &str) -> TestHub {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        Self::start_in(dir, data_dir, extra).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, extra: &str) -> TestHub {
+        let config = Config::from_toml(&config_text(&data_dir, extra), None).unwrap();
+        hub::init(&config).unwrap();
+        let tls = TcpListener::bind(config.broker.tls_listen).await.unwrap();
+        let plain = match config.broker.plain_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.unwrap()),
+            None => None,
+        };
+        let tls_addr = tls.local_addr().unwrap();
+        let plain_addr = plain.as_ref().map(|p| p.local_addr().unwrap());
+        let token = CancellationToken::new();
+        let task = tokio::spawn(hub::run(config, Listeners { tls, plain }, token.clone()));
+        TestHub { dir, data_dir, tls: tls_addr, plain: plain_addr, token, task: Some(task) }
+    }
+
+    /// Stops this hub and starts a new one on the same data dir with `extra` config.
+    pub async fn restart(mut self, extra: &str) -> TestHub {
+        self.token.cancel();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        TestHub::start_in(dir, self.data_dir.clone(), extra).await
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir.join("certs/ca.pem")
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        store::open(&self.data_dir.join("hub.db")).unwrap()
+    }
+
+    /// Adds a user straight into the hub's database, as `domoticpi user add` does.
+    pub fn add_user(&self, name: &str, role: Role, password: &str) {
+        let hash = domoticpi::auth::hash(&domoticpi::secret::Secret::new(password));
+        store::users::add(&self.db(), name, role, &hash).unwrap();
+    }
+
+    /// Stops the hub and returns how it ended.
+    pub async fn stop(mut self) -> Result<(), hub::HubError> {
+        self.token.cancel();
+        self.task.take().unwrap().await.unwrap()
+    }
+
+    pub async fn client(&self, id: &str, user: &str, password: &str) -> Result<Client, ConnectionError> {
+        Client::connect(self.tls, &self.ca(), id, Some((user, password))).await
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A rustls client config trusting `ca`.
+pub fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// An MQTT client over TLS whose received publishes arrive on `rx`.
+pub struct Client {
+    pub client: AsyncClient,
+    pub rx: mpsc::UnboundedReceiver<Publish>,
+    pub task: tokio::task::JoinHandle<Option<ConnectionError>>,
+}
+
+impl Client {
+    /// Connects and waits for the CONNACK; a refusal comes back as the error.
+    pub async fn connect(
+        addr: SocketAddr,
+        ca: &Path,
+        id: &str,
+        login: Option<(&str, &str)>,
+    ) -> Result<Client, ConnectionError> {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(30));
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config(ca))));
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        tokio::time::timeout(Duration::from_secs(10), wait_connack(&mut eventloop))
+            .await
+            .expect("no CONNACK within 10 s")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Some(e),
+                }
+            }
+        });
+        Ok(Client { client, rx, task })
+    }
+
+    pub async fn subscribe(&self, filter: &str, qos: QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+    }
+
+    /// The next publish, or panics after `secs`.
+    pub async fn recv(&mut self, secs: u64) -> Publish {
+        tokio::time::timeout(Duration::from_secs(secs), self.rx.recv())
+            .await
+            .expect("no message in time")
+            .expect("client ended")
+    }
+
+    /// Waits for a message on `topic` with `payload`, skipping others.
+    pub async fn expect(&mut self, topic: &str, payload: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let p = tokio::time::timeout(left, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {topic} {:?} in time", String::from_utf8_lossy(payload)))
+                .expect("client ended");
+            if p.topic == topic && &p.payload[..] == payload {
+                return;
+            }
+        }
+    }
+}
+
+async fn wait_connack(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = eventloop.poll().await? {
+            return Ok(());
+        }
+    }
+}
+
+/// A hub started as a separate process, as systemd would run it.
+pub struct HubProcess {
+    pub child: Child,
+    pub tls: SocketAddr,
+    pub stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl HubProcess {
+    /// Runs `domoticpi --config CONFIG run` and waits for it to report its listeners.
+    // The child is reaped by `HubProcess::drop` once the guard holds it.
+    #[allow(clippy::zombie_processes)]
+    pub fn start(config: &Path) -> HubProcess {
+        let mut child = Command::new(bin())
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("hub> {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("hub did not report ready");
+            if line.contains("hub ready") {
+                let tls = line.split("tls=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+                return HubProcess { child, tls, stderr: rx };
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; returns its status and how long it took.
+    pub fn wait(&mut self, max: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, start.elapsed());
+            }
+            assert!(start.elapsed() < max, "hub did not exit within {max:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary with arguments and optional stdin; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes a config file for a process hub in a temp dir; returns (dir, config path, data dir).
+pub fn process_config(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = dir.path().join("domoticpi.toml");
+    std::fs::write(&path, config_text(&data, extra)).unwrap();
+    (dir, path, data)
+}
+
+/// Subscribe QoS used throughout.
+pub const QOS1: QoS = QoS::AtLeastOnce;
