@@ -9,8 +9,11 @@ use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
+use std::collections::HashMap;
+
+use crate::config::DeviceKind;
 use crate::secret::Secret;
-use crate::store::{users, users::Role, Store, StoreError};
+use crate::store::{devices, users, users::Role, Store, StoreError};
 
 /// Hashes a password or alarm code into a PHC string.
 pub fn hash(secret: &Secret) -> String {
@@ -33,6 +36,8 @@ pub fn verify(hash: &str, secret: &Secret) -> bool {
 pub enum Identity {
     /// A person, with a role.
     User { name: String, role: Role },
+    /// A declared device; its id is its client id and username.
+    Device { id: String, kind: DeviceKind },
 }
 
 impl Identity {
@@ -40,6 +45,7 @@ impl Identity {
     pub fn name(&self) -> &str {
         match self {
             Identity::User { name, .. } => name,
+            Identity::Device { id, .. } => id,
         }
     }
 }
@@ -56,45 +62,107 @@ pub enum Refusal {
     /// The client id is not acceptable for this identity (CONNACK 2).
     #[error("client id not allowed: {0}")]
     ClientId(String),
+    /// A device without the client certificate `require_client_cert` asks for (CONNACK 5).
+    #[error("a hub-signed client certificate is required")]
+    CertificateRequired,
+    /// A client certificate whose CN is not a declared device (CONNACK 5).
+    #[error("client certificate for {0:?}, which is not a declared device")]
+    UnknownCertificate(String),
     /// The hub cannot check credentials right now (CONNACK 3).
     #[error("credentials could not be checked: {0}")]
     Unavailable(String),
 }
 
-/// Checks the credentials of a connecting client against the database.
+/// What a client presented at CONNECT.
+#[derive(Debug, Default)]
+pub struct Presented {
+    /// The client id it asked for.
+    pub client_id: String,
+    /// Username, if any.
+    pub username: Option<String>,
+    /// Password, if any.
+    pub password: Option<Secret>,
+    /// CN of the client certificate the TLS layer verified against the hub CA, if any.
+    pub cert_cn: Option<String>,
+}
+
+/// Checks the credentials of a connecting client against the config and the database.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
-    /// Where users live.
+    /// Where users and device passwords live.
     store: Store,
-    /// A valid hash to verify against when the user does not exist, so that a wrong name takes as
+    /// Declared devices and their kinds.
+    devices: HashMap<String, DeviceKind>,
+    /// Devices must authenticate with a client certificate.
+    require_client_cert: bool,
+    /// A valid hash to verify against when the name is unknown, so that a wrong name takes as
     /// long to refuse as a wrong password and names cannot be probed by timing.
     dummy_hash: String,
 }
 
 impl Authenticator {
-    /// An authenticator reading from `store`.
-    pub fn new(store: Store) -> Authenticator {
-        Authenticator { store, dummy_hash: hash(&Secret::new("not a real password")) }
+    /// An authenticator for the declared `devices`, reading secrets from `store`.
+    pub fn new(store: Store, devices: HashMap<String, DeviceKind>, require_client_cert: bool) -> Authenticator {
+        Authenticator { store, devices, require_client_cert, dummy_hash: hash(&Secret::new("not a real password")) }
     }
 
-    /// Authenticates a username and password.
-    pub async fn check(&self, username: Option<String>, password: Option<Secret>) -> Result<Identity, Refusal> {
-        let (Some(name), Some(password)) = (username, password) else {
+    /// Decides who a connecting client is, or why it is refused.
+    pub async fn check(&self, p: Presented) -> Result<Identity, Refusal> {
+        // A certificate signed by the hub CA (checked in the TLS handshake) names a device.
+        if let Some(cn) = &p.cert_cn {
+            let Some(kind) = self.devices.get(cn) else {
+                return Err(Refusal::UnknownCertificate(cn.clone()));
+            };
+            if p.client_id != *cn || p.username.as_ref().is_some_and(|u| u != cn) {
+                return Err(Refusal::ClientId(format!("a device's client id and username must be its id {cn:?}")));
+            }
+            return Ok(Identity::Device { id: cn.clone(), kind: *kind });
+        }
+        let (Some(name), Some(password)) = (p.username, p.password) else {
             return Err(Refusal::Anonymous);
         };
+        if let Some(kind) = self.devices.get(&name).copied() {
+            if self.require_client_cert {
+                return Err(Refusal::CertificateRequired);
+            }
+            let id = name.clone();
+            let stored = self.lookup(move |c| devices::password_hash(c, &id)).await?;
+            self.verify(stored, password).await?;
+            if p.client_id != name {
+                return Err(Refusal::ClientId(format!("a device's client id must be its id {name:?}")));
+            }
+            return Ok(Identity::Device { id: name, kind });
+        }
         let lookup = name.clone();
-        let creds = self
-            .store
-            .call(move |conn| users::credentials(conn, &lookup))
-            .await
-            .map_err(|e: StoreError| Refusal::Unavailable(e.to_string()))?;
-        let hash = creds.as_ref().map_or_else(|| self.dummy_hash.clone(), |c| c.password_hash.clone());
+        let creds = self.lookup(move |c| users::credentials(c, &lookup)).await?;
+        let role = creds.as_ref().map(|c| c.role);
+        self.verify(creds.map(|c| c.password_hash), password).await?;
+        match role {
+            Some(role) if !self.devices.contains_key(&p.client_id) => Ok(Identity::User { name, role }),
+            Some(_) => Err(Refusal::ClientId(format!("{:?} is a device's id; users may not take it", p.client_id))),
+            None => Err(Refusal::BadCredentials),
+        }
+    }
+
+    async fn lookup<R, F>(&self, f: F) -> Result<Option<R>, Refusal>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<Option<R>, StoreError> + Send + 'static,
+    {
+        self.store.call(move |c| f(c)).await.map_err(|e| Refusal::Unavailable(e.to_string()))
+    }
+
+    /// Verifies `password` against `stored` (or the dummy hash when there is none) off the runtime.
+    async fn verify(&self, stored: Option<String>, password: Secret) -> Result<(), Refusal> {
+        let known = stored.is_some();
+        let hash = stored.unwrap_or_else(|| self.dummy_hash.clone());
         let ok = tokio::task::spawn_blocking(move || verify(&hash, &password))
             .await
             .map_err(|e| Refusal::Unavailable(e.to_string()))?;
-        match creds {
-            Some(c) if ok => Ok(Identity::User { name, role: c.role }),
-            _ => Err(Refusal::BadCredentials),
+        if ok && known {
+            Ok(())
+        } else {
+            Err(Refusal::BadCredentials)
         }
     }
 }

@@ -4,7 +4,7 @@
 //! [`run`] takes its config, already-bound listeners and a cancellation token, so a test starts a
 //! whole hub in-process on port 0 with its own temp dir, and `main` passes SIGTERM/Ctrl-C.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
@@ -103,21 +103,39 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
 
     let links = broker::start_router(config.broker.max_connections);
-    let (hub, mut messages, reader) = HubLink::connect(&links)?;
+    let (retained_tx, retained_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (hub, mut messages, reader) = HubLink::connect(&links, retained_tx.clone())?;
     let mut router = tokio::spawn(reader.run());
+    let background = TaskTracker::new();
+    background.spawn(persist_retained(store.clone(), retained_rx, config.store.commit_interval));
+    let lag = broker::lag::skipped_clients().map(|skipped| tokio::spawn(record_lag(store.clone(), skipped)));
+
+    // Retained messages from the last run, then every device offline until it connects.
+    let restored = store.call(|c| store::retained::all(c)).await?;
+    info!(count = restored.len(), "restored retained messages");
+    for (topic, payload) in restored {
+        hub.restore(topic, payload.into());
+    }
+    for device in &config.devices {
+        hub.publish(format!("dpi/{}/availability", device.id), "offline", true);
+    }
 
     let closing = CancellationToken::new();
     let shared = Arc::new(Shared {
         links,
-        auth: Authenticator::new(store.clone()),
+        auth: Authenticator::new(
+            store.clone(),
+            config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect::<HashMap<_, _>>(),
+            config.broker.require_client_cert,
+        ),
         limits: Limits {
             max_connections: config.broker.max_connections,
             max_payload_bytes: config.broker.max_payload_bytes,
         },
-        device_ids: config.devices.iter().map(|d| d.id.clone()).collect::<HashSet<_>>(),
         connected: AtomicUsize::new(0),
         hub: hub.clone(),
         closing: closing.clone(),
+        retained: retained_tx,
     });
 
     let tls_addr = local_addr(&listeners.tls);
@@ -172,8 +190,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         warn!(sessions = shared.connected(), "some client sessions did not close in time");
     }
-    if let Some(w) = watchdog {
-        w.abort();
+    for task in [watchdog, lag].into_iter().flatten() {
+        task.abort();
     }
     let recorded = store
         .call(|c| {
@@ -185,10 +203,72 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         warn!(error = %e, "could not record the stop");
     }
     drop(shared);
+    drop(hub);
+    // The retained writer ends once every sender is gone, after a last write.
+    background.close();
+    if tokio::time::timeout(Duration::from_secs(1), background.wait()).await.is_err() {
+        warn!("retained messages not all written at shutdown");
+    }
     drop(store);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     info!("hub stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// Writes changes to retained messages, coalesced: at most one transaction per `interval`.
+async fn persist_retained(
+    store: Store,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<(String, Option<bytes::Bytes>)>,
+    interval: Duration,
+) {
+    let mut refused_logged = false;
+    loop {
+        let Some(first) = changes.recv().await else { return };
+        let mut batch: HashMap<String, Option<bytes::Bytes>> = HashMap::from([first]);
+        let deadline = tokio::time::Instant::now() + interval;
+        let mut open = true;
+        while open {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                Ok(Some((topic, payload))) => {
+                    batch.insert(topic, payload);
+                }
+                Ok(None) => open = false,
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<(String, Option<Vec<u8>>)> = batch.into_iter().map(|(t, p)| (t, p.map(|b| b.to_vec()))).collect();
+        match store.call(move |c| store::retained::apply(c, &rows)).await {
+            Ok(refused) if !refused.is_empty() && !refused_logged => {
+                refused_logged = true;
+                warn!(max = store::retained::MAX_TOPICS, first = %refused[0], "too many retained topics: new ones are kept until restart only");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "could not store retained messages"),
+        }
+        if !open {
+            return;
+        }
+    }
+}
+
+/// Logs the first skip-ahead per client and keeps counts for `domoticpi status`.
+async fn record_lag(store: Store, mut skipped: tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let mut seen = std::collections::HashSet::new();
+    while let Some(client) = skipped.recv().await {
+        let mut counts: HashMap<String, u64> = HashMap::from([(client, 1)]);
+        while let Ok(more) = skipped.try_recv() {
+            *counts.entry(more).or_default() += 1;
+        }
+        for (client, n) in counts {
+            if seen.insert(client.clone()) {
+                warn!(%client, "client reads too slowly: the router skipped messages it had not delivered (see domoticpi status)");
+            }
+            if let Err(e) = store.call(move |c| store::lag::add(c, &client, n)).await {
+                warn!(error = %e, "could not record a slow client");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

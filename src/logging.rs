@@ -2,11 +2,18 @@
 //!
 //! Under systemd (`JOURNAL_STREAM` set) lines carry no time stamp: journald adds its own. The
 //! filter is `RUST_LOG` when set, else the config's `log_level`; rumqttd's own logs are kept to
-//! warnings, as it reports ordinary disconnects as errors.
+//! warnings, as it reports ordinary disconnects as errors. A second layer watches rumqttd for
+//! subscribers it had to skip ahead ([`crate::broker::lag`]), whatever the log filter.
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+use crate::broker::lag::LagLayer;
 
 /// Installs the global subscriber; a second call does nothing.
 pub fn init(log_level: &str) {
@@ -14,15 +21,11 @@ pub fn init(log_level: &str) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(format!("{log_level},rumqttd=warn")));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
-    let result = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().try_init()
-    } else {
-        builder.try_init()
-    };
-    drop(result);
+    let fmt = if std::env::var_os("JOURNAL_STREAM").is_some() { fmt.without_time().boxed() } else { fmt.boxed() };
+    let lag = LagLayer.with_filter(Targets::new().with_target("rumqttd::router", Level::INFO));
+    let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).with(lag).try_init();
 }

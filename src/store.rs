@@ -64,6 +64,22 @@ const MIGRATIONS: &[&str] = &[
         kind TEXT NOT NULL,
         detail TEXT NOT NULL
     );",
+    // 2: device credentials, durable retained messages, clients the router had to skip ahead.
+    "CREATE TABLE device_credentials (
+        id TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        issued_at TEXT NOT NULL
+    );
+    CREATE TABLE retained (
+        topic TEXT PRIMARY KEY,
+        payload BLOB NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE client_lag (
+        client TEXT PRIMARY KEY,
+        jumps INTEGER NOT NULL,
+        last_at TEXT NOT NULL
+    );",
 ];
 
 /// The newest schema version this build knows.
@@ -350,6 +366,110 @@ pub mod runtime {
         )
         .optional()
         .map_err(sql_err(conn))
+    }
+}
+
+/// Device MQTT passwords, issued by `domoticpi device creds`.
+pub mod devices {
+    use super::*;
+    use rusqlite::{params, OptionalExtension};
+
+    /// Stores a device's password hash, replacing (revoking) any earlier one.
+    pub fn set_password(conn: &Connection, id: &str, password_hash: &str) -> Result<()> {
+        conn.execute(
+            "INSERT INTO device_credentials (id, password_hash, issued_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET password_hash = excluded.password_hash, issued_at = excluded.issued_at",
+            params![id, password_hash, now_rfc3339()],
+        )
+        .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// The device's password hash, if credentials were issued.
+    pub fn password_hash(conn: &Connection, id: &str) -> Result<Option<String>> {
+        conn.query_row("SELECT password_hash FROM device_credentials WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(sql_err(conn))
+    }
+}
+
+/// Retained messages, kept across restarts.
+pub mod retained {
+    use super::*;
+    use rusqlite::params;
+
+    /// Most retained topics kept on disk; beyond it new topics are kept in memory only.
+    pub const MAX_TOPICS: i64 = 10_000;
+
+    /// Applies a batch of changes: a payload sets a topic, `None` (an empty retained publish)
+    /// clears it. Returns the topics that were not stored because the table is full.
+    pub fn apply(conn: &mut Connection, changes: &[(String, Option<Vec<u8>>)]) -> Result<Vec<String>> {
+        let tx = conn.transaction().map_err(|e| StoreError::Sqlite { path: PathBuf::new(), source: e })?;
+        let mut refused = Vec::new();
+        {
+            let err = sql_err(&tx);
+            let mut count: i64 = tx.query_row("SELECT COUNT(*) FROM retained", [], |r| r.get(0)).map_err(&err)?;
+            for (topic, payload) in changes {
+                match payload {
+                    None => count -= tx.execute("DELETE FROM retained WHERE topic = ?1", [topic]).map_err(&err)? as i64,
+                    Some(p) => {
+                        let updated = tx
+                            .execute(
+                                "UPDATE retained SET payload = ?2, updated_at = ?3 WHERE topic = ?1",
+                                params![topic, p, now_rfc3339()],
+                            )
+                            .map_err(&err)?;
+                        if updated == 0 {
+                            if count >= MAX_TOPICS {
+                                refused.push(topic.clone());
+                                continue;
+                            }
+                            tx.execute(
+                                "INSERT INTO retained (topic, payload, updated_at) VALUES (?1, ?2, ?3)",
+                                params![topic, p, now_rfc3339()],
+                            )
+                            .map_err(&err)?;
+                            count += 1;
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(sql_err(conn))?;
+        Ok(refused)
+    }
+
+    /// Every retained message: (topic, payload).
+    pub fn all(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut stmt = conn.prepare("SELECT topic, payload FROM retained ORDER BY topic").map_err(sql_err(conn))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+}
+
+/// Clients the router skipped ahead because they read too slowly (messages they never got).
+pub mod lag {
+    use super::*;
+    use rusqlite::params;
+
+    /// Adds `jumps` skip-aheads to a client's count.
+    pub fn add(conn: &Connection, client: &str, jumps: u64) -> Result<()> {
+        conn.execute(
+            "INSERT INTO client_lag (client, jumps, last_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (client) DO UPDATE SET jumps = jumps + excluded.jumps, last_at = excluded.last_at",
+            params![client, jumps as i64, now_rfc3339()],
+        )
+        .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// Every client with skip-aheads: (client, jumps, last time).
+    pub fn all(conn: &Connection) -> Result<Vec<(String, i64, String)>> {
+        let mut stmt = conn
+            .prepare("SELECT client, jumps, last_at FROM client_lag ORDER BY last_at DESC")
+            .map_err(sql_err(conn))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
     }
 }
 

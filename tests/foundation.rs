@@ -38,7 +38,7 @@ async fn mosquitto_clients_round_trip_over_tls() {
     let common = ["-h", "127.0.0.1", "-p", &port, "--cafile", &ca, "-u", "bob", "-P", "bob-password"];
     let mut sub = Command::new("mosquitto_sub")
         .args(common)
-        .args(["-t", "dpi/porch/state", "-C", "1", "-W", "10", "-q", "1"])
+        .args(["-t", "dpi/porch/set", "-C", "1", "-W", "10", "-q", "1"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -47,7 +47,7 @@ async fn mosquitto_clients_round_trip_over_tls() {
     for _ in 0..50 {
         let status = Command::new("mosquitto_pub")
             .args(common)
-            .args(["-t", "dpi/porch/state", "-m", "{\"on\":true}", "-q", "1"])
+            .args(["-t", "dpi/porch/set", "-m", "{\"on\":true}", "-q", "1"])
             .status()
             .unwrap();
         assert!(status.success(), "mosquitto_pub failed");

@@ -8,6 +8,8 @@
 //!
 //! This module must not decode device payloads or run rules; it moves packets.
 
+pub mod acl;
+pub mod lag;
 pub mod session;
 pub mod tls;
 
@@ -40,6 +42,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The client id of the hub's own link. It holds a NUL, which MQTT forbids in strings, so no
 /// network client can take it over.
 const HUB_CLIENT_ID: &str = "\u{0}hub";
+
+/// Where the hub reports every message it rejected.
+pub const ERROR_TOPIC: &str = "dpi/hub/error";
 
 /// Why the broker could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -75,15 +80,18 @@ pub struct Shared {
     pub auth: Authenticator,
     /// Limits per connection and in total.
     pub limits: Limits,
-    /// Client ids of declared devices, which users may not take.
-    pub device_ids: std::collections::HashSet<String>,
     /// Connected clients right now.
     pub connected: AtomicUsize,
     /// Publishes wills on behalf of clients that died.
     pub hub: HubLink,
     /// Cancelled when sessions must flush and close.
     pub closing: CancellationToken,
+    /// Changes to retained messages, for the store.
+    pub retained: RetainedSink,
 }
+
+/// Where changes to retained messages go to be persisted: (topic, payload or `None` to clear).
+pub type RetainedSink = mpsc::UnboundedSender<(String, Option<Bytes>)>;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +103,17 @@ impl Shared {
     /// Number of clients connected now.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records a change to a retained message for the store.
+    pub fn retain(&self, topic: String, payload: Option<Bytes>) {
+        let _ = self.retained.send((topic, payload));
+    }
+
+    /// Tells `dpi/hub/error` subscribers about a message the hub rejected.
+    pub fn report_error(&self, topic: &str, client: &str, error: &str) {
+        let body = serde_json::json!({ "topic": topic, "client": client, "error": error });
+        self.hub.publish(ERROR_TOPIC, body.to_string(), false);
     }
 }
 
@@ -150,6 +169,8 @@ enum LinkCommand {
 #[derive(Clone, Debug)]
 pub struct HubLink {
     commands: std::sync::mpsc::Sender<LinkCommand>,
+    /// Retained publishes are also persisted.
+    retained: RetainedSink,
 }
 
 impl std::fmt::Debug for LinkCommand {
@@ -166,6 +187,7 @@ impl HubLink {
     /// that reads from the router (it ends when the router does).
     pub fn connect(
         links: &LinkFactory,
+        retained: RetainedSink,
     ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
         let (mut tx, rx, _ack) = links(HUB_CLIENT_ID, true)?;
         let (commands, queue) = std::sync::mpsc::channel::<LinkCommand>();
@@ -187,13 +209,21 @@ impl HubLink {
             })
             .map_err(|_| BrokerError::RouterGone)?;
         let (messages_tx, messages) = mpsc::unbounded_channel();
-        Ok((HubLink { commands }, messages, LinkReader { rx, messages: messages_tx }))
+        Ok((HubLink { commands, retained }, messages, LinkReader { rx, messages: messages_tx }))
     }
 
-    /// Queues a QoS 0 publish from the hub.
+    /// Queues a QoS 0 publish from the hub; a retained one is also persisted.
     pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>, retain: bool) {
-        let publish = Publish::new(Bytes::from(topic.into()), payload.into(), retain);
-        let _ = self.commands.send(LinkCommand::Publish(publish));
+        let (topic, payload) = (topic.into(), payload.into());
+        if retain {
+            let _ = self.retained.send((topic.clone(), (!payload.is_empty()).then(|| payload.clone())));
+        }
+        let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, retain)));
+    }
+
+    /// Re-publishes a retained message read back from the store at start (not persisted again).
+    pub fn restore(&self, topic: String, payload: Bytes) {
+        let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, true)));
     }
 
     /// Subscribes the hub to a filter; matching messages arrive on the hub's message stream.
@@ -284,11 +314,21 @@ async fn accept_one(socket: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor
     // Without NODELAY, Nagle holds small MQTT packets (CONNACK, PUBACK) for tens of milliseconds.
     let _ = socket.set_nodelay(true);
     match tls {
-        None => session::run(socket, peer, shared).await,
+        None => session::run(socket, peer, None, shared).await,
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
-            Ok(Ok(stream)) => session::run(stream, peer, shared).await,
+            Ok(Ok(stream)) => {
+                let cn = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
+                session::run(stream, peer, cn, shared).await
+            }
             Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => debug!(%peer, "TLS handshake timed out"),
         },
     }
+}
+
+/// The CN of a certificate the TLS layer already verified.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    Some(cn)
 }

@@ -11,26 +11,33 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::collections::{HashMap, HashSet};
+
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
-    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol,
+    ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck, Subscribe,
+    SubscribeReasonCode,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Shared, HANDSHAKE_TIMEOUT};
-use crate::auth::{Identity, Refusal};
+use super::{acl, Shared, HANDSHAKE_TIMEOUT};
+use crate::auth::{Identity, Presented, Refusal};
 use crate::secret::Secret;
 
 /// Room for the fixed header and topic beyond the payload limit.
 const PACKET_OVERHEAD: usize = 1024;
 
+/// Longest topic name accepted in a PUBLISH; longer ones close the connection.
+pub const MAX_TOPIC_BYTES: usize = 512;
+
 /// Runs a client session on an established (TLS or plain) stream.
-pub async fn run<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
+pub async fn run<S>(stream: S, peer: SocketAddr, cert_cn: Option<String>, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -63,28 +70,42 @@ where
         Some(l) if !l.username.is_empty() => (Some(l.username), Some(Secret::new(l.password))),
         _ => (None, None),
     };
-    let identity = match shared.auth.check(username.clone(), password).await {
+    if let Err(reason) = check_client_id(&connect.client_id, connect.clean_session) {
+        warn!(%peer, client = %connect.client_id, %reason, "connection refused");
+        let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
+        return;
+    }
+    let user_for_log = username.clone().or_else(|| cert_cn.clone()).unwrap_or_default();
+    let presented = Presented { client_id: connect.client_id.clone(), username, password, cert_cn };
+    let identity = match shared.auth.check(presented).await {
         Ok(identity) => identity,
         Err(refusal) => {
             let code = match refusal {
-                Refusal::Anonymous => ConnectReturnCode::NotAuthorized,
+                Refusal::Anonymous | Refusal::CertificateRequired | Refusal::UnknownCertificate(_) => {
+                    ConnectReturnCode::NotAuthorized
+                }
                 Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
                 Refusal::ClientId(_) => ConnectReturnCode::ClientIdentifierNotValid,
                 Refusal::Unavailable(_) => ConnectReturnCode::ServiceUnavailable,
             };
-            warn!(%peer, client = %connect.client_id, user = username.as_deref().unwrap_or(""), reason = %refusal, "connection refused");
+            warn!(%peer, client = %connect.client_id, user = %user_for_log, reason = %refusal, "connection refused");
             let _ = conn.refuse(code).await;
             return;
         }
     };
-
-    let client_id = match client_id_for(&connect.client_id, connect.clean_session, &identity, &shared) {
-        Ok(id) => id,
-        Err(reason) => {
-            warn!(%peer, client = %connect.client_id, user = identity.name(), %reason, "connection refused");
-            let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
+    if let Some(w) = &will {
+        let topic = String::from_utf8_lossy(&w.topic);
+        if !acl::may_publish(&identity, &topic) {
+            warn!(%peer, client = %connect.client_id, user = identity.name(), %topic, "connection refused: will topic not allowed");
+            let _ = conn.refuse(ConnectReturnCode::NotAuthorized).await;
             return;
         }
+    }
+    let client_id = if connect.client_id.is_empty() {
+        // MQTT 3.1.1 §3.1.3-6: the server assigns one.
+        format!("auto-{:016x}", rand_u64())
+    } else {
+        connect.client_id.clone()
     };
 
     // Count the connection before it exists, so that racing connects cannot overshoot the limit.
@@ -120,6 +141,13 @@ where
         return;
     }
     info!(%peer, client = %client_id, user = identity.name(), keepalive = connect.keep_alive, "client connected");
+    let device = match &identity {
+        Identity::Device { id, .. } => Some(id.clone()),
+        Identity::User { .. } => None,
+    };
+    if let Some(id) = &device {
+        shared.hub.publish(format!("dpi/{id}/availability"), "online", true);
+    }
 
     let mut session = Session {
         conn,
@@ -130,9 +158,18 @@ where
         keepalive: (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
         max_packet,
         shared: shared.clone(),
+        identity,
+        pending_subscribes: HashMap::new(),
+        refused_qos2: HashSet::new(),
+        downgraded: HashMap::new(),
+        to_router: Vec::new(),
     };
     let end = session.pump().await;
     let Session { mut link_tx, client_id, mut conn, .. } = session;
+    // A replaced connection's successor already announced the device online.
+    if let (Some(id), false) = (&device, matches!(end, End::Router)) {
+        shared.hub.publish(format!("dpi/{id}/availability"), "offline", true);
+    }
     match &end {
         End::Router => {}
         _ => {
@@ -163,24 +200,15 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// The client id this session registers with the router.
-fn client_id_for(requested: &str, clean: bool, identity: &Identity, shared: &Shared) -> Result<String, String> {
-    if requested.is_empty() {
-        if !clean {
-            return Err("an empty client id needs clean session".into());
-        }
-        // MQTT 3.1.1 §3.1.3-6: the server assigns one.
-        return Ok(format!("auto-{:016x}", rand_u64()));
+/// MQTT-level checks on the requested client id, before credentials are looked at.
+fn check_client_id(requested: &str, clean: bool) -> Result<(), String> {
+    if requested.is_empty() && !clean {
+        return Err("an empty client id needs clean session".into());
     }
     if requested.chars().any(|c| c.is_control() || "+#/$".contains(c)) {
         return Err("client id holds a control character or one of + # / $".into());
     }
-    match identity {
-        Identity::User { .. } if shared.device_ids.contains(requested) => {
-            Err(format!("{requested:?} is a device's id; users may not take it"))
-        }
-        Identity::User { .. } => Ok(requested.to_owned()),
-    }
+    Ok(())
 }
 
 fn rand_u64() -> u64 {
@@ -250,6 +278,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// What the session owes the router for an outgoing message it sent the client at a lower QoS
+/// than the router did (MQTT 3.1.1 §3.8.4: delivered QoS is the lower of publish and subscription).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downgrade {
+    /// Router sent QoS 2, client got QoS 1: its PUBACK becomes the router's PUBREC.
+    TwoToOne,
+    /// The router's PUBREL for this id is answered with PUBCOMP here, not passed to the client.
+    AwaitingRelease,
+}
+
 /// An established session.
 struct Session<S> {
     /// The client's socket.
@@ -268,6 +306,17 @@ struct Session<S> {
     max_packet: usize,
     /// What all sessions share.
     shared: Arc<Shared>,
+    /// Who the client is, for the ACL.
+    identity: Identity,
+    /// SUBSCRIBEs partly refused: per packet id, for each requested filter its index among the
+    /// filters passed to the router, or `None` if refused (answered 0x80).
+    pending_subscribes: HashMap<u16, Vec<Option<usize>>>,
+    /// Ids of refused QoS 2 publishes, whose PUBREL the session answers itself.
+    refused_qos2: HashSet<u16>,
+    /// Outgoing packet ids delivered at a lower QoS than the router used.
+    downgraded: HashMap<u16, Downgrade>,
+    /// Packets for the router gathered while handling one batch.
+    to_router: Vec<Packet>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -290,7 +339,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
                     deadline = self.keepalive.map(|k| Instant::now() + k);
-                    if let Some(end) = self.handle_incoming().await {
+                    let end = self.handle_incoming().await;
+                    if let Err(e) = self.conn.flush().await {
+                        return End::Lost(e.to_string());
+                    }
+                    if !self.flush_router().await {
+                        return End::Router;
+                    }
+                    if let Some(end) = end {
                         return end;
                     }
                 }
@@ -299,6 +355,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Ok(Some(n)) => {
                             if let Err(e) = self.handle_outgoing(n).await {
                                 return End::Lost(e.to_string());
+                            }
+                            if !self.flush_router().await {
+                                return End::Router;
                             }
                         }
                         Ok(None) => {}
@@ -314,64 +373,126 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Sends what was gathered for the router with one wake-up; false if the router is gone.
+    async fn flush_router(&mut self) -> bool {
+        let Some(last) = self.to_router.pop() else {
+            return true;
+        };
+        self.link_tx.buffer().extend(self.to_router.drain(..));
+        self.link_tx.send(last).await.is_ok()
+    }
+
+    /// Writes a packet to the client's write buffer (sent at the next flush).
+    fn queue(&mut self, packet: Packet) {
+        if let Err(e) = V4.write(packet, &mut self.conn.write) {
+            warn!(client = %self.client_id, error = %e, "could not encode a packet");
+        }
+    }
+
     /// Decodes every complete packet in the read buffer and acts on it.
     async fn handle_incoming(&mut self) -> Option<End> {
-        let mut to_router: Vec<Packet> = Vec::new();
-        let mut end = None;
         loop {
+            // QoS and packet id of a PUBLISH, read from its bytes: rumqttd keeps those fields private.
+            let meta = publish_meta(&self.conn.read);
             let packet = match V4.read_mut(&mut self.conn.read, self.max_packet) {
                 Ok(p) => p,
-                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => break,
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => return None,
                 Err(e) => {
                     warn!(peer = %self.peer, client = %self.client_id, error = %e, "closing: bad packet");
-                    end = Some(End::Lost(format!("bad packet: {e}")));
-                    break;
+                    return Some(End::Lost(format!("bad packet: {e}")));
                 }
             };
             match packet {
-                Packet::Publish(publish, props) => {
-                    if publish.topic.is_empty() || publish.topic.iter().any(|b| *b == b'+' || *b == b'#') {
-                        warn!(client = %self.client_id, topic = %String::from_utf8_lossy(&publish.topic), "closing: publish to an invalid topic");
-                        end = Some(End::Lost("publish to an invalid topic".into()));
-                        break;
-                    }
-                    to_router.push(Packet::Publish(publish, props));
-                }
-                Packet::PingReq(_) => {
-                    if self.conn.send(Packet::PingResp(PingResp)).await.is_err() {
-                        end = Some(End::Lost("write failed".into()));
-                        break;
+                Packet::Publish(publish, _) => {
+                    let (qos, pkid) = meta.unwrap_or((0, 0));
+                    if let Some(end) = self.incoming_publish(publish, qos, pkid) {
+                        return Some(end);
                     }
                 }
-                Packet::Disconnect(..) => {
-                    end = Some(End::Clean);
-                    break;
+                Packet::Subscribe(subscribe, _) => self.incoming_subscribe(subscribe),
+                Packet::PubRel(rel, _) if self.refused_qos2.remove(&rel.pkid) => {
+                    self.queue(Packet::PubComp(PubComp { pkid: rel.pkid, reason: PubCompReason::Success }, None));
                 }
+                Packet::PubAck(ack, _) if self.downgraded.get(&ack.pkid) == Some(&Downgrade::TwoToOne) => {
+                    self.downgraded.insert(ack.pkid, Downgrade::AwaitingRelease);
+                    self.to_router.push(Packet::PubRec(PubRec { pkid: ack.pkid, reason: PubRecReason::Success }, None));
+                }
+                Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
+                Packet::Disconnect(..) => return Some(End::Clean),
                 Packet::Connect(..) => {
                     warn!(client = %self.client_id, "closing: second CONNECT on a connection");
-                    end = Some(End::Lost("second CONNECT".into()));
-                    break;
+                    return Some(End::Lost("second CONNECT".into()));
                 }
                 p @ (Packet::PubAck(..)
                 | Packet::PubRec(..)
                 | Packet::PubRel(..)
                 | Packet::PubComp(..)
-                | Packet::Subscribe(..)
-                | Packet::Unsubscribe(..)) => to_router.push(p),
+                | Packet::Unsubscribe(..)) => self.to_router.push(p),
                 other => {
                     warn!(client = %self.client_id, packet = ?other, "closing: packet a client may not send");
-                    end = Some(End::Lost("unexpected packet".into()));
-                    break;
+                    return Some(End::Lost("unexpected packet".into()));
                 }
             }
         }
-        if let Some(last) = to_router.pop() {
-            self.link_tx.buffer().extend(to_router);
-            if self.link_tx.send(last).await.is_err() {
-                return Some(End::Router);
+    }
+
+    /// Checks a PUBLISH and passes it to the router, or refuses it.
+    fn incoming_publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Option<End> {
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Some(End::Lost("topic is not UTF-8".into()));
+        };
+        if topic.is_empty() || topic.contains(['+', '#']) || topic.len() > MAX_TOPIC_BYTES {
+            warn!(client = %self.client_id, topic = %topic.chars().take(80).collect::<String>(), "closing: publish to an invalid or overlong topic");
+            return Some(End::Lost("publish to an invalid topic".into()));
+        }
+        if !acl::may_publish(&self.identity, topic) {
+            warn!(client = %self.client_id, user = self.identity.name(), %topic, "publish refused: not allowed");
+            self.shared.report_error(topic, &self.client_id, "publish not allowed for this client");
+            // Acknowledge as MQTT 3.1.1 brokers do, so the client does not resend it forever.
+            match qos {
+                1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
+                2 => {
+                    self.refused_qos2.insert(pkid);
+                    self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+                }
+                _ => {}
+            }
+            return None;
+        }
+        if publish.retain {
+            let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
+            self.shared.retain(topic.to_owned(), payload);
+        }
+        // The router delivers at the subscription's QoS; the publish QoS travels with the message
+        // (in a field MQTT 3.1.1 never sees) so that the receiving session can lower it.
+        let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
+        self.to_router.push(Packet::Publish(publish, Some(props)));
+        None
+    }
+
+    /// Passes the allowed filters of a SUBSCRIBE to the router; refused ones get 0x80.
+    fn incoming_subscribe(&mut self, subscribe: Subscribe) {
+        let pkid = subscribe.pkid;
+        let mut slots = Vec::with_capacity(subscribe.filters.len());
+        let mut allowed = Vec::new();
+        for filter in subscribe.filters {
+            if acl::may_subscribe(&self.identity, &filter.path) {
+                slots.push(Some(allowed.len()));
+                allowed.push(filter);
+            } else {
+                warn!(client = %self.client_id, user = self.identity.name(), filter = %filter.path, "subscription refused: not allowed");
+                slots.push(None);
             }
         }
-        end
+        if allowed.is_empty() {
+            let return_codes = vec![SubscribeReasonCode::Failure; slots.len()];
+            self.queue(Packet::SubAck(SubAck { pkid, return_codes }, None));
+            return;
+        }
+        if slots.iter().any(Option::is_none) {
+            self.pending_subscribes.insert(pkid, slots);
+        }
+        self.to_router.push(Packet::Subscribe(Subscribe { pkid, filters: allowed }, None));
     }
 
     /// Writes one router notification, and everything else already queued, to the client.
@@ -392,20 +513,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn encode(&mut self, n: Notification, unscheduled: &mut bool) -> std::io::Result<()> {
         match n {
             Notification::Unschedule => *unscheduled = true,
-            Notification::Forward(f) => {
-                V4.write(Packet::Publish(f.publish, None), &mut self.conn.write).map_err(std::io::Error::other)?;
-            }
-            Notification::DeviceAck(ack) => {
-                let packet: Option<Packet> = Notification::DeviceAck(ack).into();
-                if let Some(packet) = packet {
-                    V4.write(packet, &mut self.conn.write).map_err(std::io::Error::other)?;
+            Notification::Forward(f) => self.forward(f.publish, f.properties),
+            Notification::DeviceAck(ack) => match Option::<Packet>::from(Notification::DeviceAck(ack)) {
+                Some(Packet::SubAck(mut suback, _)) => {
+                    if let Some(slots) = self.pending_subscribes.remove(&suback.pkid) {
+                        let granted = std::mem::take(&mut suback.return_codes);
+                        suback.return_codes = slots
+                            .iter()
+                            .map(|slot| {
+                                slot.and_then(|i| granted.get(i).copied()).unwrap_or(SubscribeReasonCode::Failure)
+                            })
+                            .collect();
+                    }
+                    self.queue(Packet::SubAck(suback, None));
                 }
-            }
+                Some(Packet::PubRel(rel, _)) if self.downgraded.remove(&rel.pkid).is_some() => {
+                    self.to_router
+                        .push(Packet::PubComp(PubComp { pkid: rel.pkid, reason: PubCompReason::Success }, None));
+                }
+                Some(packet) => self.queue(packet),
+                None => {}
+            },
             // MQTT 3.1.1 has no server DISCONNECT: the connection is simply closed.
             Notification::Disconnect(..) => return Err(std::io::Error::other("router disconnected the client")),
             _ => {}
         }
         Ok(())
+    }
+
+    /// Writes a forwarded message at the lower of its publish QoS and the subscription's.
+    fn forward(&mut self, publish: Publish, props: Option<PublishProperties>) {
+        let start = self.conn.write.len();
+        let (topic, payload, retain) = (publish.topic.clone(), publish.payload.clone(), publish.retain);
+        self.queue(Packet::Publish(publish, None));
+        let Some((sent_qos, pkid)) = publish_meta(&self.conn.write[start..]) else {
+            return;
+        };
+        let wanted = props.and_then(|p| p.payload_format_indicator).unwrap_or(sent_qos).min(sent_qos);
+        if wanted == sent_qos {
+            return;
+        }
+        self.conn.write.truncate(start);
+        match (sent_qos, wanted) {
+            (1, 0) => {
+                self.queue(Packet::Publish(Publish::new(topic, payload, retain), None));
+                self.to_router.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+            }
+            (2, 0) => {
+                self.queue(Packet::Publish(Publish::new(topic, payload, retain), None));
+                self.downgraded.insert(pkid, Downgrade::AwaitingRelease);
+                self.to_router.push(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+            }
+            _ => {
+                self.queue(Packet::Publish(publish_qos1(&topic, &payload, retain, pkid), None));
+                self.downgraded.insert(pkid, Downgrade::TwoToOne);
+            }
+        }
     }
 
     /// At shutdown: writes what the router already queued for this client (the hub's `offline`
@@ -419,5 +582,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         let _ = self.conn.flush().await;
+    }
+}
+
+/// QoS and packet id of the PUBLISH at the start of `buf`, if it is a complete-enough PUBLISH.
+fn publish_meta(buf: &[u8]) -> Option<(u8, u16)> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    // Remaining length: up to four 7-bit groups.
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    let at = i + 2 + topic_len;
+    let pkid = if qos > 0 { u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]) } else { 0 };
+    Some((qos, pkid))
+}
+
+/// A QoS 1 PUBLISH with a given packet id (rumqttd's `Publish` keeps QoS and id private, but
+/// its own serialisation format can carry them).
+fn publish_qos1(topic: &Bytes, payload: &Bytes, retain: bool, pkid: u16) -> Publish {
+    let mut b = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    b.put_u8(0b0011_0000 | u8::from(retain) | (1 << 1));
+    b.put_u16(pkid);
+    b.put_u16(u16::try_from(topic.len()).unwrap_or(u16::MAX));
+    b.extend_from_slice(topic);
+    b.extend_from_slice(payload);
+    Publish::deserialize(b.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_meta_reads_qos_and_packet_id() {
+        let mut buf = BytesMut::new();
+        V4.write(Packet::Publish(publish_qos1(&Bytes::from("a/b"), &Bytes::from("x"), false, 513), None), &mut buf)
+            .unwrap();
+        assert_eq!(publish_meta(&buf), Some((1, 513)));
+        let mut buf = BytesMut::new();
+        V4.write(Packet::Publish(Publish::new("t", "payload", true), None), &mut buf).unwrap();
+        assert_eq!(publish_meta(&buf), Some((0, 0)));
+        assert_eq!(publish_meta(&[0x30]), None);
+        assert_eq!(publish_meta(&[0xC0, 0]), None);
     }
 }

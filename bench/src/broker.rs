@@ -1,0 +1,402 @@
+//! The brokers under test: the hub (the release binary) and Mosquitto, each run as a child process on
+//! 127.0.0.1 in a temp dir, and killed when its [`Broker`] guard is dropped (also on error or panic).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The MQTT user every bench client logs in as (admin on the hub).
+pub const USER: &str = "bench";
+
+/// Open-file limit given to each broker: 1,000 idle clients need more than the usual 1,024.
+const BROKER_NOFILE: u32 = 8192;
+
+/// How long a broker may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which broker a measurement runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Hub,
+    Mosquitto,
+}
+
+impl Kind {
+    /// Both brokers, in the order they run and appear in the table.
+    pub const ALL: [Kind; 2] = [Kind::Hub, Kind::Mosquitto];
+
+    /// The column name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Hub => "hub",
+            Kind::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// Mosquitto's executables and version, when it is installed.
+pub struct Mosquitto {
+    bin: PathBuf,
+    passwd_file: PathBuf,
+    /// First line of `mosquitto -h`, e.g. `mosquitto version 2.0.11`.
+    pub version: String,
+}
+
+/// What is prepared once for all runs: the temp dir, the hub's data dir (CA, server certificate,
+/// database with the bench user) and Mosquitto's password file using the same password.
+pub struct Setup {
+    dir: tempfile::TempDir,
+    hub_bin: PathBuf,
+    hub_config: PathBuf,
+    /// The hub CA, trusted by every TLS client; Mosquitto serves the hub's server certificate.
+    pub ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    /// The bench user's password on both brokers.
+    pub password: String,
+    /// `None` when Mosquitto is not installed (its column then reads n/a).
+    pub mosquitto: Option<Mosquitto>,
+}
+
+impl Setup {
+    /// Initialises the hub's data dir with `domoticpi init` and `user add`, and, when `want_mosquitto`
+    /// and it is installed, Mosquitto's password file. Returns a note when Mosquitto is unavailable.
+    pub fn new(hub_bin: &Path, want_mosquitto: bool) -> Result<(Setup, Option<String>)> {
+        let dir = tempfile::Builder::new().prefix("domoticpi-bench-").tempdir().context("creating the temp dir")?;
+        let data = dir.path().join("hub-data");
+        let hub_config = dir.path().join("domoticpi.toml");
+        let config = format!(
+            "data_dir = {:?}\nlog_level = \"warn\"\n\n[broker]\ntls_listen = \"127.0.0.1:0\"\n\
+             plain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
+            data.display().to_string()
+        );
+        std::fs::write(&hub_config, config).with_context(|| format!("writing {}", hub_config.display()))?;
+        let password = format!("bench-{:x}-{:x}", std::process::id(), crate::now_nanos_since_epoch());
+
+        let config_arg = hub_config.to_str().context("temp dir path is not UTF-8")?;
+        run_checked(Command::new(hub_bin).args(["--config", config_arg, "init"]), None, "domoticpi init")?;
+        run_checked(
+            Command::new(hub_bin).args(["--config", config_arg, "user", "add", USER, "--role", "admin", "--password-stdin"]),
+            Some(&format!("{password}\n")),
+            "domoticpi user add",
+        )?;
+
+        let certs = data.join("certs");
+        let mut setup = Setup {
+            hub_bin: hub_bin.to_path_buf(),
+            hub_config,
+            ca: certs.join("ca.pem"),
+            server_cert: certs.join("server.pem"),
+            server_key: certs.join("server.key"),
+            password,
+            mosquitto: None,
+            dir,
+        };
+        let mut note = None;
+        if want_mosquitto {
+            match setup.prepare_mosquitto() {
+                Ok(m) => setup.mosquitto = Some(m),
+                Err(e) => note = Some(format!("mosquitto column n/a: {e:#}")),
+            }
+        }
+        Ok((setup, note))
+    }
+
+    /// Finds `mosquitto` and `mosquitto_passwd` and writes the password file.
+    fn prepare_mosquitto(&self) -> Result<Mosquitto> {
+        let bin = find_program("mosquitto")
+            .ok_or_else(|| anyhow!("mosquitto is not installed (Debian: apt-get install mosquitto)"))?;
+        let passwd_bin = find_program("mosquitto_passwd")
+            .ok_or_else(|| anyhow!("mosquitto_passwd is not installed (Debian: apt-get install mosquitto)"))?;
+        let passwd_file = self.dir.path().join("mosquitto.passwd");
+        let file_arg = passwd_file.to_str().context("temp dir path is not UTF-8")?;
+        run_checked(
+            Command::new(passwd_bin).args(["-b", "-c", file_arg, USER, &self.password]),
+            None,
+            "mosquitto_passwd",
+        )?;
+        let out = run(Command::new(&bin).arg("-h"), None, Duration::from_secs(10)).context("running mosquitto -h")?;
+        let version = out.stdout.lines().next().unwrap_or("mosquitto (unknown version)").trim().to_owned();
+        Ok(Mosquitto { bin, passwd_file, version })
+    }
+
+    /// The hub's `--version` line.
+    pub fn hub_version(&self) -> Result<String> {
+        let out = run_checked(Command::new(&self.hub_bin).arg("--version"), None, "domoticpi --version")?;
+        Ok(out.stdout.trim().to_owned())
+    }
+
+    /// Starts a fresh broker of `kind`; it is killed when the returned guard is dropped.
+    pub fn start(&self, kind: Kind) -> Result<Broker> {
+        match kind {
+            Kind::Hub => self.start_hub(),
+            Kind::Mosquitto => {
+                let m = self.mosquitto.as_ref().ok_or_else(|| anyhow!("mosquitto is not available"))?;
+                let mut last_error = anyhow!("mosquitto did not start");
+                // A port picked free may be taken again before Mosquitto binds it: try a few times.
+                for _ in 0..3 {
+                    match self.start_mosquitto(m) {
+                        Ok(b) => return Ok(b),
+                        Err(e) => last_error = e,
+                    }
+                }
+                Err(last_error)
+            }
+        }
+    }
+
+    /// Runs `domoticpi --config C run` and reads its listeners from the `hub ready` log line.
+    fn start_hub(&self) -> Result<Broker> {
+        let mut cmd = wrapped(&self.hub_bin);
+        cmd.arg("--config").arg(&self.hub_config).arg("run");
+        // Warnings only, like Mosquitto's `log_type error`, plus the one line that gives the ports.
+        cmd.env("RUST_LOG", "warn,domoticpi::hub=info");
+        let (mut broker, lines) = Broker::spawn(Kind::Hub, cmd)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    bail!("the hub did not report `hub ready` within {START_TIMEOUT:?}{}", broker.recent_log())
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    broker.check_alive()?;
+                    bail!("the hub closed its stderr before `hub ready`{}", broker.recent_log());
+                }
+            };
+            if line.contains("hub ready") {
+                broker.tls = field_addr(&line, "tls=")?;
+                broker.plain = field_addr(&line, "plain=")?;
+                return Ok(broker);
+            }
+        }
+    }
+
+    /// Writes a mosquitto.conf equivalent to the hub's config and starts Mosquitto on it.
+    fn start_mosquitto(&self, m: &Mosquitto) -> Result<Broker> {
+        let tls_port = free_port()?;
+        let plain_port = free_port()?;
+        let conf = self.dir.path().join("mosquitto.conf");
+        let mut text = String::new();
+        text.push_str("per_listener_settings false\nallow_anonymous false\n");
+        text.push_str(&format!("password_file {}\n", m.passwd_file.display()));
+        text.push_str("persistence false\nmax_queued_messages 100000\nmax_inflight_messages 100\n");
+        text.push_str("set_tcp_nodelay true\nlog_dest stderr\nlog_type error\n");
+        if is_root() {
+            // Otherwise Mosquitto drops to the `mosquitto` user, who cannot read the 0700 data dir.
+            text.push_str("user root\n");
+        }
+        text.push_str(&format!("\nlistener {tls_port} 127.0.0.1\n"));
+        text.push_str(&format!("cafile {}\n", self.ca.display()));
+        text.push_str(&format!("certfile {}\n", self.server_cert.display()));
+        text.push_str(&format!("keyfile {}\n", self.server_key.display()));
+        text.push_str(&format!("\nlistener {plain_port} 127.0.0.1\n"));
+        std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
+
+        let mut cmd = wrapped(&m.bin);
+        cmd.arg("-c").arg(&conf);
+        let (mut broker, _lines) = Broker::spawn(Kind::Mosquitto, cmd)?;
+        broker.tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
+        broker.plain = SocketAddr::from(([127, 0, 0, 1], plain_port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            broker.check_alive()?;
+            let up = |addr| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+            if up(broker.plain) && up(broker.tls) {
+                return Ok(broker);
+            }
+            if Instant::now() > deadline {
+                bail!("mosquitto did not listen within {START_TIMEOUT:?}{}", broker.recent_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A running broker. Dropping it kills the process and reaps it.
+pub struct Broker {
+    /// Which broker this is.
+    pub kind: Kind,
+    /// Its MQTT-over-TLS listener.
+    pub tls: SocketAddr,
+    /// Its plain MQTT listener.
+    pub plain: SocketAddr,
+    child: Child,
+    log: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Broker {
+    /// Spawns `cmd` with stderr captured: the last lines are kept for error messages, and every
+    /// line is also sent on the returned channel (the hub's ready line is read from it).
+    fn spawn(kind: Kind, mut cmd: Command) -> Result<(Broker, mpsc::Receiver<String>)> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting {}", kind.name()))?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, rx) = mpsc::channel();
+        let ring = Arc::clone(&log);
+        std::thread::Builder::new()
+            .name(format!("{}-stderr", kind.name()))
+            .spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut ring) = ring.lock() {
+                        if ring.len() == 30 {
+                            ring.pop_front();
+                        }
+                        ring.push_back(line.clone());
+                    }
+                    let _ = tx.send(line);
+                }
+            })
+            .context("spawning the stderr reader")?;
+        let unset = SocketAddr::from(([127, 0, 0, 1], 0));
+        Ok((Broker { kind, tls: unset, plain: unset, child, log }, rx))
+    }
+
+    /// The broker's process id (the shell wrapper `exec`s it, so this is the broker itself).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from `/proc/PID/status` (VmRSS).
+    pub fn rss_kib(&mut self) -> Result<u64> {
+        self.check_alive()?;
+        let path = format!("/proc/{}/status", self.pid());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no VmRSS in {path}"))
+    }
+
+    /// An error (with the broker's last log lines) if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        match self.child.try_wait().context("checking the broker process")? {
+            None => Ok(()),
+            Some(status) => bail!("{} exited ({status}){}", self.kind.name(), self.recent_log()),
+        }
+    }
+
+    /// The last lines the broker wrote to stderr, formatted for an error message.
+    pub fn recent_log(&self) -> String {
+        // Give the reader thread a moment to collect the final lines of a process that just died.
+        std::thread::sleep(Duration::from_millis(100));
+        let lines: Vec<String> = self.log.lock().map(|l| l.iter().cloned().collect()).unwrap_or_default();
+        if lines.is_empty() {
+            String::new()
+        } else {
+            format!("; its last log lines:\n    {}", lines.join("\n    "))
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // SIGKILL cannot be ignored, so the wait that follows is short.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sh -c 'ulimit -n N; exec PROGRAM "$@"'`: raises the open-file limit, then becomes the program.
+fn wrapped(program: &Path) -> Command {
+    let script = format!(r#"ulimit -n {BROKER_NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@""#);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script).arg(program);
+    cmd
+}
+
+/// Parses the address after `key` (e.g. `tls=`) in a log line.
+fn field_addr(line: &str, key: &str) -> Result<SocketAddr> {
+    let value = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .with_context(|| format!("no `{key}` in the hub's ready line: {line}"))?;
+    value.parse().with_context(|| format!("bad address `{value}` in the hub's ready line: {line}"))
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to pick a port")?;
+    Ok(listener.local_addr().context("local address")?.port())
+}
+
+/// Whether this process runs as root (read from /proc, no libc needed).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().next() == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Looks `name` up on PATH, then in the sbin directories (Debian installs mosquitto in /usr/sbin).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// What a short-lived command printed.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion with optional stdin, killing it after `timeout`.
+pub fn run(cmd: &mut Command, stdin: Option<&str>, timeout: Duration) -> Result<Output> {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let mut input = child.stdin.take().context("child stdin")?;
+    if let Some(text) = stdin {
+        // Short inputs fit in the pipe buffer; a failure shows up as the command's own error.
+        let _ = input.write_all(text.as_bytes());
+    }
+    drop(input);
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().context("child stdout")?));
+    let err = read_all(Box::new(child.stderr.take().context("child stderr")?));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("waiting for the command")? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} did not finish within {timeout:?}", cmd.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// [`run`] with a 60 s limit, failing on a non-zero exit with the command's stderr.
+fn run_checked(cmd: &mut Command, stdin: Option<&str>, what: &str) -> Result<Output> {
+    let out = run(cmd, stdin, Duration::from_secs(60)).with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}", out.status, out.stderr.trim());
+    }
+    Ok(out)
+}

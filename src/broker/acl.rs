@@ -1,0 +1,127 @@
+//! Who may publish and subscribe to what (SPEC §6), decided on every PUBLISH, SUBSCRIBE and will.
+//!
+//! Pure functions of an identity and a topic or filter; the session enforces the answer.
+//!
+//! | identity  | may publish                                                   | may subscribe                    |
+//! |-----------|---------------------------------------------------------------|----------------------------------|
+//! | device ID | `dpi/ID/state`, `dpi/ID/availability`; a keypad `dpi/alarm/set` | `dpi/ID/set`, `dpi/alarm/state` |
+//! | resident  | `dpi/+/set`, `dpi/alarm/set`, `dpi/scene/set`                 | `dpi/#` and anything under it    |
+//! | admin     | anything                                                      | anything                         |
+
+use crate::auth::Identity;
+use crate::config::DeviceKind;
+use crate::store::users::Role;
+
+/// Whether `who` may publish on `topic` (a topic name, never a filter).
+pub fn may_publish(who: &Identity, topic: &str) -> bool {
+    match who {
+        Identity::User { role: Role::Admin, .. } => true,
+        Identity::User { role: Role::Resident, .. } => {
+            let levels: Vec<&str> = topic.split('/').collect();
+            matches!(levels.as_slice(), ["dpi", id, "set"] if !id.is_empty())
+        }
+        Identity::Device { id, kind } => {
+            let own = |leaf: &str| topic.strip_prefix("dpi/").and_then(|t| t.strip_prefix(id.as_str())) == Some(leaf);
+            own("/state") || own("/availability") || (*kind == DeviceKind::Keypad && topic == "dpi/alarm/set")
+        }
+    }
+}
+
+/// Whether `who` may subscribe to `filter` (which may hold wildcards).
+pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
+    // A shared subscription reads what its inner filter reads.
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, inner)) if !group.is_empty() => inner,
+            _ => return false,
+        },
+        None => filter,
+    };
+    // The router has no `$SYS` and disconnects anyone asking for another `$` filter.
+    if filter.starts_with('$') || !is_valid_filter(filter) {
+        return false;
+    }
+    match who {
+        Identity::User { role: Role::Admin, .. } => true,
+        Identity::User { role: Role::Resident, .. } => filter == "dpi/#" || filter.starts_with("dpi/"),
+        Identity::Device { id, .. } => filter == format!("dpi/{id}/set") || filter == "dpi/alarm/state",
+    }
+}
+
+/// MQTT 3.1.1 §4.7: `#` only last and alone in its level, `+` alone in its level.
+fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, kind: DeviceKind) -> Identity {
+        Identity::Device { id: id.into(), kind }
+    }
+    fn user(role: Role) -> Identity {
+        Identity::User { name: "u".into(), role }
+    }
+
+    /// One line per case: who, topic, allowed.
+    macro_rules! publish {
+        ($($name:ident: $who:expr, $topic:expr => $ok:expr;)*) => {$(
+            #[test]
+            fn $name() { assert_eq!(may_publish(&$who, $topic), $ok, "{:?} publish {}", $who, $topic); }
+        )*};
+    }
+    macro_rules! subscribe {
+        ($($name:ident: $who:expr, $filter:expr => $ok:expr;)*) => {$(
+            #[test]
+            fn $name() { assert_eq!(may_subscribe(&$who, $filter), $ok, "{:?} subscribe {}", $who, $filter); }
+        )*};
+    }
+
+    publish! {
+        device_own_state: device("door", DeviceKind::Contact), "dpi/door/state" => true;
+        device_own_availability: device("door", DeviceKind::Contact), "dpi/door/availability" => true;
+        device_other_state: device("door", DeviceKind::Contact), "dpi/window/state" => false;
+        device_prefix_of_other_id: device("door", DeviceKind::Contact), "dpi/door2/state" => false;
+        device_other_set: device("motion", DeviceKind::Motion), "dpi/siren/set" => false;
+        device_own_set: device("motion", DeviceKind::Motion), "dpi/motion/set" => false;
+        motion_alarm_set: device("motion", DeviceKind::Motion), "dpi/alarm/set" => false;
+        keypad_alarm_set: device("keypad", DeviceKind::Keypad), "dpi/alarm/set" => true;
+        keypad_alarm_state: device("keypad", DeviceKind::Keypad), "dpi/alarm/state" => false;
+        device_hub_status: device("door", DeviceKind::Contact), "dpi/hub/status" => false;
+        resident_device_set: user(Role::Resident), "dpi/hall-light/set" => true;
+        resident_alarm_set: user(Role::Resident), "dpi/alarm/set" => true;
+        resident_scene_set: user(Role::Resident), "dpi/scene/set" => true;
+        resident_device_state: user(Role::Resident), "dpi/door/state" => false;
+        resident_alarm_state: user(Role::Resident), "dpi/alarm/state" => false;
+        resident_deep_set: user(Role::Resident), "dpi/a/b/set" => false;
+        resident_outside_dpi: user(Role::Resident), "other/x/set" => false;
+        admin_anything: user(Role::Admin), "anything/at/all" => true;
+    }
+
+    subscribe! {
+        device_own_set_filter: device("light", DeviceKind::Light), "dpi/light/set" => true;
+        device_alarm_state_filter: device("siren", DeviceKind::Siren), "dpi/alarm/state" => true;
+        device_everything: device("motion", DeviceKind::Motion), "#" => false;
+        device_all_sets: device("motion", DeviceKind::Motion), "dpi/+/set" => false;
+        device_other_set_filter: device("motion", DeviceKind::Motion), "dpi/light/set" => false;
+        device_shared_own: device("light", DeviceKind::Light), "$share/g/dpi/light/set" => true;
+        resident_dpi_all: user(Role::Resident), "dpi/#" => true;
+        resident_dpi_states: user(Role::Resident), "dpi/+/state" => true;
+        resident_everything: user(Role::Resident), "#" => false;
+        resident_sys: user(Role::Resident), "$SYS/#" => false;
+        admin_everything: user(Role::Admin), "#" => true;
+        admin_sys: user(Role::Admin), "$SYS/broker" => false;
+        invalid_hash_middle: user(Role::Admin), "a/#/b" => false;
+        invalid_plus_in_level: user(Role::Admin), "a/b+" => false;
+        empty_filter: user(Role::Admin), "" => false;
+    }
+}
