@@ -25,6 +25,15 @@ pub fn hash(secret: &Secret) -> String {
     }
 }
 
+/// A fresh random password for a device: 128 bits from the OS, as 32 hex digits (easy to paste
+/// into an Arduino sketch).
+pub fn random_secret() -> Secret {
+    use argon2::password_hash::rand_core::RngCore;
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
 /// Whether `secret` matches the PHC string `hash`; a malformed hash never matches.
 pub fn verify(hash: &str, secret: &Secret) -> bool {
     PasswordHash::new(hash)

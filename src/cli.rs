@@ -48,6 +48,9 @@ pub enum Command {
     /// Certificates of the hub.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Devices declared in the config: credentials and state.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// People who log in with a name and password.
     #[command(subcommand)]
     User(UserCommand),
@@ -60,6 +63,23 @@ pub enum Command {
 pub enum CertsCommand {
     /// CA path, server certificate names and expiry, SHA-256 and SHA-1 fingerprints.
     Show,
+}
+
+/// `device …`
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Issue MQTT credentials for a declared device: a fresh password (printed once, stored
+    /// hashed; the previous one stops working) and, with --cert, a client certificate and key.
+    /// Prints `key: value` lines to paste into the device's sketch.
+    Creds {
+        /// Device id from the config.
+        id: String,
+        /// Also issue a client certificate signed by the hub CA (CN = the device id).
+        #[arg(long)]
+        cert: bool,
+    },
+    /// Devices from the config with online/offline, last seen and last state.
+    List,
 }
 
 /// `user …`
@@ -151,6 +171,8 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         }
         Command::Certs(CertsCommand::Show) => certs_show(config),
         Command::User(cmd) => user(cmd, config),
+        Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
+        Command::Device(DeviceCommand::List) => device_list(config),
         Command::Status => status(config),
     }
 }
@@ -178,6 +200,81 @@ fn certs_show(config: &Config) -> anyhow::Result<()> {
     println!("server_expires: {}", date(info.not_after));
     println!("server_sha256: {}", info.sha256);
     println!("server_sha1: {}", info.sha1);
+    Ok(())
+}
+
+fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()> {
+    let Some(device) = config.device(id) else {
+        bail!("no device {id:?} in {}; declare it in a [[device]] section first", config_name(config));
+    };
+    hub::init(config)?;
+    let paths = CertPaths::new(&config.data_dir);
+    let password = auth::random_secret();
+    let conn = open_db(config)?;
+    store::devices::set_password(&conn, id, &auth::hash(&password))?;
+    store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
+    let cert = if with_cert { Some(certs::issue_device(&paths, id)?) } else { None };
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
+    println!("host: {}", device_host(config));
+    println!("port: {}", device_port(config, &conn)?);
+    println!("ca: {}", abs(&paths.ca_cert));
+    println!("client_id: {id}");
+    println!("username: {id}");
+    println!("password: {}", password.expose());
+    if let Some((cert, key)) = cert {
+        println!("cert: {}", abs(&cert));
+        println!("key: {}", abs(&key));
+    }
+    let mut publish = vec![format!("dpi/{id}/state"), format!("dpi/{id}/availability")];
+    if device.kind == config::DeviceKind::Keypad {
+        publish.push("dpi/alarm/set".to_owned());
+    }
+    println!("publish: {}", publish.join(", "));
+    println!("subscribe: dpi/{id}/set, dpi/alarm/state");
+    Ok(())
+}
+
+/// The TLS port: the configured one, or the one the running hub picked when configured as 0.
+fn device_port(config: &Config, conn: &rusqlite::Connection) -> anyhow::Result<u16> {
+    let port = config.broker.tls_listen.port();
+    if port != 0 {
+        return Ok(port);
+    }
+    let running = store::runtime::get(conn)?.filter(|r| r.stopped_at.is_none());
+    Ok(running.and_then(|r| r.tls_listen.parse::<std::net::SocketAddr>().ok()).map_or(0, |a| a.port()))
+}
+
+/// The address a device should use: an IP first (devices reach the hub without DNS).
+fn device_host(config: &Config) -> String {
+    let names = &config.broker.server_names;
+    names
+        .iter()
+        .find(|n| matches!(n, config::ServerName::Ip(_)))
+        .or_else(|| names.first())
+        .map(ToString::to_string)
+        .unwrap_or_else(|| {
+            let ip = config.broker.tls_listen.ip();
+            if ip.is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                ip.to_string()
+            }
+        })
+}
+
+fn device_list(config: &Config) -> anyhow::Result<()> {
+    let conn = open_db(config)?;
+    let retained: std::collections::HashMap<String, Vec<u8>> = store::retained::all(&conn)?.into_iter().collect();
+    if config.devices.is_empty() {
+        println!("no devices declared in {}", config_name(config));
+    }
+    for d in &config.devices {
+        let get =
+            |leaf: &str| retained.get(&format!("dpi/{}/{leaf}", d.id)).map(|p| String::from_utf8_lossy(p).into_owned());
+        let availability = get("availability").unwrap_or_else(|| "never seen".to_owned());
+        let state = get("state").unwrap_or_else(|| "-".to_owned());
+        println!("{}\t{}\t{}\t{}", d.id, d.kind.as_str(), availability, state);
+    }
     Ok(())
 }
 
@@ -298,6 +395,13 @@ fn status(config: &Config) -> anyhow::Result<()> {
         None => println!("hub: down (never started)"),
     }
     println!("devices: {} declared", config.devices.len());
+    let lagging = store::lag::all(&conn)?;
+    if !lagging.is_empty() {
+        println!("slow clients (the router skipped messages they had not read):");
+        for (client, jumps, at) in lagging {
+            println!("  {client}: {jumps} skip-aheads, last {at}");
+        }
+    }
     println!("last events:");
     for (at, kind, detail) in store::events::latest(&conn, 10)? {
         println!("  {at}  {kind}: {detail}");

@@ -117,8 +117,13 @@ async fn idle_sockets_do_not_block_new_clients() {
     let idle: Vec<_> = (0..50).map(|_| std::net::TcpStream::connect(hub.tls).unwrap()).collect();
     let started = std::time::Instant::now();
     let c = hub.client("late", "alice", "alice-password").await.unwrap();
-    // Not a timing assertion on speed: the bound is the handshake timeout the idle sockets hold.
-    assert!(started.elapsed() < domoticpi::broker::HANDSHAKE_TIMEOUT, "new client waited behind idle sockets");
+    // Not a speed measurement: served one after another, the idle sockets would hold the new
+    // client for the whole 10 s handshake timeout; the bound is the one the contract states.
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "new client waited {:?} behind idle sockets",
+        started.elapsed()
+    );
     drop((c, idle));
 }
 

@@ -74,7 +74,9 @@ impl TestHub {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, extra: &str) -> TestHub {
-        let config = Config::from_toml(&config_text(&data_dir, extra), None).unwrap();
+        let text = config_text(&data_dir, extra);
+        std::fs::write(dir.path().join("domoticpi.toml"), &text).unwrap();
+        let config = Config::from_toml(&text, None).unwrap();
         hub::init(&config).unwrap();
         let tls = TcpListener::bind(config.broker.tls_listen).await.unwrap();
         let plain = match config.broker.plain_listen {
@@ -94,6 +96,28 @@ impl TestHub {
         self.task.take().unwrap().await.unwrap().unwrap();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         TestHub::start_in(dir, self.data_dir.clone(), extra).await
+    }
+
+    /// The config file the hub was started from (for CLI commands).
+    pub fn config_path(&self) -> String {
+        self.dir.path().join("domoticpi.toml").display().to_string()
+    }
+
+    /// Runs `domoticpi device creds ID [--cert]` and returns its `key: value` lines.
+    pub fn device_creds(&self, id: &str, cert: bool) -> std::collections::HashMap<String, String> {
+        let path = self.config_path();
+        let mut args = vec!["--config", path.as_str(), "device", "creds", id];
+        if cert {
+            args.push("--cert");
+        }
+        let (code, out, err) = run_cli(&args, None);
+        assert_eq!(code, 0, "device creds failed: {err}");
+        out.lines().filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+    }
+
+    /// Connects as a device with its password.
+    pub async fn device(&self, id: &str, password: &str) -> Result<Client, ConnectionError> {
+        self.client(id, id, password).await
     }
 
     pub fn ca(&self) -> PathBuf {
@@ -125,6 +149,25 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         self.token.cancel();
     }
+}
+
+/// A rustls client config trusting `ca` and presenting a client certificate.
+pub fn tls_config_with_cert(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut std::fs::read(ca).unwrap().as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain = rustls_pemfile::certs(&mut std::fs::read(cert).unwrap().as_slice()).map(Result::unwrap).collect();
+    let key = rustls_pemfile::private_key(&mut std::fs::read(key).unwrap().as_slice()).unwrap().unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    )
 }
 
 /// A rustls client config trusting `ca`.
@@ -165,6 +208,11 @@ impl Client {
             opts.set_credentials(u, p);
         }
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config(ca))));
+        Self::connect_with(opts).await
+    }
+
+    /// Connects with the given options and waits for the CONNACK.
+    pub async fn connect_with(opts: MqttOptions) -> Result<Client, ConnectionError> {
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         tokio::time::timeout(Duration::from_secs(10), wait_connack(&mut eventloop))
             .await
@@ -209,6 +257,13 @@ impl Client {
                 return;
             }
         }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Closes the connection (without DISCONNECT) as soon as the client goes out of scope.
+        self.task.abort();
     }
 }
 
@@ -322,3 +377,56 @@ pub fn process_config(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 /// Subscribe QoS used throughout.
 pub const QOS1: QoS = QoS::AtLeastOnce;
+
+/// A hand-driven MQTT client over TLS, for what well-behaved libraries never do (stay silent,
+/// send CONNECT twice, ask for keepalive 0).
+pub struct RawClient {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: bytes::BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr, ca: &Path) -> RawClient {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(tls_config(ca));
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let stream = connector.connect(name, tcp).await.unwrap();
+        RawClient { stream, buf: bytes::BytesMut::new() }
+    }
+
+    pub async fn send(&mut self, packet: rumqttd::protocol::Packet) {
+        use rumqttd::protocol::Protocol;
+        use tokio::io::AsyncWriteExt;
+        let mut out = bytes::BytesMut::new();
+        rumqttd::protocol::v4::V4.write(packet, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// Sends a CONNECT with a login.
+    pub async fn connect_packet(&mut self, id: &str, user: &str, password: &str, keep_alive: u16) {
+        use rumqttd::protocol::{Connect, Login, Packet};
+        let connect = Connect { keep_alive, client_id: id.to_owned(), clean_session: true };
+        let login = Login { username: user.to_owned(), password: password.to_owned() };
+        self.send(Packet::Connect(connect, None, None, None, Some(login))).await;
+    }
+
+    /// The next packet; `None` when the server closed the connection.
+    pub async fn recv(&mut self, within: Duration) -> Option<rumqttd::protocol::Packet> {
+        use rumqttd::protocol::Protocol;
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match rumqttd::protocol::v4::V4.read_mut(&mut self.buf, 1 << 20) {
+                Ok(p) => return Some(p),
+                Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet from the hub: {e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("nothing from the hub within {within:?}"),
+            }
+        }
+    }
+}

@@ -109,3 +109,26 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[test]
+    fn a_router_cursor_jump_reports_the_client() {
+        let mut rx = skipped_clients().expect("receiver taken twice");
+        let subscriber = tracing_subscriber::registry().with(LagLayer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span =
+                tracing::info_span!(target: "rumqttd::router::routing", "outgoing_publish", client_id = "slow-one");
+            let _guard = span.enter();
+            // What the router logs, field for field, when it jumps a reader's cursor.
+            tracing::warn!(target: "rumqttd::router::routing", request_cursor = ?(0u64, 3u64), start_cursor = ?(1u64, 0u64), error = "Read cursor start jumped");
+            // Other warnings are not skips.
+            tracing::warn!(target: "rumqttd::router::routing", "something else");
+        });
+        assert_eq!(rx.try_recv().ok().as_deref(), Some("slow-one"));
+        assert!(rx.try_recv().is_err());
+    }
+}
