@@ -102,10 +102,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
     let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
 
-    let links = broker::start_router(config.broker.max_connections);
+    let router = broker::start_router(config.broker.max_connections);
+    let links = router.links;
     let (retained_tx, retained_rx) = tokio::sync::mpsc::unbounded_channel();
     let (hub, mut messages, reader) = HubLink::connect(&links, retained_tx.clone())?;
-    let mut router = tokio::spawn(reader.run());
+    let mut router_task = tokio::spawn(reader.run());
     let background = TaskTracker::new();
     background.spawn(persist_retained(store.clone(), retained_rx, config.store.commit_interval));
     let lag = broker::lag::skipped_clients().map(|skipped| tokio::spawn(record_lag(store.clone(), skipped)));
@@ -123,6 +124,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let closing = CancellationToken::new();
     let shared = Arc::new(Shared {
         links,
+        backlog: router.backlog,
         auth: Authenticator::new(
             store.clone(),
             config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect::<HashMap<_, _>>(),
@@ -162,7 +164,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let failure = tokio::select! {
         () = shutdown.cancelled() => None,
-        ended = &mut router => {
+        ended = &mut router_task => {
             let reason = ended.map_or_else(|e| e.to_string(), |e| e.to_string());
             error!(%reason, "the MQTT router stopped; exiting so that the service manager restarts the hub");
             Some(HubError::Broker(broker::BrokerError::RouterGone))

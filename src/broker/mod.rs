@@ -63,6 +63,20 @@ pub enum BrokerError {
 /// closure, where its type is inferred.
 pub type LinkFactory = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), BrokerError> + Send + Sync>;
 
+/// How many events wait in the router's inbox (a bounded channel of [`ROUTER_INBOX`]).
+pub type RouterBacklog = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// Capacity of rumqttd's router inbox; a send into a full inbox blocks the sending thread.
+pub const ROUTER_INBOX: usize = 1000;
+
+/// The router and ways to reach it.
+pub struct RouterHandle {
+    /// Opens links.
+    pub links: LinkFactory,
+    /// Reads the inbox backlog.
+    pub backlog: RouterBacklog,
+}
+
 /// Limits the sessions enforce.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -76,6 +90,9 @@ pub struct Limits {
 pub struct Shared {
     /// Opens router links.
     pub links: LinkFactory,
+    /// The router inbox backlog: a session sending into a nearly full inbox first tells the
+    /// runtime it may block.
+    pub backlog: RouterBacklog,
     /// Checks credentials at CONNECT.
     pub auth: Authenticator,
     /// Limits per connection and in total.
@@ -136,14 +153,18 @@ pub fn router_config(max_connections: usize) -> RouterConfig {
 }
 
 /// Starts the router on its own thread and returns a factory for links to it.
-pub fn start_router(max_connections: usize) -> LinkFactory {
+pub fn start_router(max_connections: usize) -> RouterHandle {
     let router_tx = Router::new(0, router_config(max_connections)).spawn();
-    Arc::new(move |client_id: &str, clean: bool| {
-        LinkBuilder::new(client_id, router_tx.clone())
-            .clean_session(clean)
-            .build()
-            .map_err(|e| BrokerError::Link(e.to_string()))
-    })
+    let probe = router_tx.clone();
+    RouterHandle {
+        links: Arc::new(move |client_id: &str, clean: bool| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean)
+                .build()
+                .map_err(|e| BrokerError::Link(e.to_string()))
+        }),
+        backlog: Arc::new(move || probe.len()),
+    }
 }
 
 /// A message the hub's link received from the router.

@@ -379,7 +379,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return true;
         };
         self.link_tx.buffer().extend(self.to_router.drain(..));
-        self.link_tx.send(last).await.is_ok()
+        // `LinkTx::send` blocks when the router's inbox is full. Far from full (the usual case),
+        // it cannot; close to full, tell the runtime first so that other sessions keep running.
+        let runtime = tokio::runtime::Handle::current();
+        let crowded = (self.shared.backlog)() > super::ROUTER_INBOX / 2;
+        if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            let link_tx = &mut self.link_tx;
+            tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last))).is_ok()
+        } else {
+            self.link_tx.send(last).await.is_ok()
+        }
     }
 
     /// Writes a packet to the client's write buffer (sent at the next flush).
