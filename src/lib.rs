@@ -8,6 +8,7 @@ pub mod broker;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod decode;
 pub mod hub;
 pub mod logging;
 pub mod secret;
