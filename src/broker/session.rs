@@ -385,7 +385,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let crowded = (self.shared.backlog)() > super::ROUTER_INBOX / 2;
         if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             let link_tx = &mut self.link_tx;
-            tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last))).is_ok()
+            tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last)).is_ok())
         } else {
             self.link_tx.send(last).await.is_ok()
         }
