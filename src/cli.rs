@@ -56,6 +56,11 @@ pub enum Command {
     User(UserCommand),
     /// Whether the hub is up, its listeners, devices and last events.
     Status,
+    /// Consistent copy of the database (SQLite online backup), safe while the hub runs.
+    Backup {
+        /// Where to write the copy (an existing file is replaced).
+        path: PathBuf,
+    },
 }
 
 /// `certs …`
@@ -174,6 +179,16 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
         Command::Device(DeviceCommand::List) => device_list(config),
         Command::Status => status(config),
+        Command::Backup { path } => {
+            let db = hub::db_path(&config.data_dir);
+            if !db.exists() {
+                bail!("no database at {}; nothing to back up", db.display());
+            }
+            let conn = store::open(&db)?;
+            store::backup(&conn, path)?;
+            println!("backup written to {}", path.display());
+            Ok(())
+        }
     }
 }
 
@@ -264,16 +279,21 @@ fn device_host(config: &Config) -> String {
 
 fn device_list(config: &Config) -> anyhow::Result<()> {
     let conn = open_db(config)?;
-    let retained: std::collections::HashMap<String, Vec<u8>> = store::retained::all(&conn)?.into_iter().collect();
+    let rows: std::collections::HashMap<String, store::device_state::Row> =
+        store::device_state::all(&conn)?.into_iter().map(|r| (r.id.clone(), r)).collect();
     if config.devices.is_empty() {
         println!("no devices declared in {}", config_name(config));
     }
     for d in &config.devices {
-        let get =
-            |leaf: &str| retained.get(&format!("dpi/{}/{leaf}", d.id)).map(|p| String::from_utf8_lossy(p).into_owned());
-        let availability = get("availability").unwrap_or_else(|| "never seen".to_owned());
-        let state = get("state").unwrap_or_else(|| "-".to_owned());
-        println!("{}\t{}\t{}\t{}", d.id, d.kind.as_str(), availability, state);
+        let row = rows.get(&d.id).cloned().unwrap_or_default();
+        let availability = match row.online {
+            Some(true) => "online",
+            Some(false) => "offline",
+            None => "never-seen",
+        };
+        let seen = row.seen_at.as_deref().or(row.state_at.as_deref()).unwrap_or("-");
+        let state = row.state.as_deref().unwrap_or("-");
+        println!("{}\t{}\t{availability}\tlast seen {seen}\t{state}", d.id, d.kind.as_str());
     }
     Ok(())
 }
@@ -394,7 +414,16 @@ fn status(config: &Config) -> anyhow::Result<()> {
         },
         None => println!("hub: down (never started)"),
     }
-    println!("devices: {} declared", config.devices.len());
+    let rows = store::device_state::all(&conn)?;
+    let online = rows.iter().filter(|r| r.online == Some(true) && config.device(&r.id).is_some()).count();
+    println!("devices: {} declared, {online} online, {} offline", config.devices.len(), config.devices.len() - online);
+    let rejected = store::device_state::rejected(&conn)?;
+    if !rejected.is_empty() {
+        println!("undeclared devices that published (rejected; declare them in the config):");
+        for (id, count, at) in rejected {
+            println!("  {id}: {count} messages, last {at}");
+        }
+    }
     let lagging = store::lag::all(&conn)?;
     if !lagging.is_empty() {
         println!("slow clients (the router skipped messages they had not read):");

@@ -117,19 +117,24 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     for (topic, payload) in restored {
         hub.restore(topic, payload.into());
     }
+    let kinds: HashMap<_, _> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+    let (devices, device_events) = crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes);
+    background.spawn(crate::devices::run(
+        store.clone(),
+        device_events,
+        config.store.commit_interval,
+        config.store.history_days,
+    ));
     for device in &config.devices {
         hub.publish(format!("dpi/{}/availability", device.id), "offline", true);
+        devices.availability(&device.id, false);
     }
 
     let closing = CancellationToken::new();
     let shared = Arc::new(Shared {
         links,
         backlog: router.backlog,
-        auth: Authenticator::new(
-            store.clone(),
-            config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect::<HashMap<_, _>>(),
-            config.broker.require_client_cert,
-        ),
+        auth: Authenticator::new(store.clone(), kinds, config.broker.require_client_cert),
         limits: Limits {
             max_connections: config.broker.max_connections,
             max_payload_bytes: config.broker.max_payload_bytes,
@@ -138,7 +143,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         hub: hub.clone(),
         closing: closing.clone(),
         retained: retained_tx,
+        devices: devices.clone(),
     });
+    drop(devices);
 
     let tls_addr = local_addr(&listeners.tls);
     let plain_addr = listeners.plain.as_ref().map(local_addr);

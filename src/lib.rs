@@ -9,6 +9,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod devices;
 pub mod hub;
 pub mod logging;
 pub mod secret;

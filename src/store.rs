@@ -80,6 +80,31 @@ const MIGRATIONS: &[&str] = &[
         jumps INTEGER NOT NULL,
         last_at TEXT NOT NULL
     );",
+    // 3: device state and history, rejected device ids, counters.
+    "CREATE TABLE device_state (
+        id TEXT PRIMARY KEY,
+        state TEXT,
+        state_at TEXT,
+        online INTEGER,
+        seen_at TEXT
+    );
+    CREATE TABLE history (
+        id INTEGER PRIMARY KEY,
+        device TEXT NOT NULL,
+        at TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('state', 'availability')),
+        value TEXT NOT NULL
+    );
+    CREATE INDEX history_at ON history (at);
+    CREATE TABLE rejected_devices (
+        id TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        last_at TEXT NOT NULL
+    );
+    CREATE TABLE counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );",
 ];
 
 /// The newest schema version this build knows.
@@ -192,6 +217,29 @@ impl Store {
             }))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` in a transaction that is on disk (fsynced) before this returns: for what must never
+    /// be lost, such as the alarm's state. Other writes use WAL with `synchronous = NORMAL`.
+    pub async fn durable<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<R> + Send + 'static,
+    {
+        self.call(move |conn| {
+            let path = PathBuf::from(conn.path().unwrap_or_default());
+            let err = |source| StoreError::Sqlite { path: path.clone(), source };
+            conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+            let result = (|| {
+                let tx = conn.transaction().map_err(err)?;
+                let r = f(&tx)?;
+                tx.commit().map_err(err)?;
+                Ok(r)
+            })();
+            let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+            result
+        })
+        .await
     }
 
     /// The database path.
@@ -471,6 +519,131 @@ pub mod lag {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err(conn))?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
     }
+}
+
+/// The latest state of each device, its history, and ids of undeclared devices that published.
+pub mod device_state {
+    use super::*;
+    use rusqlite::{params, OptionalExtension};
+
+    /// What the store knows of one device.
+    #[derive(Debug, Clone, Default, PartialEq)]
+    pub struct Row {
+        pub id: String,
+        /// Canonical JSON of the last state, if any.
+        pub state: Option<String>,
+        pub state_at: Option<String>,
+        /// Last availability, if ever seen.
+        pub online: Option<bool>,
+        pub seen_at: Option<String>,
+    }
+
+    /// One change to write.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Change {
+        /// A new state (canonical JSON) at a time.
+        State { id: String, json: String, at: String },
+        /// The device came online or went offline.
+        Availability { id: String, online: bool, at: String },
+        /// An undeclared device published `n` times.
+        Rejected { id: String, n: u64 },
+    }
+
+    /// Writes a batch in one transaction: latest rows, history, rejected counts, and one more
+    /// `state_commits`.
+    pub fn apply(conn: &mut Connection, changes: &[Change]) -> Result<()> {
+        let path = PathBuf::from(conn.path().unwrap_or_default());
+        let e = |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = conn.transaction().map_err(e)?;
+        for change in changes {
+            match change {
+                Change::State { id, json, at } => {
+                    tx.execute(
+                        "INSERT INTO device_state (id, state, state_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (id) DO UPDATE SET state = excluded.state, state_at = excluded.state_at",
+                        params![id, json, at],
+                    )
+                    .map_err(e)?;
+                    tx.execute(
+                        "INSERT INTO history (device, at, kind, value) VALUES (?1, ?2, 'state', ?3)",
+                        params![id, at, json],
+                    )
+                    .map_err(e)?;
+                }
+                Change::Availability { id, online, at } => {
+                    tx.execute(
+                        "INSERT INTO device_state (id, online, seen_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (id) DO UPDATE SET online = excluded.online, seen_at = excluded.seen_at",
+                        params![id, online, at],
+                    )
+                    .map_err(e)?;
+                    let value = if *online { "online" } else { "offline" };
+                    tx.execute(
+                        "INSERT INTO history (device, at, kind, value) VALUES (?1, ?2, 'availability', ?3)",
+                        params![id, at, value],
+                    )
+                    .map_err(e)?;
+                }
+                Change::Rejected { id, n } => {
+                    tx.execute(
+                        "INSERT INTO rejected_devices (id, count, last_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (id) DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
+                        params![id, *n as i64, now_rfc3339()],
+                    )
+                    .map_err(e)?;
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO counters (name, value) VALUES ('state_commits', 1)
+             ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            [],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    /// Deletes history older than `before` (RFC 3339).
+    pub fn prune(conn: &Connection, before: &str) -> Result<usize> {
+        conn.execute("DELETE FROM history WHERE at < ?1", [before]).map_err(sql_err(conn))
+    }
+
+    /// Every device row.
+    pub fn all(conn: &Connection) -> Result<Vec<Row>> {
+        let mut stmt = conn
+            .prepare("SELECT id, state, state_at, online, seen_at FROM device_state ORDER BY id")
+            .map_err(sql_err(conn))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Row { id: r.get(0)?, state: r.get(1)?, state_at: r.get(2)?, online: r.get(3)?, seen_at: r.get(4)? })
+            })
+            .map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+
+    /// Undeclared ids that published: (id, count, last time).
+    pub fn rejected(conn: &Connection) -> Result<Vec<(String, i64, String)>> {
+        let mut stmt =
+            conn.prepare("SELECT id, count, last_at FROM rejected_devices ORDER BY id").map_err(sql_err(conn))?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+
+    /// A counter's value (0 if never counted).
+    pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
+        conn.query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| r.get(0))
+            .optional()
+            .map(Option::unwrap_or_default)
+            .map_err(sql_err(conn))
+    }
+}
+
+/// Copies the database to `dest` with SQLite's online backup API: consistent while the hub runs.
+pub fn backup(conn: &Connection, dest: &Path) -> Result<()> {
+    let e = |source| StoreError::Sqlite { path: dest.to_owned(), source };
+    conn.backup(rusqlite::MAIN_DB, dest, None).map_err(e)?;
+    std::fs::set_permissions(dest, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|io| e(rusqlite::Error::ToSqlConversionFailure(Box::new(io))))
 }
 
 /// The event log shown by `domoticpi status`.

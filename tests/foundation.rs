@@ -12,7 +12,7 @@ use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publish_subscribe_round_trip_over_tls() {
-    let hub = TestHub::start("").await;
+    let hub = TestHub::start("[[device]]\nid = \"lamp\"\nkind = \"light\"\n").await;
     hub.add_user("alice", Role::Admin, "alice-password");
     let mut sub = hub.client("sub", "alice", "alice-password").await.unwrap();
     sub.subscribe("dpi/#", QOS1).await;
@@ -20,7 +20,7 @@ async fn publish_subscribe_round_trip_over_tls() {
     sub.expect("dpi/hub/status", b"online").await;
     let publisher = hub.client("pub", "alice", "alice-password").await.unwrap();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-        let payload = format!("{{\"qos\":{}}}", qos as u8);
+        let payload = format!("{{\"on\":true,\"brightness\":{}}}", qos as u8);
         publisher.client.publish("dpi/lamp/state", qos, false, payload.clone()).await.unwrap();
         sub.expect("dpi/lamp/state", payload.as_bytes()).await;
     }
@@ -32,7 +32,7 @@ async fn mosquitto_clients_round_trip_over_tls() {
     if !have_tool("mosquitto_pub") || !have_tool("mosquitto_sub") {
         return;
     }
-    let hub = TestHub::start("").await;
+    let hub = TestHub::start("[[device]]\nid = \"porch\"\nkind = \"light\"\n").await;
     hub.add_user("bob", Role::Resident, "bob-password");
     let (port, ca) = (hub.tls.port().to_string(), hub.ca().display().to_string());
     let common = ["-h", "127.0.0.1", "-p", &port, "--cafile", &ca, "-u", "bob", "-P", "bob-password"];

@@ -105,6 +105,8 @@ pub struct Shared {
     pub closing: CancellationToken,
     /// Changes to retained messages, for the store.
     pub retained: RetainedSink,
+    /// Checks device states and availability at ingress and keeps them.
+    pub devices: crate::devices::Pipeline,
 }
 
 /// Where changes to retained messages go to be persisted: (topic, payload or `None` to clear).
@@ -120,6 +122,12 @@ impl Shared {
     /// Number of clients connected now.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Announces a device online or offline (retained) and records it.
+    pub fn availability(&self, id: &str, online: bool) {
+        self.hub.publish(format!("dpi/{id}/availability"), if online { "online" } else { "offline" }, true);
+        self.devices.availability(id, online);
     }
 
     /// Records a change to a retained message for the store.

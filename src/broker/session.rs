@@ -146,7 +146,7 @@ where
         Identity::User { .. } => None,
     };
     if let Some(id) = &device {
-        shared.hub.publish(format!("dpi/{id}/availability"), "online", true);
+        shared.availability(id, true);
     }
 
     let mut session = Session {
@@ -168,7 +168,7 @@ where
     let Session { mut link_tx, client_id, mut conn, .. } = session;
     // A replaced connection's successor already announced the device online.
     if let (Some(id), false) = (&device, matches!(end, End::Router)) {
-        shared.hub.publish(format!("dpi/{id}/availability"), "offline", true);
+        shared.availability(id, false);
     }
     match &end {
         End::Router => {}
@@ -456,16 +456,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if !acl::may_publish(&self.identity, topic) {
             warn!(client = %self.client_id, user = self.identity.name(), %topic, "publish refused: not allowed");
-            self.shared.report_error(topic, &self.client_id, "publish not allowed for this client");
-            // Acknowledge as MQTT 3.1.1 brokers do, so the client does not resend it forever.
-            match qos {
-                1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
-                2 => {
-                    self.refused_qos2.insert(pkid);
-                    self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
-                }
-                _ => {}
-            }
+            self.refuse_publish(topic, "publish not allowed for this client", qos, pkid);
+            return None;
+        }
+        if let crate::devices::Verdict::Reject(reason) = self.shared.devices.check(topic, &publish.payload) {
+            warn!(client = %self.client_id, %topic, %reason, "publish rejected");
+            self.refuse_publish(topic, &reason, qos, pkid);
             return None;
         }
         if publish.retain {
@@ -477,6 +473,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
         self.to_router.push(Packet::Publish(publish, Some(props)));
         None
+    }
+
+    /// Drops a PUBLISH: reports it on `dpi/hub/error` and acknowledges it as MQTT 3.1.1 brokers
+    /// do, so that the client does not resend it forever.
+    fn refuse_publish(&mut self, topic: &str, reason: &str, qos: u8, pkid: u16) {
+        self.shared.report_error(topic, &self.client_id, reason);
+        match qos {
+            1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
+            2 => {
+                self.refused_qos2.insert(pkid);
+                self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+            }
+            _ => {}
+        }
     }
 
     /// Passes the allowed filters of a SUBSCRIBE to the router; refused ones get 0x80.

@@ -1,0 +1,262 @@
+//! The device pipeline: every state and availability a device publishes is checked where it enters
+//! (in the client's session, before the router sees it), then kept as the device's latest state
+//! and written to SQLite coalesced, at most one transaction per `store.commit_interval_ms`, so
+//! that a chatty sensor does not wear out the Pi's SD card.
+//!
+//! A payload that is not valid for the device's kind, or a message about a device the config does
+//! not declare, is rejected: it never reaches another client, the stored state is unchanged, and
+//! the session reports it on `dpi/hub/error`. A state equal to the one stored is not a change
+//! (a sensor that reconnects, or a retained message replayed, does not count twice).
+//!
+//! This module must not decode payload grammar (that is [`crate::decode`]) nor run rules.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::DeviceKind;
+use crate::decode::{self, DeviceState, Leaf};
+use crate::store::{self, device_state::Change, Store};
+
+/// What the pipeline learns from a session.
+#[derive(Debug, Clone)]
+pub enum DeviceEvent {
+    /// A declared device reported a valid state.
+    State { id: String, state: DeviceState },
+    /// A declared device came online or went offline.
+    Availability { id: String, online: bool },
+    /// A message about an undeclared device was rejected.
+    Rejected { id: String },
+}
+
+/// What a session should do with a PUBLISH, as far as devices are concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not a device's state or availability topic, or a valid one: route it.
+    Accept,
+    /// Reject it, for this reason.
+    Reject(String),
+}
+
+/// The sessions' handle on the pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// To the pipeline task.
+    events: mpsc::UnboundedSender<DeviceEvent>,
+    /// Declared devices and their kinds.
+    kinds: Arc<HashMap<String, DeviceKind>>,
+    /// Largest payload accepted.
+    max_payload: usize,
+}
+
+impl Pipeline {
+    /// A pipeline for the declared devices; returns the handle and the task's input.
+    pub fn new(
+        kinds: HashMap<String, DeviceKind>,
+        max_payload: usize,
+    ) -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        (Pipeline { events, kinds: Arc::new(kinds), max_payload }, rx)
+    }
+
+    /// Checks a PUBLISH on `topic`; a valid device state or availability goes to the pipeline.
+    pub fn check(&self, topic: &str, payload: &[u8]) -> Verdict {
+        let Some((id, leaf)) = decode::topic_parts(topic) else {
+            return Verdict::Accept;
+        };
+        let Some(kind) = self.kinds.get(id) else {
+            let _ = self.events.send(DeviceEvent::Rejected { id: id.to_owned() });
+            return Verdict::Reject(format!("{id:?} is not a declared device"));
+        };
+        match leaf {
+            Leaf::Set => Verdict::Accept,
+            // An empty payload clears a retained message; it is no state.
+            Leaf::State if payload.is_empty() => Verdict::Accept,
+            Leaf::State => match decode::decode_state(*kind, payload, self.max_payload) {
+                Ok(state) => {
+                    let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
+                    Verdict::Accept
+                }
+                Err(e) => Verdict::Reject(e.to_string()),
+            },
+            Leaf::Availability => match decode::decode_availability(payload) {
+                Ok(online) => {
+                    let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
+                    Verdict::Accept
+                }
+                Err(e) => Verdict::Reject(e.to_string()),
+            },
+        }
+    }
+
+    /// Records a device's connection coming up or going down (the hub announces these itself).
+    pub fn availability(&self, id: &str, online: bool) {
+        let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
+    }
+}
+
+/// What the pipeline remembers of a device between writes.
+#[derive(Debug, Default, Clone)]
+struct Known {
+    state: Option<String>,
+    online: Option<bool>,
+}
+
+/// Keeps devices' latest state and writes changes, coalesced, until every sender is gone; then
+/// writes what is left and returns.
+pub async fn run(
+    store: Store,
+    mut events: mpsc::UnboundedReceiver<DeviceEvent>,
+    interval: Duration,
+    history_days: u32,
+) {
+    let mut known: HashMap<String, Known> = match store.call(|c| store::device_state::all(c)).await {
+        Ok(rows) => rows.into_iter().map(|r| (r.id, Known { state: r.state, online: r.online })).collect(),
+        Err(e) => {
+            warn!(error = %e, "could not read stored device states; starting empty");
+            HashMap::new()
+        }
+    };
+    let mut pending: Vec<Change> = Vec::new();
+    let mut failing = false;
+    let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+    let mut open = true;
+    while open {
+        // Wait for something to write, then gather for one interval.
+        match events.recv().await {
+            Some(event) => absorb(event, &mut known, &mut pending),
+            None => open = false,
+        }
+        let deadline = tokio::time::Instant::now() + interval;
+        while open {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(event)) => absorb(event, &mut known, &mut pending),
+                Ok(None) => open = false,
+                Err(_) => break,
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        let batch = std::mem::take(&mut pending);
+        let retry = batch.clone();
+        match store.call(move |c| store::device_state::apply(c, &batch)).await {
+            Ok(()) => {
+                if failing {
+                    info!("device states are being saved again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "device states not saved (disk full?); kept in memory, retrying at the next interval");
+                    failing = true;
+                }
+                // Keep what failed, bounded: the latest state per device is what matters.
+                pending = compact(retry);
+            }
+        }
+        if last_prune.elapsed() > Duration::from_secs(3600) {
+            last_prune = tokio::time::Instant::now();
+            let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
+            let before = before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            if let Err(e) = store.call(move |c| store::device_state::prune(c, &before)).await {
+                warn!(error = %e, "could not prune history");
+            }
+        }
+    }
+}
+
+fn absorb(event: DeviceEvent, known: &mut HashMap<String, Known>, pending: &mut Vec<Change>) {
+    let at = store::now_rfc3339();
+    match event {
+        DeviceEvent::State { id, state } => {
+            let json = state.to_json();
+            let entry = known.entry(id.clone()).or_default();
+            if entry.state.as_deref() != Some(json.as_str()) {
+                entry.state = Some(json.clone());
+                pending.push(Change::State { id, json, at });
+            }
+        }
+        DeviceEvent::Availability { id, online } => {
+            let entry = known.entry(id.clone()).or_default();
+            if entry.online != Some(online) {
+                entry.online = Some(online);
+                pending.push(Change::Availability { id, online, at });
+            }
+        }
+        DeviceEvent::Rejected { id } => match pending.iter_mut().find_map(|c| match c {
+            Change::Rejected { id: other, n } if *other == id => Some(n),
+            _ => None,
+        }) {
+            Some(n) => *n += 1,
+            None => pending.push(Change::Rejected { id, n: 1 }),
+        },
+    }
+}
+
+/// Shrinks a backlog that could not be written to the latest change per device and kind.
+fn compact(changes: Vec<Change>) -> Vec<Change> {
+    let mut seen = HashSet::new();
+    let mut out: Vec<Change> = changes
+        .into_iter()
+        .rev()
+        .filter(|c| {
+            let key = match c {
+                Change::State { id, .. } => (id.clone(), 0),
+                Change::Availability { id, .. } => (id.clone(), 1),
+                Change::Rejected { id, .. } => (id.clone(), 2),
+            };
+            seen.insert(key)
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipeline() -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
+        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024)
+    }
+
+    #[test]
+    fn checks_device_topics_and_passes_others() {
+        let (p, mut rx) = pipeline();
+        assert_eq!(p.check("house/note", b"anything"), Verdict::Accept);
+        assert_eq!(p.check("dpi/door/state", b"OPEN"), Verdict::Accept);
+        assert!(matches!(rx.try_recv(), Ok(DeviceEvent::State { .. })));
+        assert!(matches!(p.check("dpi/door/state", b"{\"on\":true}"), Verdict::Reject(_)));
+        assert!(
+            matches!(p.check("dpi/ghost/state", b"OPEN"), Verdict::Reject(r) if r.contains("not a declared device"))
+        );
+        assert!(matches!(rx.try_recv(), Ok(DeviceEvent::Rejected { id }) if id == "ghost"));
+        assert_eq!(p.check("dpi/door/set", b"{}"), Verdict::Accept);
+        assert_eq!(p.check("dpi/door/state", b""), Verdict::Accept);
+        assert!(matches!(p.check("dpi/door/availability", b"maybe"), Verdict::Reject(_)));
+    }
+
+    #[test]
+    fn an_unchanged_state_is_not_written_again() {
+        let (p, mut rx) = pipeline();
+        let mut known = HashMap::new();
+        let mut pending = Vec::new();
+        for payload in [&b"OPEN"[..], b"{\"contact\":\"open\"}", b"CLOSED"] {
+            p.check("dpi/door/state", payload);
+            absorb(rx.try_recv().unwrap(), &mut known, &mut pending);
+        }
+        assert_eq!(pending.len(), 2, "{pending:?}");
+    }
+
+    #[test]
+    fn a_failed_backlog_keeps_the_latest_change_per_device() {
+        let at = String::new();
+        let s = |json: &str| Change::State { id: "d".into(), json: json.into(), at: at.clone() };
+        assert_eq!(compact(vec![s("1"), s("2"), s("3")]), vec![s("3")]);
+    }
+}
