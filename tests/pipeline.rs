@@ -184,3 +184,101 @@ async fn a_backup_taken_under_load_opens_and_matches() {
     let version: i64 = copy.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, domoticpi::store::SCHEMA_VERSION);
 }
+
+/// A small tmpfs mounted for the test's lifetime (root only).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_owned()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_writes_loudly_while_routing_goes_on_and_writes_resume_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(_disk) = SmallDisk::mount(&data, "4m") else {
+        if std::env::var("DOMOTICPI_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("mounting a tmpfs is required here (run as root)");
+        }
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    };
+    let config = dir.path().join("domoticpi.toml");
+    std::fs::write(&config, config_text(&data, &format!("[store]\ncommit_interval_ms = 100\n{DEVICES}"))).unwrap();
+    let cfg = config.to_str().unwrap();
+    assert_eq!(
+        run_cli(
+            &["--config", cfg, "user", "add", "admin", "--role", "admin", "--password-stdin"],
+            Some("admin-password\n")
+        )
+        .0,
+        0
+    );
+    let mut hub = HubProcess::start(&config);
+    let (code, out, _) = run_cli(&["--config", cfg, "device", "creds", "kitchen-temp"], None);
+    assert_eq!(code, 0);
+    let password = out.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_owned();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let db = data.join("hub.db");
+    let stored = || rusqlite::Connection::open(&db).ok().and_then(|c| stored_state(&c, "kitchen-temp"));
+    rt.block_on(async {
+        let ca = data.join("certs/ca.pem");
+        let mut watcher = Client::connect(hub.tls, &ca, "watcher", Some(("admin", "admin-password"))).await.unwrap();
+        watcher.subscribe("dpi/kitchen-temp/state", QOS1).await;
+        let sensor = Client::connect(hub.tls, &ca, "kitchen-temp", Some(("kitchen-temp", &password))).await.unwrap();
+        // Fill the disk.
+        let filler = data.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 64 * 1024];
+            while f.write_all(&block).and_then(|_| f.sync_all()).is_ok() {}
+        }
+        // Routing goes on while the store cannot write.
+        for i in 0..50 {
+            let payload = format!("{{\"temperature\":{i}}}");
+            sensor.client.publish("dpi/kitchen-temp/state", QoS::AtLeastOnce, false, payload.clone()).await.unwrap();
+            watcher.expect("dpi/kitchen-temp/state", payload.as_bytes()).await;
+        }
+        // A clear log line says the states are not saved.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = hub
+                .stderr
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("no disk-full log line");
+            if line.contains("device states not saved") {
+                break;
+            }
+        }
+        // Space returns: the latest state is written.
+        std::fs::remove_file(&filler).unwrap();
+        sensor
+            .client
+            .publish("dpi/kitchen-temp/state", QoS::AtLeastOnce, false, r#"{"temperature":99}"#)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored().as_deref() != Some(r#"{"temperature":99}"#) {
+            assert!(Instant::now() < deadline, "writes did not resume: {:?}", stored());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    hub.signal("TERM");
+    let (status, _) = hub.wait(Duration::from_secs(5));
+    assert!(status.success());
+}
