@@ -1,11 +1,12 @@
 //! The brokers under test: the hub (the release binary) and Mosquitto, each run as a child process on
 //! 127.0.0.1 in a temp dir, and killed when its [`Broker`] guard is dropped (also on error or panic).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,29 +61,47 @@ pub struct Setup {
     server_key: PathBuf,
     /// The bench user's password on both brokers.
     pub password: String,
+    /// The hub's password for each declared device (its username is its id); empty if not issued.
+    pub device_passwords: HashMap<String, String>,
     /// `None` when Mosquitto is not installed (its column then reads n/a).
     pub mosquitto: Option<Mosquitto>,
+    /// RSS above which a broker is killed (KiB).
+    guard_kib: u64,
 }
 
 impl Setup {
     /// Initialises the hub's data dir with `domoticpi init` and `user add`, and, when `want_mosquitto`
-    /// and it is installed, Mosquitto's password file. Returns a note when Mosquitto is unavailable.
-    pub fn new(hub_bin: &Path, want_mosquitto: bool) -> Result<(Setup, Option<String>)> {
+    /// and it is installed, Mosquitto's password file. The hub's config declares `devices` motion
+    /// sensors `dev-1`… (it rejects states of undeclared devices). Brokers started from this setup
+    /// are killed when their RSS passes `guard_kib`. Returns notes (e.g. Mosquitto unavailable).
+    pub fn new(hub_bin: &Path, want_mosquitto: bool, guard_kib: u64, devices: usize) -> Result<(Setup, Vec<String>)> {
         let dir = tempfile::Builder::new().prefix("domoticpi-bench-").tempdir().context("creating the temp dir")?;
         let data = dir.path().join("hub-data");
         let hub_config = dir.path().join("domoticpi.toml");
-        let config = format!(
+        let mut config = format!(
             "data_dir = {:?}\nlog_level = \"warn\"\n\n[broker]\ntls_listen = \"127.0.0.1:0\"\n\
              plain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
             data.display().to_string()
         );
+        for n in 1..=devices {
+            config.push_str(&format!("\n[[device]]\nid = \"{}\"\nkind = \"motion\"\n", device_id(n)));
+        }
         std::fs::write(&hub_config, config).with_context(|| format!("writing {}", hub_config.display()))?;
         let password = format!("bench-{:x}-{:x}", std::process::id(), crate::now_nanos_since_epoch());
 
         let config_arg = hub_config.to_str().context("temp dir path is not UTF-8")?;
         run_checked(Command::new(hub_bin).args(["--config", config_arg, "init"]), None, "domoticpi init")?;
         run_checked(
-            Command::new(hub_bin).args(["--config", config_arg, "user", "add", USER, "--role", "admin", "--password-stdin"]),
+            Command::new(hub_bin).args([
+                "--config",
+                config_arg,
+                "user",
+                "add",
+                USER,
+                "--role",
+                "admin",
+                "--password-stdin",
+            ]),
             Some(&format!("{password}\n")),
             "domoticpi user add",
         )?;
@@ -95,17 +114,45 @@ impl Setup {
             server_cert: certs.join("server.pem"),
             server_key: certs.join("server.key"),
             password,
+            device_passwords: HashMap::new(),
             mosquitto: None,
+            guard_kib,
             dir,
         };
-        let mut note = None;
+        let mut notes = Vec::new();
+        if devices > 0 {
+            match setup.issue_device_passwords(devices) {
+                Ok(passwords) => setup.device_passwords = passwords,
+                Err(e) => notes.push(format!(
+                    "hub: no device credentials ({e:#}); the fleet's devices log in as the admin user `{USER}`"
+                )),
+            }
+        }
         if want_mosquitto {
             match setup.prepare_mosquitto() {
                 Ok(m) => setup.mosquitto = Some(m),
-                Err(e) => note = Some(format!("mosquitto column n/a: {e:#}")),
+                Err(e) => notes.push(format!("mosquitto column n/a: {e:#}")),
             }
         }
-        Ok((setup, note))
+        Ok((setup, notes))
+    }
+
+    /// Runs `domoticpi device creds ID` for each device and reads the `password:` line.
+    fn issue_device_passwords(&self, devices: usize) -> Result<HashMap<String, String>> {
+        let mut passwords = HashMap::new();
+        for n in 1..=devices {
+            let id = device_id(n);
+            let mut cmd = Command::new(&self.hub_bin);
+            cmd.arg("--config").arg(&self.hub_config).args(["device", "creds", &id]);
+            let out = run_checked(&mut cmd, None, "domoticpi device creds")?;
+            let password = out
+                .stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("password: "))
+                .with_context(|| format!("no `password:` line from `device creds {id}`"))?;
+            passwords.insert(id, password.trim().to_owned());
+        }
+        Ok(passwords)
     }
 
     /// Finds `mosquitto` and `mosquitto_passwd` and writes the password file.
@@ -157,7 +204,7 @@ impl Setup {
         cmd.arg("--config").arg(&self.hub_config).arg("run");
         // Warnings only, like Mosquitto's `log_type error`, plus the one line that gives the ports.
         cmd.env("RUST_LOG", "warn,domoticpi::hub=info");
-        let (mut broker, lines) = Broker::spawn(Kind::Hub, cmd)?;
+        let (mut broker, lines) = Broker::spawn(Kind::Hub, cmd, self.guard_kib)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -202,7 +249,7 @@ impl Setup {
 
         let mut cmd = wrapped(&m.bin);
         cmd.arg("-c").arg(&conf);
-        let (mut broker, _lines) = Broker::spawn(Kind::Mosquitto, cmd)?;
+        let (mut broker, _lines) = Broker::spawn(Kind::Mosquitto, cmd, self.guard_kib)?;
         broker.tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
         broker.plain = SocketAddr::from(([127, 0, 0, 1], plain_port));
         let deadline = Instant::now() + START_TIMEOUT;
@@ -221,6 +268,9 @@ impl Setup {
 }
 
 /// A running broker. Dropping it kills the process and reaps it.
+///
+/// A watchdog thread reads its RSS every 100 ms and kills it if it passes the memory guard, so a
+/// broker that balloons cannot push the machine into swap or the OOM killer.
 pub struct Broker {
     /// Which broker this is.
     pub kind: Kind,
@@ -228,20 +278,40 @@ pub struct Broker {
     pub tls: SocketAddr,
     /// Its plain MQTT listener.
     pub plain: SocketAddr,
-    child: Child,
+    pid: u32,
+    child: Arc<Mutex<Child>>,
+    guard: Arc<Guard>,
     log: Arc<Mutex<VecDeque<String>>>,
 }
 
+/// State shared with a broker's memory watchdog.
+struct Guard {
+    limit_kib: u64,
+    /// The RSS that tripped the guard (0: not tripped).
+    tripped_kib: AtomicU64,
+    /// Set when the broker is dropped: the watchdog ends.
+    done: AtomicBool,
+}
+
 impl Broker {
-    /// Spawns `cmd` with stderr captured: the last lines are kept for error messages, and every
-    /// line is also sent on the returned channel (the hub's ready line is read from it).
-    fn spawn(kind: Kind, mut cmd: Command) -> Result<(Broker, mpsc::Receiver<String>)> {
+    /// Spawns `cmd` with stderr captured (the last lines are kept for error messages, and every
+    /// line is also sent on the returned channel, where the hub's ready line is read) and starts the
+    /// memory watchdog at `guard_kib`.
+    fn spawn(kind: Kind, mut cmd: Command, guard_kib: u64) -> Result<(Broker, mpsc::Receiver<String>)> {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting {}", kind.name()))?;
+        let pid = child.id();
         let stderr = child.stderr.take().context("child stderr")?;
+        let child = Arc::new(Mutex::new(child));
+        let guard =
+            Arc::new(Guard { limit_kib: guard_kib, tripped_kib: AtomicU64::new(0), done: AtomicBool::new(false) });
         let log = Arc::new(Mutex::new(VecDeque::new()));
+        let unset = SocketAddr::from(([127, 0, 0, 1], 0));
+        // From here on, dropping `broker` kills the child.
+        let broker = Broker { kind, tls: unset, plain: unset, pid, child, guard, log };
+
         let (tx, rx) = mpsc::channel();
-        let ring = Arc::clone(&log);
+        let ring = Arc::clone(&broker.log);
         std::thread::Builder::new()
             .name(format!("{}-stderr", kind.name()))
             .spawn(move || {
@@ -256,31 +326,63 @@ impl Broker {
                 }
             })
             .context("spawning the stderr reader")?;
-        let unset = SocketAddr::from(([127, 0, 0, 1], 0));
-        Ok((Broker { kind, tls: unset, plain: unset, child, log }, rx))
+
+        let (child, guard) = (Arc::clone(&broker.child), Arc::clone(&broker.guard));
+        std::thread::Builder::new()
+            .name(format!("{}-watchdog", kind.name()))
+            .spawn(move || {
+                while !guard.done.load(Ordering::Relaxed) {
+                    match rss_kib_of(pid) {
+                        Ok(kib) if kib > guard.limit_kib => {
+                            guard.tripped_kib.store(kib, Ordering::Relaxed);
+                            // Through the Child handle: never signals a PID that was already reaped.
+                            if let Ok(mut c) = child.lock() {
+                                let _ = c.kill();
+                            }
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .context("spawning the memory watchdog")?;
+        Ok((broker, rx))
     }
 
     /// The broker's process id (the shell wrapper `exec`s it, so this is the broker itself).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
+    }
+
+    /// The memory guard, in KiB of RSS.
+    pub fn guard_kib(&self) -> u64 {
+        self.guard.limit_kib
     }
 
     /// Resident set size in KiB, from `/proc/PID/status` (VmRSS).
     pub fn rss_kib(&mut self) -> Result<u64> {
         self.check_alive()?;
-        let path = format!("/proc/{}/status", self.pid());
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no VmRSS in {path}"))
+        rss_kib_of(self.pid)
     }
 
-    /// An error (with the broker's last log lines) if the process has exited.
+    /// An error (with the broker's last log lines) if the process has exited or was killed by the guard.
     pub fn check_alive(&mut self) -> Result<()> {
-        match self.child.try_wait().context("checking the broker process")? {
+        let status = {
+            let mut child = self.child.lock().map_err(|_| anyhow!("broker handle poisoned"))?;
+            child.try_wait().context("checking the broker process")?
+        };
+        let tripped = self.guard.tripped_kib.load(Ordering::Relaxed);
+        if tripped > 0 {
+            bail!(
+                "{} killed: its RSS reached {:.0} MiB, past the memory guard of {:.0} MiB (--max-broker-rss)",
+                self.kind.name(),
+                tripped as f64 / 1024.0,
+                self.guard.limit_kib as f64 / 1024.0
+            );
+        }
+        match status {
             None => Ok(()),
             Some(status) => bail!("{} exited ({status}){}", self.kind.name(), self.recent_log()),
         }
@@ -301,10 +403,30 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        // SIGKILL cannot be ignored, so the wait that follows is short.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.guard.done.store(true, Ordering::Relaxed);
+        if let Ok(mut child) = self.child.lock() {
+            // SIGKILL cannot be ignored, so the wait that follows is short.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+/// Resident set size of process `pid` in KiB, from `/proc/PID/status` (VmRSS).
+pub fn rss_kib_of(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no VmRSS in {path} (process exited?)"))
+}
+
+/// The id of fleet device `n` (from 1): also its client id and its topic segment.
+pub fn device_id(n: usize) -> String {
+    format!("dev-{n}")
 }
 
 /// `sh -c 'ulimit -n N; exec PROGRAM "$@"'`: raises the open-file limit, then becomes the program.
@@ -385,11 +507,7 @@ pub fn run(cmd: &mut Command, stdin: Option<&str>, timeout: Duration) -> Result<
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Ok(Output {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    })
+    Ok(Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
 }
 
 /// [`run`] with a 60 s limit, failing on a non-zero exit with the command's stderr.

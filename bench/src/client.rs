@@ -2,6 +2,7 @@
 //! logged in as the bench user, with TCP_NODELAY on and TLS session resumption off (every TLS
 //! connect is a full handshake, as for a device after a power cut).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Target {
     pub tls_config: Arc<rustls::ClientConfig>,
     pub user: String,
     pub password: String,
+    /// Client ids that log in under their own name, with their password (the hub's devices).
+    pub logins: Arc<HashMap<String, String>>,
 }
 
 /// A rustls client config trusting only `ca`, without session resumption.
@@ -75,7 +78,10 @@ pub async fn connect(target: &Target, id: &str, transport: Transport) -> Result<
     };
     let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
     opts.set_keep_alive(Duration::from_secs(60));
-    opts.set_credentials(target.user.clone(), target.password.clone());
+    match target.logins.get(id) {
+        Some(password) => opts.set_credentials(id, password.clone()),
+        None => opts.set_credentials(target.user.clone(), target.password.clone()),
+    };
     if transport == Transport::Tls {
         opts.set_transport(RumqttcTransport::tls_with_config(TlsConfiguration::Rustls(target.tls_config.clone())));
     }
@@ -131,14 +137,11 @@ pub async fn subscribe(client: &AsyncClient, eventloop: &mut EventLoop, filter: 
     client.subscribe(filter, qos).await.context("queueing SUBSCRIBE")?;
     let wait = async {
         loop {
-            match eventloop.poll().await.context("waiting for SUBACK")? {
-                Event::Incoming(Packet::SubAck(ack)) => {
-                    return match ack.return_codes.first() {
-                        Some(SubscribeReasonCode::Success(_)) => Ok(()),
-                        other => Err(anyhow!("subscription to {filter} refused: {other:?}")),
-                    };
-                }
-                _ => continue,
+            if let Event::Incoming(Packet::SubAck(ack)) = eventloop.poll().await.context("waiting for SUBACK")? {
+                return match ack.return_codes.first() {
+                    Some(SubscribeReasonCode::Success(_)) => Ok(()),
+                    other => Err(anyhow!("subscription to {filter} refused: {other:?}")),
+                };
             }
         }
     };

@@ -1,0 +1,683 @@
+//! The measurements. Each one runs against one freshly started broker and returns labelled values
+//! (and notes) for the table; every wait in here is bounded.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, Publish, QoS};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::broker::{device_id, rss_kib_of, Broker};
+use crate::client::{self, Target, Transport};
+use crate::now_ns;
+
+/// Payload size of the 1→1 cases, in bytes.
+pub const PAYLOAD_BYTES: usize = 64;
+
+/// Topic of the 1→1 cases.
+const TOPIC: &str = "bench/one-to-one";
+
+/// After the last publish, how long without a new message before the rest counts as lost.
+const IDLE_AFTER_PUBLISH: Duration = Duration::from_secs(5);
+
+/// Time given to a broker to settle before its RSS is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// One value for the table.
+pub struct Metric {
+    /// Row label, the same for both brokers.
+    pub label: String,
+    pub value: f64,
+    /// Digits after the decimal point when printed.
+    pub decimals: usize,
+    /// Why this value is not what its label says (shown as `*` and a note).
+    pub flag: Option<String>,
+}
+
+/// What one measurement against one broker produced.
+#[derive(Default)]
+pub struct Outcome {
+    pub metrics: Vec<Metric>,
+    /// Anything a reader should know (failed connects, duplicates, …).
+    pub notes: Vec<String>,
+}
+
+impl Outcome {
+    fn push(&mut self, label: impl Into<String>, value: f64, decimals: usize) {
+        self.metrics.push(Metric { label: label.into(), value, decimals, flag: None });
+    }
+
+    /// Flags the last metric pushed.
+    fn flag_last(&mut self, flag: Option<String>) {
+        if let Some(m) = self.metrics.last_mut() {
+            m.flag = flag;
+        }
+    }
+}
+
+/// Which messages arrived: per stream (one per publisher) a flag per sequence number, and latencies.
+struct Tracker {
+    seen: Vec<Vec<bool>>,
+    distinct: u64,
+    duplicates: u64,
+    /// Messages that are not ours (the hub's retained status on `dpi/#`) or out of range.
+    foreign: u64,
+    /// Those messages counted by the last level of their topic (`availability`, `status`, `error`…).
+    foreign_by_leaf: BTreeMap<String, u64>,
+    latencies_ns: Vec<u64>,
+    last_at: Option<Instant>,
+    /// Why the subscriber's connection ended early, if it did.
+    error: Option<String>,
+}
+
+impl Tracker {
+    fn new(expected_per_stream: &[usize]) -> Tracker {
+        let total: usize = expected_per_stream.iter().sum();
+        Tracker {
+            seen: expected_per_stream.iter().map(|&n| vec![false; n]).collect(),
+            distinct: 0,
+            duplicates: 0,
+            foreign: 0,
+            foreign_by_leaf: BTreeMap::new(),
+            latencies_ns: Vec::with_capacity(total),
+            last_at: None,
+            error: None,
+        }
+    }
+
+    /// Records message `seq` of `stream`, sent at `sent_ns` and received at `now_ns` (both [`now_ns`]).
+    fn record(&mut self, stream: usize, seq: u64, sent_ns: u64, received_ns: u64) {
+        let Some(flag) = self.seen.get_mut(stream).and_then(|s| s.get_mut(seq as usize)) else {
+            self.foreign += 1;
+            return;
+        };
+        if *flag {
+            self.duplicates += 1;
+            return;
+        }
+        *flag = true;
+        self.distinct += 1;
+        self.latencies_ns.push(received_ns.saturating_sub(sent_ns));
+        self.last_at = Some(Instant::now());
+    }
+}
+
+/// Reads (stream, sequence number, send time) from a received message; `None` if it is not ours.
+type Decode = fn(&Publish) -> Option<(usize, u64, u64)>;
+
+/// A connected subscriber whose messages are recorded by a background task.
+struct Subscriber {
+    client: AsyncClient,
+    task: JoinHandle<()>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl Subscriber {
+    /// Connects, subscribes to `filter` (SUBACK awaited), then records every message in the background.
+    async fn start(
+        target: &Target,
+        id: &str,
+        transport: Transport,
+        filter: &str,
+        qos: QoS,
+        expected_per_stream: &[usize],
+        decode: Decode,
+    ) -> Result<Subscriber> {
+        let (client, mut eventloop) = client::connect(target, id, transport).await?;
+        client::subscribe(&client, &mut eventloop, filter, qos).await?;
+        let tracker = Arc::new(Mutex::new(Tracker::new(expected_per_stream)));
+        let shared = Arc::clone(&tracker);
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let received = now_ns();
+                        let Ok(mut t) = shared.lock() else { return };
+                        match decode(&p) {
+                            Some((stream, seq, sent)) => t.record(stream, seq, sent, received),
+                            None => {
+                                t.foreign += 1;
+                                let leaf = p.topic.rsplit('/').next().unwrap_or_default().to_owned();
+                                *t.foreign_by_leaf.entry(leaf).or_default() += 1;
+                            }
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        if let Ok(mut t) = shared.lock() {
+                            t.error = Some(e.to_string());
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Subscriber { client, task, tracker })
+    }
+
+    /// Waits until `expected` distinct messages arrived, or nothing new came for
+    /// [`IDLE_AFTER_PUBLISH`] after `published_at`, or `deadline` passed.
+    async fn wait_for(&self, expected: u64, published_at: Instant, deadline: Instant) {
+        loop {
+            let (distinct, last_at) = match self.tracker.lock() {
+                Ok(t) => (t.distinct, t.last_at),
+                Err(_) => return,
+            };
+            let now = Instant::now();
+            let quiet_since = last_at.map_or(published_at, |l| l.max(published_at));
+            if distinct >= expected
+                || now.duration_since(quiet_since) > IDLE_AFTER_PUBLISH
+                || now > deadline
+                || self.task.is_finished()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Disconnects and hands back what was recorded.
+    async fn finish(self) -> Result<Tracker> {
+        let _ = self.client.try_disconnect();
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(3), &mut task).await.is_err() {
+            task.abort();
+        }
+        let mut shared = self.tracker.lock().map_err(|_| anyhow!("subscriber panicked"))?;
+        Ok(std::mem::replace(&mut *shared, Tracker::new(&[])))
+    }
+}
+
+/// Latency summary in milliseconds.
+struct LatencyMs {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// p50, p99 and max of `samples` (nanoseconds), nearest-rank.
+fn summarize(samples: &mut [u64]) -> Option<LatencyMs> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    let rank = |p: f64| {
+        let idx = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+        samples[idx.clamp(1, samples.len()) - 1] as f64 / 1e6
+    };
+    Some(LatencyMs { p50: rank(50.0), p99: rank(99.0), max: samples[samples.len() - 1] as f64 / 1e6 })
+}
+
+/// Adds the delivery rows (msgs/s, p50, p99, max, lost) for `tracker` under `prefix`.
+fn delivery_rows(out: &mut Outcome, prefix: &str, mut tracker: Tracker, expected: u64, started: Instant) -> Result<()> {
+    let Some(last_at) = tracker.last_at else {
+        bail!("no message delivered{}", tracker.error.map(|e| format!(" (subscriber: {e})")).unwrap_or_default());
+    };
+    let secs = last_at.duration_since(started).as_secs_f64().max(1e-6);
+    let lat = summarize(&mut tracker.latencies_ns).context("no latency samples")?;
+    out.push(format!("{prefix}: msgs/s delivered"), tracker.distinct as f64 / secs, 0);
+    out.push(format!("{prefix}: latency p50 (ms)"), lat.p50, 2);
+    out.push(format!("{prefix}: latency p99 (ms)"), lat.p99, 2);
+    out.push(format!("{prefix}: latency max (ms)"), lat.max, 2);
+    out.push(format!("{prefix}: messages lost"), expected.saturating_sub(tracker.distinct) as f64, 0);
+    if tracker.duplicates > 0 {
+        out.notes.push(format!("{prefix}: {} duplicate deliveries (allowed at QoS1)", tracker.duplicates));
+    }
+    // One retained `dpi/hub/status` is expected from the hub; more means other traffic reached the subscriber.
+    if tracker.foreign > 1 {
+        let by_leaf: Vec<String> = tracker.foreign_by_leaf.iter().map(|(leaf, n)| format!("{n} on …/{leaf}")).collect();
+        out.notes.push(format!(
+            "{prefix}: the subscriber also got {} other messages ({})",
+            tracker.foreign,
+            by_leaf.join(", ")
+        ));
+    }
+    if let Some(e) = tracker.error {
+        out.notes.push(format!("{prefix}: the subscriber's connection ended early: {e}"));
+    }
+    Ok(())
+}
+
+/// Decodes the 1→1 payload: sequence number and send time, little-endian, then padding.
+fn decode_binary(p: &Publish) -> Option<(usize, u64, u64)> {
+    if p.topic != TOPIC || p.payload.len() < 16 {
+        return None;
+    }
+    let seq = u64::from_le_bytes(p.payload[..8].try_into().ok()?);
+    let sent = u64::from_le_bytes(p.payload[8..16].try_into().ok()?);
+    Some((0, seq, sent))
+}
+
+/// 1 publisher → 1 subscriber: `messages` payloads of 64 bytes published back to back (QoS1
+/// bounded by rumqttc's inflight window of 100), subscribed at the same QoS.
+pub async fn one_to_one(target: &Target, qos: QoS, transport: Transport, messages: u64) -> Result<Outcome> {
+    let qos_name = if qos == QoS::AtMostOnce { "QoS0" } else { "QoS1" };
+    let prefix = format!("{qos_name} {} 1→1", transport.name());
+    let expected = usize::try_from(messages).context("--messages too large")?;
+    let sub = Subscriber::start(target, "bench-sub", transport, TOPIC, qos, &[expected], decode_binary).await?;
+    let (publisher, eventloop) = client::connect(target, "bench-pub", transport).await?;
+    let driver = tokio::spawn(client::drive(eventloop));
+
+    let started = Instant::now();
+    let publish_all = async {
+        let mut payload = [b'x'; PAYLOAD_BYTES];
+        for seq in 0..messages {
+            payload[..8].copy_from_slice(&seq.to_le_bytes());
+            payload[8..16].copy_from_slice(&now_ns().to_le_bytes());
+            publisher.publish(TOPIC, qos, false, payload.to_vec()).await.context("publishing")?;
+        }
+        anyhow::Ok(())
+    };
+    // Generous: at least 1,000 msg/s plus a minute.
+    let limit = Duration::from_secs(60) + Duration::from_millis(messages);
+    let published = tokio::time::timeout(limit, publish_all).await;
+    let published_at = Instant::now();
+    if let Ok(Ok(())) = published {
+        sub.wait_for(messages, published_at, published_at + Duration::from_secs(120)).await;
+    }
+    let _ = publisher.try_disconnect();
+    stop_task(driver).await;
+    let tracker = sub.finish().await?;
+    match published {
+        Err(_) => bail!("publishing {messages} messages took longer than {limit:?}"),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) => {}
+    }
+    let mut out = Outcome::default();
+    delivery_rows(&mut out, &prefix, tracker, messages, started)?;
+    Ok(out)
+}
+
+/// Decodes a fleet message: `dpi/dev-N/state` with `{"motion":…,"seq":S,"t":T}`.
+fn decode_fleet(p: &Publish) -> Option<(usize, u64, u64)> {
+    let n: usize = p.topic.strip_prefix("dpi/dev-")?.strip_suffix("/state")?.parse().ok()?;
+    let text = std::str::from_utf8(&p.payload).ok()?;
+    Some((n.checked_sub(1)?, json_u64(text, "seq")?, json_u64(text, "t")?))
+}
+
+/// The unsigned integer after `"key":` in a flat JSON object (enough for our own payloads).
+fn json_u64(text: &str, key: &str) -> Option<u64> {
+    let rest = &text[text.find(&format!("\"{key}\":"))? + key.len() + 3..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// `devices` publishers on `dpi/dev-N/state` at QoS1, together `rate` msg/s for `duration`, to one
+/// subscriber on `dpi/#` (all over TLS).
+pub async fn fleet(target: &Target, devices: usize, rate: u32, duration: Duration) -> Result<Outcome> {
+    let prefix = format!("{devices} devices QoS1 TLS @ {rate} msg/s → dpi/#");
+    let per_device = ((f64::from(rate) * duration.as_secs_f64()) / devices as f64).round().max(1.0) as usize;
+    let expected = (per_device * devices) as u64;
+    let sub = Subscriber::start(
+        target,
+        "bench-fleet-sub",
+        Transport::Tls,
+        "dpi/#",
+        QoS::AtLeastOnce,
+        &vec![per_device; devices],
+        decode_fleet,
+    )
+    .await?;
+
+    let ids = (1..=devices).map(device_id).collect();
+    let mut publishers = Vec::with_capacity(devices);
+    for (i, result) in client::connect_many(target, ids, Transport::Tls, 10).await.into_iter().enumerate() {
+        let (client, eventloop) = result.with_context(|| format!("connecting device {}", i + 1))?;
+        publishers.push((client, tokio::spawn(client::drive(eventloop))));
+    }
+
+    // Each device publishes every `period`; their first ticks are spread evenly over one period.
+    let period = Duration::from_secs_f64(devices as f64 / f64::from(rate));
+    let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
+    let started = Instant::now() + Duration::from_millis(100);
+    let mut set = JoinSet::new();
+    for (i, (client, _)) in publishers.iter().enumerate() {
+        let client = client.clone();
+        let first = started_tokio + period.mul_f64(i as f64 / devices as f64);
+        set.spawn(async move {
+            let topic = format!("dpi/{}/state", device_id(i + 1));
+            let mut tick = tokio::time::interval_at(first, period);
+            for seq in 0..per_device {
+                tick.tick().await;
+                let payload = format!("{{\"motion\":{},\"seq\":{seq},\"t\":{}}}", seq % 2 == 0, now_ns());
+                // Retained, as devices publish their state (SPEC §5).
+                client.publish(&topic, QoS::AtLeastOnce, true, payload).await.context("publishing")?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    let limit = duration + Duration::from_secs(60);
+    let joined = tokio::time::timeout(limit, async {
+        let mut first_error = None;
+        while let Some(r) = set.join_next().await {
+            if let Some(e) = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(anyhow!("publisher task: {e}")),
+            } {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    })
+    .await;
+    set.abort_all();
+    let published_at = Instant::now();
+    let failure = match joined {
+        Err(_) => Some(anyhow!("the devices did not finish publishing within {limit:?}")),
+        Ok(e) => e,
+    };
+    if failure.is_none() {
+        sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
+    }
+    for (client, driver) in publishers {
+        let _ = client.try_disconnect();
+        stop_task(driver).await;
+    }
+    let tracker = sub.finish().await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let mut out = Outcome::default();
+    delivery_rows(&mut out, &prefix, tracker, expected, started)?;
+    Ok(out)
+}
+
+/// Keeps a broker's RSS under a limit while clients connect: a connect starts only if the broker's
+/// RSS, plus what the connects in flight and this one may add, stays under the limit.
+struct MemoryBudget {
+    pid: u32,
+    limit_kib: u64,
+    start_kib: u64,
+    /// Cost of one connect seen in an earlier round (KiB), used until this round shows more.
+    hint_kib: u64,
+    started: AtomicU64,
+    finished: AtomicU64,
+    /// The broker's RSS when a connect was first refused (0: none was).
+    stopped_at_kib: AtomicU64,
+}
+
+impl MemoryBudget {
+    fn new(pid: u32, limit_kib: u64, hint_kib: u64) -> MemoryBudget {
+        MemoryBudget {
+            pid,
+            limit_kib,
+            start_kib: rss_kib_of(pid).unwrap_or(0),
+            hint_kib,
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            stopped_at_kib: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether one more connect may start now; once refused, always refused.
+    fn admit(&self) -> bool {
+        if self.stopped_at_kib.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let Ok(kib) = rss_kib_of(self.pid) else { return false };
+        let started = self.started.load(Ordering::Relaxed);
+        let in_flight = started.saturating_sub(self.finished.load(Ordering::Relaxed));
+        let per_connect = self.hint_kib.max(kib.saturating_sub(self.start_kib) / started.max(1));
+        if kib + per_connect * (in_flight + 1) > self.limit_kib {
+            self.stopped_at_kib.store(kib.max(1), Ordering::Relaxed);
+            return false;
+        }
+        self.started.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Clients kept connected and idle (their event loops only answer keepalive).
+struct IdleClients {
+    clients: Vec<AsyncClient>,
+    tasks: Vec<JoinHandle<()>>,
+    failed: usize,
+    first_error: Option<String>,
+    budget: Arc<MemoryBudget>,
+}
+
+/// How one idle client's connect went.
+enum Attempt {
+    Connected(AsyncClient),
+    Failed(String),
+    /// Not tried: the memory budget was spent.
+    Skipped,
+}
+
+impl IdleClients {
+    /// Opens `count` TLS clients with ids `PREFIX-i`, at most `concurrency` connecting at once and
+    /// within `budget`. Each client's event loop runs from its CONNACK on.
+    async fn open(
+        target: &Target,
+        prefix: &str,
+        count: usize,
+        concurrency: usize,
+        budget: MemoryBudget,
+    ) -> IdleClients {
+        let budget = Arc::new(budget);
+        let gate = Arc::new(Semaphore::new(concurrency.max(1)));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut idle = IdleClients {
+            clients: Vec::new(),
+            tasks: Vec::new(),
+            failed: 0,
+            first_error: None,
+            budget: Arc::clone(&budget),
+        };
+        for i in 0..count {
+            let (target, gate, budget, tx) = (target.clone(), Arc::clone(&gate), Arc::clone(&budget), tx.clone());
+            let id = format!("{prefix}-{i}");
+            idle.tasks.push(tokio::spawn(async move {
+                let Ok(permit) = gate.acquire().await else { return };
+                if !budget.admit() {
+                    let _ = tx.send(Attempt::Skipped);
+                    return;
+                }
+                let result = client::connect(&target, &id, Transport::Tls).await;
+                budget.finished.fetch_add(1, Ordering::Relaxed);
+                drop(permit);
+                match result {
+                    Ok((client, eventloop)) => {
+                        let _ = tx.send(Attempt::Connected(client));
+                        client::drive(eventloop).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Attempt::Failed(format!("{e:#}")));
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        let rounds = u32::try_from(count / concurrency.max(1) + 2).unwrap_or(u32::MAX);
+        let deadline = tokio::time::Instant::now() + client::CONNECT_TIMEOUT.saturating_mul(rounds);
+        let mut answered = 0;
+        while answered < count {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(attempt)) => {
+                    answered += 1;
+                    match attempt {
+                        Attempt::Connected(c) => idle.clients.push(c),
+                        Attempt::Failed(e) => {
+                            idle.failed += 1;
+                            idle.first_error.get_or_insert(e);
+                        }
+                        Attempt::Skipped => {}
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    idle.failed += count - answered;
+                    idle.first_error.get_or_insert("connects still pending at the deadline".to_owned());
+                    break;
+                }
+            }
+        }
+        idle
+    }
+
+    /// What one connect cost the broker, in KiB of RSS, given its RSS now.
+    fn cost_per_connect(&self, now_kib: u64) -> u64 {
+        now_kib.saturating_sub(self.budget.start_kib) / (self.clients.len() as u64).max(1)
+    }
+
+    /// Sends DISCONNECT on every connection and waits (at most 15 s) for them to close.
+    async fn close(self) {
+        for c in &self.clients {
+            let _ = c.try_disconnect();
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        for mut task in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                task.abort();
+            }
+        }
+    }
+
+    /// Why fewer than `count` clients are connected, if they are.
+    fn shortfall(&self, count: usize) -> Option<String> {
+        let connected = self.clients.len();
+        if connected == count {
+            return None;
+        }
+        let mut why = format!("only {connected} of {count} connected");
+        let stopped = self.budget.stopped_at_kib.load(Ordering::Relaxed);
+        if stopped > 0 {
+            why += &format!(
+                "; connecting stopped at {:.0} MiB of broker RSS, to stay under {:.0} MiB (90% of --max-broker-rss)",
+                stopped as f64 / 1024.0,
+                self.budget.limit_kib as f64 / 1024.0
+            );
+        }
+        if self.failed > 0 {
+            why += &format!("; {} connects failed, first: {}", self.failed, self.first_error.as_deref().unwrap_or("?"));
+        }
+        Some(why)
+    }
+}
+
+/// The broker's RSS idle, with `count` idle TLS clients, after they disconnect, and with a second
+/// round of `count` clients under new ids. Connecting stops early (flagged in the table) before the
+/// broker's RSS reaches 90% of the memory guard.
+pub async fn idle_clients(broker: &mut Broker, target: &Target, count: usize, concurrency: usize) -> Result<Outcome> {
+    let needed = 2 * count as u64 + 200;
+    if let Some(limit) = own_nofile_limit() {
+        if limit < needed {
+            bail!("this process may open only {limit} files; {needed} are needed (raise `ulimit -n`)");
+        }
+    }
+    let (pid, limit_kib) = (broker.pid(), broker.guard_kib() / 10 * 9);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let mut out = Outcome::default();
+    tokio::time::sleep(SETTLE).await;
+    out.push("RSS idle (MiB)", mib(broker.rss_kib()?), 1);
+
+    let first = IdleClients::open(target, "idle-a", count, concurrency, MemoryBudget::new(pid, limit_kib, 0)).await;
+    tokio::time::sleep(SETTLE).await;
+    let with_clients = broker.rss_kib()?;
+    let cost = first.cost_per_connect(with_clients);
+    let (connected, shortfall) = (first.clients.len(), first.shortfall(count));
+    first.close().await;
+    out.push(format!("RSS with {count} idle TLS clients (MiB)"), mib(with_clients), 1);
+    out.flag_last(shortfall);
+    if connected == 0 {
+        bail!("no idle client could connect");
+    }
+
+    tokio::time::sleep(SETTLE).await;
+    out.push(format!("RSS after those {count} disconnect (MiB)"), mib(broker.rss_kib()?), 1);
+    if connected < count {
+        out.flag_last(Some(format!("after {connected} clients, not {count}")));
+    }
+
+    let budget = MemoryBudget::new(pid, limit_kib, cost);
+    let second = IdleClients::open(target, "idle-b", count, concurrency, budget).await;
+    tokio::time::sleep(SETTLE).await;
+    let second_round = broker.rss_kib()?;
+    let shortfall = second.shortfall(count);
+    second.close().await;
+    out.push(format!("RSS with {count} more, new ids (MiB)"), mib(second_round), 1);
+    out.flag_last(shortfall);
+    Ok(out)
+}
+
+/// This process's soft limit on open files, from /proc/self/limits.
+fn own_nofile_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// TLS connects per second: `workers` clients in parallel, each repeating TCP + TLS + CONNECT/CONNACK
+/// + DISCONNECT with a new client id, for `duration`.
+pub async fn connect_rate(target: &Target, workers: usize, duration: Duration) -> Result<Outcome> {
+    let started = Instant::now();
+    let end = started + duration;
+    let mut set = JoinSet::new();
+    for w in 0..workers {
+        let target = target.clone();
+        set.spawn(async move {
+            let (mut done, mut failed, mut first_error) = (0u64, 0u64, None);
+            while Instant::now() < end {
+                // Devices reconnecting, as after a power cut: on the hub each logs in as itself.
+                let id = crate::broker::device_id(w + 1);
+                match tokio::time::timeout(Duration::from_secs(10), client::connect(&target, &id, Transport::Tls)).await
+                {
+                    Ok(Ok((client, eventloop))) => {
+                        client::disconnect(&client, eventloop).await;
+                        done += 1;
+                    }
+                    Ok(Err(e)) => {
+                        failed += 1;
+                        first_error.get_or_insert(format!("{e:#}"));
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(_) => {
+                        failed += 1;
+                        first_error.get_or_insert("no CONNACK within 10 s".to_owned());
+                    }
+                }
+            }
+            (done, failed, first_error)
+        });
+    }
+    let (mut done, mut failed, mut first_error) = (0u64, 0u64, None);
+    let joined = tokio::time::timeout(duration + Duration::from_secs(30), async {
+        while let Some(r) = set.join_next().await {
+            if let Ok((d, f, e)) = r {
+                done += d;
+                failed += f;
+                if first_error.is_none() {
+                    first_error = e;
+                }
+            }
+        }
+    })
+    .await;
+    set.abort_all();
+    if joined.is_err() {
+        bail!("connect workers did not stop in time");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if done == 0 {
+        bail!("no connect succeeded: {}", first_error.unwrap_or_default());
+    }
+    let mut out = Outcome::default();
+    out.push(format!("TLS connects/s ({workers} devices reconnecting)"), done as f64 / secs, 0);
+    if failed > 0 {
+        out.notes.push(format!("TLS connects: {failed} failed; first: {}", first_error.unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// Waits up to 3 s for a client's event-loop task to end after its DISCONNECT, then aborts it.
+async fn stop_task(mut task: JoinHandle<()>) {
+    if tokio::time::timeout(Duration::from_secs(3), &mut task).await.is_err() {
+        task.abort();
+    }
+}
