@@ -1,15 +1,24 @@
 //! Who a client is: password hashing and the check made at every MQTT CONNECT.
 //!
-//! Passwords and codes are stored as argon2id PHC strings and verified off the runtime (argon2 is
-//! deliberately slow). Credentials are read from the database at every connect, so users added or
-//! removed with the CLI while the hub runs take effect at the next connect. This module must not
-//! log a password, a code or a hash.
+//! People's passwords and alarm codes are stored as argon2id PHC strings: they are guessable, so
+//! checking one is deliberately slow and takes 19 MiB. Those checks run on a pool of
+//! [`ARGON2_THREADS`] threads of their own, which bounds the memory and CPU a burst of connects
+//! can take. Device passwords are 128 random bits issued by the hub: nobody can guess them, so a
+//! salted SHA-256 is as strong and costs microseconds, which is what a fleet of devices
+//! reconnecting after a power cut needs.
+//!
+//! Credentials are read from the database at every connect, so users added or removed with the
+//! CLI while the hub runs take effect at the next connect. This module must not log a password, a
+//! code or a hash.
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
 use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+use sha2::Digest as _;
 
 use crate::config::DeviceKind;
 use crate::secret::Secret;
@@ -34,10 +43,95 @@ pub fn random_secret() -> Secret {
     Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
-/// Whether `secret` matches the PHC string `hash`; a malformed hash never matches.
+/// Prefix of a salted SHA-256 hash of a hub-issued random token.
+const TOKEN_PREFIX: &str = "$dpi-sha256$";
+
+/// Hashes a high-entropy token issued by the hub (a device password): salted SHA-256.
+pub fn hash_token(secret: &Secret) -> String {
+    use argon2::password_hash::rand_core::RngCore;
+    let mut salt = [0u8; 16];
+    OsRng.fill_bytes(&mut salt);
+    format!("{TOKEN_PREFIX}{}${}", hex(&salt), hex(&token_digest(&salt, secret)))
+}
+
+fn token_digest(salt: &[u8], secret: &Secret) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(salt);
+    h.update(secret.expose().as_bytes());
+    h.finalize().into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `hash` is a token hash (fast to check) rather than an argon2 one.
+fn is_token_hash(hash: &str) -> bool {
+    hash.starts_with(TOKEN_PREFIX)
+}
+
+/// Whether `secret` matches `hash` (argon2 PHC string or token hash); a malformed hash never
+/// matches. Argon2 is slow: call it off the runtime.
 pub fn verify(hash: &str, secret: &Secret) -> bool {
+    if let Some(rest) = hash.strip_prefix(TOKEN_PREFIX) {
+        let Some((salt, digest)) = rest.split_once('$') else { return false };
+        let Some(salt) = unhex(salt) else { return false };
+        let computed = hex(&token_digest(&salt, secret));
+        // Constant time: the comparison does not stop at the first difference.
+        return computed.len() == digest.len()
+            && computed.bytes().zip(digest.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    }
     PasswordHash::new(hash)
         .is_ok_and(|parsed| Argon2::default().verify_password(secret.expose().as_bytes(), &parsed).is_ok())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (s.len() % 2 == 0).then_some(())?;
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// Threads that check argon2 hashes; each check holds 19 MiB while it runs.
+pub const ARGON2_THREADS: usize = 2;
+
+type Argon2Job = Box<dyn FnOnce() + Send>;
+
+/// The argon2 pool's queue, started on first use.
+fn argon2_pool() -> &'static Mutex<mpsc::Sender<Argon2Job>> {
+    static POOL: OnceLock<Mutex<mpsc::Sender<Argon2Job>>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Argon2Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..ARGON2_THREADS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("argon2-{i}")).spawn(move || loop {
+                let job = match rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                match job {
+                    Ok(job) => job(),
+                    Err(_) => return,
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a password-checking thread");
+            }
+        }
+        Mutex::new(tx)
+    })
+}
+
+/// Verifies on the argon2 pool (or at once for a token hash); `None` if the pool is gone.
+pub async fn verify_async(hash: String, secret: Secret) -> Option<bool> {
+    if is_token_hash(&hash) {
+        return Some(verify(&hash, &secret));
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Argon2Job = Box::new(move || {
+        let _ = tx.send(verify(&hash, &secret));
+    });
+    argon2_pool().lock().ok()?.send(job).ok()?;
+    rx.await.ok()
 }
 
 /// Who an authenticated client is.
@@ -107,12 +201,20 @@ pub struct Authenticator {
     /// A valid hash to verify against when the name is unknown, so that a wrong name takes as
     /// long to refuse as a wrong password and names cannot be probed by timing.
     dummy_hash: String,
+    /// The same for a declared device that has no credentials yet.
+    dummy_token: String,
 }
 
 impl Authenticator {
     /// An authenticator for the declared `devices`, reading secrets from `store`.
     pub fn new(store: Store, devices: HashMap<String, DeviceKind>, require_client_cert: bool) -> Authenticator {
-        Authenticator { store, devices, require_client_cert, dummy_hash: hash(&Secret::new("not a real password")) }
+        Authenticator {
+            store,
+            devices,
+            require_client_cert,
+            dummy_hash: hash(&Secret::new("not a real password")),
+            dummy_token: hash_token(&Secret::new("not a real token")),
+        }
     }
 
     /// Decides who a connecting client is, or why it is refused.
@@ -136,7 +238,8 @@ impl Authenticator {
             }
             let id = name.clone();
             let stored = self.lookup(move |c| devices::password_hash(c, &id)).await?;
-            self.verify(stored, password).await?;
+            let known = stored.is_some();
+            self.verify(stored.unwrap_or_else(|| self.dummy_token.clone()), known, password).await?;
             if p.client_id != name {
                 return Err(Refusal::ClientId(format!("a device's client id must be its id {name:?}")));
             }
@@ -145,7 +248,8 @@ impl Authenticator {
         let lookup = name.clone();
         let creds = self.lookup(move |c| users::credentials(c, &lookup)).await?;
         let role = creds.as_ref().map(|c| c.role);
-        self.verify(creds.map(|c| c.password_hash), password).await?;
+        let known = creds.is_some();
+        self.verify(creds.map_or_else(|| self.dummy_hash.clone(), |c| c.password_hash), known, password).await?;
         match role {
             Some(role) if !self.devices.contains_key(&p.client_id) => Ok(Identity::User { name, role }),
             Some(_) => Err(Refusal::ClientId(format!("{:?} is a device's id; users may not take it", p.client_id))),
@@ -161,13 +265,11 @@ impl Authenticator {
         self.store.call(move |c| f(c)).await.map_err(|e| Refusal::Unavailable(e.to_string()))
     }
 
-    /// Verifies `password` against `stored` (or the dummy hash when there is none) off the runtime.
-    async fn verify(&self, stored: Option<String>, password: Secret) -> Result<(), Refusal> {
-        let known = stored.is_some();
-        let hash = stored.unwrap_or_else(|| self.dummy_hash.clone());
-        let ok = tokio::task::spawn_blocking(move || verify(&hash, &password))
+    /// Verifies `password` against `hash` off the runtime; `known` is false for a dummy hash.
+    async fn verify(&self, hash: String, known: bool, password: Secret) -> Result<(), Refusal> {
+        let ok = verify_async(hash, password)
             .await
-            .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+            .ok_or_else(|| Refusal::Unavailable("password checking is unavailable".to_owned()))?;
         if ok && known {
             Ok(())
         } else {
@@ -179,6 +281,23 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_hashes_verify_and_differ_per_salt() {
+        let t = Secret::new("0123456789abcdef0123456789abcdef");
+        let (a, b) = (hash_token(&t), hash_token(&t));
+        assert_ne!(a, b);
+        assert!(verify(&a, &t) && verify(&b, &t));
+        assert!(!verify(&a, &Secret::new("0123456789abcdef0123456789abcdee")));
+        assert!(!verify("$dpi-sha256$zz$00", &t));
+    }
+
+    #[tokio::test]
+    async fn the_argon2_pool_answers() {
+        let h = hash(&Secret::new("pool test"));
+        assert_eq!(verify_async(h.clone(), Secret::new("pool test")).await, Some(true));
+        assert_eq!(verify_async(h, Secret::new("nope")).await, Some(false));
+    }
 
     #[test]
     fn hash_and_verify() {

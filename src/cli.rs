@@ -1,8 +1,9 @@
 //! The command line: parsing (clap) and one function per command.
 //!
 //! Commands that change users or read state open the database directly; the daemon reads it at
-//! every connect, so nothing needs a restart. Every error a person can cause comes back as an
-//! error value that `main` prints on one line.
+//! every connect, so nothing needs a restart. `alarm …` acts on the running hub through its control
+//! socket ([`crate::control`]). Every error a person can cause comes back as an error value that
+//! `main` prints on one line.
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -54,6 +55,9 @@ pub enum Command {
     /// People who log in with a name and password.
     #[command(subcommand)]
     User(UserCommand),
+    /// The running hub's alarm: status, arm, disarm.
+    #[command(subcommand)]
+    Alarm(AlarmCommand),
     /// Whether the hub is up, its listeners, devices and last events.
     Status,
     /// Consistent copy of the database (SQLite online backup), safe while the hub runs.
@@ -114,6 +118,48 @@ pub enum UserCommand {
         /// User name.
         name: String,
     },
+}
+
+/// `alarm …`
+#[derive(Debug, Subcommand)]
+pub enum AlarmCommand {
+    /// The alarm's state, since when, who set it, bypassed sensors.
+    Status,
+    /// Arm the alarm (after the exit delay). Refused with an entry or perimeter sensor open,
+    /// unless --force, which bypasses those sensors until the next disarm.
+    Arm {
+        /// Which armed mode.
+        #[arg(value_enum)]
+        mode: ArmMode,
+        /// Alarm code (needed when `code_arm_required`; asked on the terminal when omitted).
+        #[arg(long, value_name = "C", value_parser = parse_secret)]
+        code: Option<Secret>,
+        /// Bypass open entry/perimeter sensors until the next disarm.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Disarm the alarm; a valid code is always needed (asked on the terminal when omitted).
+    Disarm {
+        /// Alarm code of a user (see `domoticpi user pin`).
+        #[arg(long, value_name = "C", value_parser = parse_secret)]
+        code: Option<Secret>,
+    },
+}
+
+/// An armed mode, as typed.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ArmMode {
+    /// Nobody home: every zone is watched.
+    Away,
+    /// Someone home: interior sensors are ignored.
+    Home,
+    /// Asleep: interior sensors are ignored.
+    Night,
+}
+
+/// Takes a secret from the command line into a type that never prints it.
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
 }
 
 /// Where a secret comes from.
@@ -179,6 +225,7 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
         Command::Device(DeviceCommand::List) => device_list(config),
         Command::Status => status(config),
+        Command::Alarm(cmd) => alarm(cmd, config),
         Command::Backup { path } => {
             let db = hub::db_path(&config.data_dir);
             if !db.exists() {
@@ -226,7 +273,7 @@ fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()
     let paths = CertPaths::new(&config.data_dir);
     let password = auth::random_secret();
     let conn = open_db(config)?;
-    store::devices::set_password(&conn, id, &auth::hash(&password))?;
+    store::devices::set_password(&conn, id, &auth::hash_token(&password))?;
     store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
     let cert = if with_cert { Some(certs::issue_device(&paths, id)?) } else { None };
     let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
@@ -417,6 +464,10 @@ fn status(config: &Config) -> anyhow::Result<()> {
     let rows = store::device_state::all(&conn)?;
     let online = rows.iter().filter(|r| r.online == Some(true) && config.device(&r.id).is_some()).count();
     println!("devices: {} declared, {online} online, {} offline", config.devices.len(), config.devices.len() - online);
+    match store::alarm::load(&conn)?.as_deref().and_then(crate::alarm::stored_status) {
+        Some((state, since)) => println!("alarm: {state} (since {})", since.as_deref().unwrap_or("-")),
+        None => println!("alarm: disarmed (never armed)"),
+    }
     let rejected = store::device_state::rejected(&conn)?;
     if !rejected.is_empty() {
         println!("undeclared devices that published (rejected; declare them in the config):");
@@ -434,6 +485,68 @@ fn status(config: &Config) -> anyhow::Result<()> {
     println!("last events:");
     for (at, kind, detail) in store::events::latest(&conn, 10)? {
         println!("  {at}  {kind}: {detail}");
+    }
+    Ok(())
+}
+
+fn alarm(cmd: &AlarmCommand, config: &Config) -> anyhow::Result<()> {
+    use crate::control::{self, Request};
+    let (action, code, force, needs_code) = match cmd {
+        AlarmCommand::Status => {
+            let response = control::request(&config.data_dir, &Request::AlarmStatus)?;
+            return print_alarm(response);
+        }
+        AlarmCommand::Arm { mode, code, force } => {
+            let mode = match mode {
+                ArmMode::Away => crate::alarm::arm_action(domoticpi_rules::alarm::Mode::Away),
+                ArmMode::Home => crate::alarm::arm_action(domoticpi_rules::alarm::Mode::Home),
+                ArmMode::Night => crate::alarm::arm_action(domoticpi_rules::alarm::Mode::Night),
+            };
+            (mode, code, *force, config.alarm.code_arm_required)
+        }
+        AlarmCommand::Disarm { code } => ("disarm", code, false, true),
+    };
+    // A code typed at a prompt stays out of the shell history and the process list.
+    let code = match code {
+        Some(code) => Some(code.clone()),
+        None if needs_code && std::io::stdin().is_terminal() => {
+            Some(Secret::new(rpassword::prompt_password("Alarm code: ").context("reading from the terminal")?))
+        }
+        None => None,
+    };
+    let mut command = serde_json::json!({ "action": action, "force": force });
+    if let Some(code) = code {
+        command["code"] = serde_json::Value::from(code.expose());
+    }
+    let response = control::request(&config.data_dir, &Request::Alarm { command })?;
+    print_alarm(response)
+}
+
+/// Prints the events and the alarm's state; an error when the hub refused the request.
+fn print_alarm(response: crate::control::Response) -> anyhow::Result<()> {
+    if !response.ok {
+        bail!("{}", response.error.as_deref().unwrap_or("the hub refused the request"));
+    }
+    for e in &response.events {
+        let mut line = format!("event: {}: {}", e.event, e.reason);
+        if let Some(device) = &e.device {
+            line.push_str(&format!(" (device {device})"));
+        }
+        if let Some(user) = &e.user {
+            line.push_str(&format!(" (user {user})"));
+        }
+        println!("{line}");
+    }
+    if let Some(a) = &response.alarm {
+        println!("alarm: {}", a.state);
+        println!("since: {}", a.since);
+        println!("by: {}", a.by);
+        println!("bypassed: {}", if a.bypassed.is_empty() { "-".to_owned() } else { a.bypassed.join(", ") });
+        println!("code_entry: {}", if a.code_locked_out { "locked" } else { "open" });
+    }
+    let refused = ["arm_refused", "code_rejected", "code_lockout"];
+    if let Some(e) = response.events.iter().find(|e| refused.contains(&e.event.as_str())) {
+        bail!("refused: {}: {}", e.event, e.reason);
     }
     Ok(())
 }

@@ -8,10 +8,13 @@
 //! the session reports it on `dpi/hub/error`. A state equal to the one stored is not a change
 //! (a sensor that reconnects, or a retained message replayed, does not count twice).
 //!
+//! Valid states and availability of the devices the alarm watches are also handed to the alarm
+//! driver as they arrive, each state flagged when it is the first since the device (re)connected.
+//!
 //! This module must not decode payload grammar (that is [`crate::decode`]) nor run rules.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -50,6 +53,11 @@ pub struct Pipeline {
     kinds: Arc<HashMap<String, DeviceKind>>,
     /// Largest payload accepted.
     max_payload: usize,
+    /// Gets the states and availability of the devices the alarm watches.
+    alarm: crate::alarm::AlarmHandle,
+    /// Devices that came online and have not reported a state since: their next one is the first
+    /// after connecting (SPEC §7: a sensor that reconnects is not a trip).
+    reconnected: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Pipeline {
@@ -57,9 +65,23 @@ impl Pipeline {
     pub fn new(
         kinds: HashMap<String, DeviceKind>,
         max_payload: usize,
+        alarm: crate::alarm::AlarmHandle,
     ) -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
-        (Pipeline { events, kinds: Arc::new(kinds), max_payload }, rx)
+        let reconnected = Arc::default();
+        (Pipeline { events, kinds: Arc::new(kinds), max_payload, alarm, reconnected }, rx)
+    }
+
+    /// Notes a device coming online or going offline, and tells the alarm.
+    fn connection(&self, id: &str, online: bool) {
+        let mut reconnected = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if online {
+            reconnected.insert(id.to_owned());
+        } else {
+            reconnected.remove(id);
+        }
+        drop(reconnected);
+        self.alarm.availability(id, online);
     }
 
     /// Checks a PUBLISH on `topic`; a valid device state or availability goes to the pipeline.
@@ -77,6 +99,8 @@ impl Pipeline {
             Leaf::State if payload.is_empty() => Verdict::Accept,
             Leaf::State => match decode::decode_state(*kind, payload, self.max_payload) {
                 Ok(state) => {
+                    let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+                    self.alarm.device_state(id, &state, first);
                     let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
                     Verdict::Accept
                 }
@@ -84,6 +108,7 @@ impl Pipeline {
             },
             Leaf::Availability => match decode::decode_availability(payload) {
                 Ok(online) => {
+                    self.connection(id, online);
                     let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
                     Verdict::Accept
                 }
@@ -94,6 +119,7 @@ impl Pipeline {
 
     /// Records a device's connection coming up or going down (the hub announces these itself).
     pub fn availability(&self, id: &str, online: bool) {
+        self.connection(id, online);
         let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
     }
 }
@@ -222,7 +248,9 @@ mod tests {
     use super::*;
 
     fn pipeline() -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
-        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024)
+        let config = crate::config::Config::from_toml("[[device]]\nid = \"door\"\nkind = \"contact\"\n", None).unwrap();
+        let (alarm, _inbox) = crate::alarm::channel(&config);
+        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024, alarm)
     }
 
     #[test]

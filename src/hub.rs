@@ -118,7 +118,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         hub.restore(topic, payload.into());
     }
     let kinds: HashMap<_, _> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
-    let (devices, device_events) = crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes);
+    // The alarm driver starts after the retained replay above, so its state is published last.
+    let (alarm, alarm_inbox) = crate::alarm::channel(&config);
+    let alarm_stop = CancellationToken::new();
+    let alarm_task =
+        tokio::spawn(crate::alarm::run(config.clone(), store.clone(), hub.clone(), alarm_inbox, alarm_stop.clone()));
+    let (devices, device_events) =
+        crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes, alarm.clone());
     background.spawn(crate::devices::run(
         store.clone(),
         device_events,
@@ -144,8 +150,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         closing: closing.clone(),
         retained: retained_tx,
         devices: devices.clone(),
+        alarm: alarm.clone(),
     });
     drop(devices);
+    let control_stop = CancellationToken::new();
+    let control = match crate::control::bind(&config.data_dir) {
+        Ok((listener, path)) => Some(tokio::spawn(crate::control::serve(listener, path, alarm, control_stop.clone()))),
+        Err(e) => {
+            warn!(error = %e, "no control socket: `domoticpi alarm` cannot reach this hub");
+            None
+        }
+    };
 
     let tls_addr = local_addr(&listeners.tls);
     let plain_addr = listeners.plain.as_ref().map(local_addr);
@@ -201,6 +216,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     for task in [watchdog, lag].into_iter().flatten() {
         task.abort();
+    }
+    // The alarm's last actions reach the store and the router before they close.
+    control_stop.cancel();
+    alarm_stop.cancel();
+    for (what, task) in [("control socket", control), ("alarm", Some(alarm_task))] {
+        if let Some(task) = task {
+            if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+                warn!(what, "did not stop in time");
+            }
+        }
     }
     let recorded = store
         .call(|c| {

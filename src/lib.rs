@@ -3,11 +3,13 @@
 //! `main` parses the command line and calls into [`cli`] or [`hub::run`]; everything else is here so
 //! that integration tests can start a whole hub in-process. See `ARCHITECTURE.md` for the event flow.
 
+pub mod alarm;
 pub mod auth;
 pub mod broker;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod decode;
 pub mod devices;
 pub mod hub;

@@ -240,6 +240,21 @@ fn a_full_disk_fails_writes_loudly_while_routing_goes_on_and_writes_resume_after
         let mut watcher = Client::connect(hub.tls, &ca, "watcher", Some(("admin", "admin-password"))).await.unwrap();
         watcher.subscribe("dpi/kitchen-temp/state", QOS1).await;
         let sensor = Client::connect(hub.tls, &ca, "kitchen-temp", Some(("kitchen-temp", &password))).await.unwrap();
+        // Make sure the subscription is in place before measuring anything.
+        let mut ready = false;
+        for _ in 0..50 {
+            sensor
+                .client
+                .publish("dpi/kitchen-temp/state", QoS::AtLeastOnce, false, r#"{"temperature":-1}"#)
+                .await
+                .unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), watcher.rx.recv()).await {
+                ready = true;
+                break;
+            }
+        }
+        assert!(ready, "the watcher never received anything");
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(300), watcher.rx.recv()).await {}
         // Fill the disk.
         let filler = data.join("filler");
         {

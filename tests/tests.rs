@@ -3,6 +3,7 @@
 
 mod util;
 
+mod alarm;
 mod cli;
 mod foundation;
 mod pipeline;

@@ -107,6 +107,8 @@ pub struct Shared {
     pub retained: RetainedSink,
     /// Checks device states and availability at ingress and keeps them.
     pub devices: crate::devices::Pipeline,
+    /// Receives `dpi/alarm/set` commands that passed the ACL, with who sent them.
+    pub alarm: crate::alarm::AlarmHandle,
 }
 
 /// Where changes to retained messages go to be persisted: (topic, payload or `None` to clear).

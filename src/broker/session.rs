@@ -446,7 +446,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Checks a PUBLISH and passes it to the router, or refuses it.
-    fn incoming_publish(&mut self, publish: Publish, qos: u8, pkid: u16) -> Option<End> {
+    fn incoming_publish(&mut self, mut publish: Publish, qos: u8, pkid: u16) -> Option<End> {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return Some(End::Lost("topic is not UTF-8".into()));
         };
@@ -463,6 +463,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             warn!(client = %self.client_id, %topic, %reason, "publish rejected");
             self.refuse_publish(topic, &reason, qos, pkid);
             return None;
+        }
+        if topic == crate::alarm::SET_TOPIC {
+            match crate::alarm::parse_set(&publish.payload) {
+                Ok(command) => {
+                    let source = crate::alarm::source_of(&self.identity);
+                    self.shared.alarm.command(command, source, &self.client_id);
+                    // Other subscribers see the command, never the code in it.
+                    if let Some(redacted) = crate::alarm::redact(&publish.payload) {
+                        publish.payload = redacted.into();
+                    }
+                }
+                Err(e) => {
+                    warn!(client = %self.client_id, %topic, reason = %e, "alarm command rejected");
+                    self.refuse_publish(topic, &e.to_string(), qos, pkid);
+                    return None;
+                }
+            }
         }
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
@@ -593,7 +610,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// At shutdown: writes what the router already queued for this client (the hub's `offline`
     /// status among it), waiting a moment for stragglers.
     async fn drain(&mut self) {
-        let until = Instant::now() + Duration::from_millis(50);
+        let until = Instant::now() + Duration::from_millis(250);
         let mut unscheduled = false;
         while let Ok(Ok(Some(n))) = tokio::time::timeout_at(until, self.link_rx.next()).await {
             if self.encode(n, &mut unscheduled).is_err() {

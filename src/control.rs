@@ -1,0 +1,271 @@
+//! The control channel: a Unix socket, `DATA_DIR/hub.sock` (mode 0600), through which `domoticpi`
+//! commands act on the running hub (today: `domoticpi alarm …`).
+//!
+//! The protocol is one JSON object per line each way, one response per request, several requests per
+//! connection allowed:
+//!
+//! ```text
+//! → {"request":"alarm_status"}
+//! ← {"ok":true,"alarm":{"state":"disarmed","since":"…","by":"hub","bypassed":[],"code_locked_out":false},"events":[]}
+//! → {"request":"alarm","command":{"action":"disarm","code":"1234"}}
+//! ← {"ok":true,"alarm":{…},"events":[{"event":"disarmed","device":null,"reason":"…","at":"…","user":"alice"}]}
+//! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)
+//! ```
+//!
+//! `command` is exactly a `dpi/alarm/set` payload, checked by the same parser. Only the hub's own
+//! user can open the socket (the data dir is 0700 and the socket 0600), so a request is trusted like
+//! the CLI; a disarm still needs a valid code. This module must not decide anything about the alarm:
+//! it passes requests to the driver ([`crate::alarm`]) and answers with what it says.
+
+use std::io::{BufRead as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::alarm::{self, AlarmHandle, EventRecord, Status};
+
+/// The socket's file name inside the data dir.
+pub const SOCKET_FILE: &str = "hub.sock";
+
+/// Longest request line accepted, in bytes.
+const MAX_LINE: u64 = 16 * 1024;
+
+/// How long a connection may stay silent before the hub closes it.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// How long the CLI waits for an answer (checking a code with argon2 is slow on a Pi).
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the control socket could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another process answers on the socket: a hub already runs on this data dir.
+    #[error("{0} is in use: another hub runs on this data dir")]
+    InUse(PathBuf),
+    /// The socket could not be created or set to mode 0600.
+    #[error("cannot create the control socket {path}: {source}")]
+    Bind { path: PathBuf, source: std::io::Error },
+    /// No hub listens on the socket.
+    #[error("the hub is not running (no control socket at {0}); start it with `domoticpi run`")]
+    NotRunning(PathBuf),
+    /// The socket exists but this user may not open it.
+    #[error("cannot open {0}: permission denied (run this as the hub's user)")]
+    PermissionDenied(PathBuf),
+    /// Talking to the hub failed midway.
+    #[error("talking to the hub over {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The hub's answer is not one this CLI understands.
+    #[error("the hub sent an answer this CLI does not understand ({0}); are the CLI and the daemon the same version?")]
+    BadAnswer(String),
+}
+
+/// The control socket of a data dir.
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(SOCKET_FILE)
+}
+
+/// A request, one line of JSON. Its `Debug` leaves the command's code out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The alarm's state.
+    AlarmStatus,
+    /// An alarm command: a `dpi/alarm/set` payload (kept as JSON so that the code is parsed into a
+    /// redacted type in one place, [`alarm::parse_set`]).
+    Alarm {
+        /// The command object.
+        command: Value,
+    },
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::AlarmStatus => f.write_str("AlarmStatus"),
+            Request::Alarm { command } => {
+                f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
+            }
+        }
+    }
+}
+
+/// A response, one line of JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request was carried out (a refused code is carried out: see `events`).
+    pub ok: bool,
+    /// Why not, when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The alarm afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alarm: Option<Status>,
+    /// The alarm events the request caused, in order.
+    #[serde(default)]
+    pub events: Vec<EventRecord>,
+}
+
+impl Response {
+    fn error(error: impl Into<String>) -> Response {
+        Response { ok: false, error: Some(error.into()), alarm: None, events: Vec::new() }
+    }
+}
+
+/// Creates the socket, mode 0600, replacing a stale one a killed hub left behind.
+pub fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), ControlError> {
+    let path = socket_path(data_dir);
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(ControlError::InUse(path));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let bind_err = |source| ControlError::Bind { path: path.clone(), source };
+    let listener = UnixListener::bind(&path).map_err(bind_err)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok((listener, path))
+}
+
+/// Answers requests until `shutdown` is cancelled, then removes the socket file.
+pub async fn serve(listener: UnixListener, path: PathBuf, alarm: AlarmHandle, shutdown: CancellationToken) {
+    info!(path = %path.display(), "control socket ready");
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    warn!(error = %e, "control socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (alarm, shutdown) = (alarm.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = connection(stream, alarm) => {}
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+/// One client: a response per request line until it hangs up, goes quiet or sends an overlong line.
+async fn connection(stream: UnixStream, alarm: AlarmHandle) {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(IDLE, (&mut reader).take(MAX_LINE).read_line(&mut line)).await;
+        match read {
+            Ok(Ok(0)) | Err(_) => return,
+            Ok(Err(e)) => {
+                debug!(error = %e, "control socket: read failed");
+                return;
+            }
+            Ok(Ok(_)) => {}
+        }
+        // Without its newline the line was cut at MAX_LINE (or the client hung up mid-line):
+        // answer, then close, as the rest of the stream cannot be framed.
+        let complete = line.ends_with('\n');
+        let response = if complete {
+            match serde_json::from_str::<Request>(&line) {
+                Ok(request) => answer(request, &alarm).await,
+                Err(e) => Response::error(format!("bad request: {e}")),
+            }
+        } else {
+            Response::error(format!("request longer than {MAX_LINE} bytes or not ended by a newline"))
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() || !complete {
+            return;
+        }
+    }
+}
+
+/// Carries out one request.
+async fn answer(request: Request, alarm: &AlarmHandle) -> Response {
+    match request {
+        Request::AlarmStatus => match alarm.status().await {
+            Ok(status) => Response { ok: true, error: None, alarm: Some(status), events: Vec::new() },
+            Err(e) => Response::error(e.to_string()),
+        },
+        Request::Alarm { command } => {
+            let command = match serde_json::to_vec(&command).map(|bytes| alarm::parse_set(&bytes)) {
+                Ok(Ok(command)) => command,
+                Ok(Err(e)) => return Response::error(e.to_string()),
+                Err(e) => return Response::error(e.to_string()),
+            };
+            match alarm.cli_command(command).await {
+                Ok(outcome) => Response { ok: true, error: None, alarm: Some(outcome.status), events: outcome.events },
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Sends one request to the hub of `data_dir` and returns its answer (blocking: for the CLI).
+pub fn request(data_dir: &Path, request: &Request) -> Result<Response, ControlError> {
+    let path = socket_path(data_dir);
+    let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ControlError::NotRunning(path.clone()),
+        std::io::ErrorKind::PermissionDenied => ControlError::PermissionDenied(path.clone()),
+        _ => ControlError::Io { path: path.clone(), source: e },
+    })?;
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
+    line.push(b'\n');
+    (&stream).write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    if answer.is_empty() {
+        return Err(ControlError::BadAnswer("the hub closed the connection".to_owned()));
+    }
+    serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_responses_are_one_json_line_each() {
+        let r = Request::Alarm { command: serde_json::json!({"action": "arm_away"}) };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"request":"alarm","command":{"action":"arm_away"}}"#);
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        let secret = Request::Alarm { command: serde_json::json!({"action": "disarm", "code": "4821"}) };
+        assert!(!format!("{secret:?}").contains("4821"));
+        assert_eq!(serde_json::to_string(&Request::AlarmStatus).unwrap(), r#"{"request":"alarm_status"}"#);
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        let e = Response::error("nope");
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"ok":false,"error":"nope","events":[]}"#);
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (listener, path) = bind(dir.path()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(dir.path()), Err(ControlError::InUse(_))));
+        drop(listener);
+        // The file stays behind, as after a kill -9.
+        assert!(path.exists());
+        let (_listener, _) = bind(dir.path()).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        assert!(matches!(request(other.path(), &Request::AlarmStatus), Err(ControlError::NotRunning(_))));
+    }
+}
