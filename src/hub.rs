@@ -27,7 +27,7 @@ use crate::store::{self, Store};
 pub const STATUS_TOPIC: &str = "dpi/hub/status";
 
 /// How long shutdown may take before the hub gives up waiting for sessions (SPEC: exit within 5 s).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Why the hub could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +198,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     accepting.cancel();
     hub.publish(STATUS_TOPIC, "offline", true);
     // The hub's link gets its own publish back once the router has routed it to every subscriber.
-    let echoed = tokio::time::timeout(Duration::from_secs(1), async {
+    let echoed = tokio::time::timeout(Duration::from_millis(500), async {
         while let Some(m) = messages.recv().await {
             if m.topic == STATUS_TOPIC && &m.payload[..] == b"offline" {
                 return;
@@ -220,9 +220,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     // The alarm's last actions reach the store and the router before they close.
     control_stop.cancel();
     alarm_stop.cancel();
+    // One deadline for both: together they may take 1 s, so that shutdown stays within 5 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     for (what, task) in [("control socket", control), ("alarm", Some(alarm_task))] {
         if let Some(task) = task {
-            if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
                 warn!(what, "did not stop in time");
             }
         }

@@ -366,7 +366,7 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
     );
     let _ = writeln!(
         h,
-        "           idle: {} TLS clients, {} connecting at once; connects: {} clients for {} s",
+        "           idle: {} TLS clients (bench user), {} connecting at once; connects: {} devices for {} s",
         format_number(plan.idle_clients as f64, 0),
         plan.idle_concurrency,
         plan.connect_workers,
@@ -481,8 +481,8 @@ impl Report {
             "\nHigher is better for msgs/s and connects/s; lower for latency, lost messages and RSS.\n\
              Latency: publish() call to receipt by the subscriber, on one clock. Each measurement runs on a\n\
              freshly started broker; clients use TCP_NODELAY and full TLS 1.3 handshakes (no resumption).\n\
-             Logging: hub at warn, Mosquitto at error. The hub authenticates with argon2, Mosquitto with its\n\
-             password file (PBKDF2-SHA512).\n",
+             Logging: hub at warn, Mosquitto at error. Logins: on the hub, devices (fleet, connects) use their\n\
+             hub-issued token (salted SHA-256) and the bench user argon2id; on Mosquitto, its password file.\n",
         );
         if !self.notes.is_empty() {
             out.push_str("\nNotes:\n");
