@@ -396,3 +396,27 @@ async fn mosquitto_clients_work_with_a_device_password_and_with_its_certificate(
     let out = run(&["-i", "hall-motion", "-u", "hall-motion", "-P", "wrong", "-t", "dpi/hall-motion/state", "-m", "1"]);
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_will_on_a_topic_the_device_may_not_publish_is_refused_at_connect() {
+    let (hub, _watcher) = hub_with_watcher("").await;
+    let password = hub.device_creds("hall-motion", false)["password"].clone();
+    let mut o = MqttOptions::new("hall-motion", "127.0.0.1", hub.tls.port());
+    o.set_credentials("hall-motion", password);
+    o.set_last_will(rumqttc::LastWill::new("dpi/alarm/set", r#"{"action":"disarm"}"#, QoS::AtLeastOnce, false));
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config(&hub.ca()))));
+    let err = Client::connect_with(o).await.err().expect("a forbidden will was accepted");
+    assert!(matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlong_topic_closes_the_connection() {
+    let hub = TestHub::start("").await;
+    hub.add_user("admin", Role::Admin, "admin-password");
+    let mut raw = RawClient::connect(hub.tls, &hub.ca()).await;
+    raw.connect_packet("long", "admin", "admin-password", 30).await;
+    assert!(matches!(raw.recv(Duration::from_secs(10)).await, Some(Packet::ConnAck(..))));
+    let topic = "a/".repeat(400);
+    raw.send(Packet::Publish(rumqttd::protocol::Publish::new(topic, "x".to_owned(), false), None)).await;
+    assert!(raw.recv(Duration::from_secs(10)).await.is_none(), "an overlong topic was accepted");
+}
