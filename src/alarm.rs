@@ -441,9 +441,16 @@ async fn load_snapshot(store: &Store) -> Option<String> {
 type Verifying = (Queued, JoinHandle<Result<CodeCheck, AlarmError>>);
 
 /// Runs the alarm until `shutdown` is cancelled or every handle is gone.
-pub async fn run(config: Config, store: Store, hub: HubLink, inbox: Inbox, shutdown: CancellationToken) {
+pub async fn run(
+    config: Config,
+    store: Store,
+    hub: HubLink,
+    inbox: Inbox,
+    lights: crate::lights::LightsHandle,
+    shutdown: CancellationToken,
+) {
     let mut inbox = inbox.0;
-    let mut driver = Driver::start(&config, store, hub).await;
+    let mut driver = Driver::start(&config, store, hub, lights).await;
     driver.carry_out().await;
     driver.replay_retained().await;
     let mut queue: VecDeque<Queued> = VecDeque::new();
@@ -497,14 +504,14 @@ struct Driver {
     origin: tokio::time::Instant,
     /// For snapshots, codes and the event log.
     store: Store,
-    /// For the state, events and commands to sirens and lights.
+    /// For the state, events and commands to sirens.
     hub: HubLink,
     /// Each declared device's kind, to decode stored states.
     kinds: HashMap<String, DeviceKind>,
     /// The sirens, to know whose coming online deserves a second command.
     sirens: HashSet<String>,
-    /// Every light, for `lights_on_trigger`.
-    lights: Vec<String>,
+    /// The light rules, which switch every light on for `lights_on_trigger`.
+    lights: crate::lights::LightsHandle,
     /// Each sensor's last (tripped, tamper), to fill in what a heartbeat leaves out.
     last: HashMap<String, (bool, bool)>,
     /// Devices seen online since the driver started.
@@ -523,7 +530,7 @@ struct Driver {
 
 impl Driver {
     /// Restores or creates the machine and seeds it from the store.
-    async fn start(config: &Config, store: Store, hub: HubLink) -> Driver {
+    async fn start(config: &Config, store: Store, hub: HubLink, lights: crate::lights::LightsHandle) -> Driver {
         let origin = tokio::time::Instant::now();
         let alarm_config = alarm_config(config);
         let stored = load_snapshot(&store).await;
@@ -576,7 +583,7 @@ impl Driver {
             hub,
             kinds,
             sirens: ids_of(config, DeviceKind::Siren).into_iter().collect(),
-            lights: ids_of(config, DeviceKind::Light),
+            lights,
             last,
             seen_online: HashSet::new(),
             since: rfc3339(time::OffsetDateTime::now_utc()),
@@ -789,10 +796,9 @@ impl Driver {
                 }
                 Action::Siren { device, on } => self.siren(device, *on),
                 Action::AllLightsOn => {
-                    for light in &self.lights {
-                        self.hub.publish(format!("dpi/{light}/set"), r#"{"on":true}"#, false);
-                    }
-                    info!(lights = self.lights.len(), "alarm: every light on");
+                    // The light rules command every light, so they know the hub switched them on.
+                    self.lights.alarm_triggered();
+                    info!("alarm: every light on");
                 }
             }
         }

@@ -9,7 +9,8 @@
 //! (a sensor that reconnects, or a retained message replayed, does not count twice).
 //!
 //! Valid states and availability of the devices the alarm watches are also handed to the alarm
-//! driver as they arrive, each state flagged when it is the first since the device (re)connected.
+//! driver as they arrive, each state flagged when it is the first since the device (re)connected;
+//! valid states of the devices the light rules use go to the lights driver the same way.
 //!
 //! This module must not decode payload grammar (that is [`crate::decode`]) nor run rules.
 
@@ -55,6 +56,8 @@ pub struct Pipeline {
     max_payload: usize,
     /// Gets the states and availability of the devices the alarm watches.
     alarm: crate::alarm::AlarmHandle,
+    /// Gets the states of the devices the light rules use.
+    lights: crate::lights::LightsHandle,
     /// Devices that came online and have not reported a state since: their next one is the first
     /// after connecting (SPEC §7: a sensor that reconnects is not a trip).
     reconnected: Arc<Mutex<HashSet<String>>>,
@@ -66,10 +69,11 @@ impl Pipeline {
         kinds: HashMap<String, DeviceKind>,
         max_payload: usize,
         alarm: crate::alarm::AlarmHandle,
+        lights: crate::lights::LightsHandle,
     ) -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
         let reconnected = Arc::default();
-        (Pipeline { events, kinds: Arc::new(kinds), max_payload, alarm, reconnected }, rx)
+        (Pipeline { events, kinds: Arc::new(kinds), max_payload, alarm, lights, reconnected }, rx)
     }
 
     /// Notes a device coming online or going offline, and tells the alarm.
@@ -101,6 +105,7 @@ impl Pipeline {
                 Ok(state) => {
                     let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
                     self.alarm.device_state(id, &state, first);
+                    self.lights.device_state(id, &state);
                     let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
                     Verdict::Accept
                 }
@@ -250,7 +255,8 @@ mod tests {
     fn pipeline() -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
         let config = crate::config::Config::from_toml("[[device]]\nid = \"door\"\nkind = \"contact\"\n", None).unwrap();
         let (alarm, _inbox) = crate::alarm::channel(&config);
-        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024, alarm)
+        let (lights, _inbox) = crate::lights::channel(&config);
+        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024, alarm, lights)
     }
 
     #[test]

@@ -119,12 +119,22 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     let kinds: HashMap<_, _> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
     // The alarm driver starts after the retained replay above, so its state is published last.
+    let (lights, lights_inbox) = crate::lights::channel(&config);
+    let lights_stop = CancellationToken::new();
+    let lights_task =
+        tokio::spawn(crate::lights::run(config.clone(), store.clone(), hub.clone(), lights_inbox, lights_stop.clone()));
     let (alarm, alarm_inbox) = crate::alarm::channel(&config);
     let alarm_stop = CancellationToken::new();
-    let alarm_task =
-        tokio::spawn(crate::alarm::run(config.clone(), store.clone(), hub.clone(), alarm_inbox, alarm_stop.clone()));
+    let alarm_task = tokio::spawn(crate::alarm::run(
+        config.clone(),
+        store.clone(),
+        hub.clone(),
+        alarm_inbox,
+        lights.clone(),
+        alarm_stop.clone(),
+    ));
     let (devices, device_events) =
-        crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes, alarm.clone());
+        crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes, alarm.clone(), lights.clone());
     background.spawn(crate::devices::run(
         store.clone(),
         device_events,
@@ -151,6 +161,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         retained: retained_tx,
         devices: devices.clone(),
         alarm: alarm.clone(),
+        lights,
     });
     drop(devices);
     let control_stop = CancellationToken::new();
@@ -173,6 +184,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     hub.subscribe(STATUS_TOPIC);
     hub.publish(STATUS_TOPIC, "online", true);
+    // Ready means the retained `online` is in place: wait for the router to route it back.
+    let online = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(m) = messages.recv().await {
+            if m.topic == STATUS_TOPIC && &m.payload[..] == b"online" {
+                return;
+            }
+        }
+    })
+    .await;
+    if online.is_err() {
+        warn!("online status not confirmed by the router");
+    }
     let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
     store
         .call(move |c| {
@@ -220,9 +243,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     // The alarm's last actions reach the store and the router before they close.
     control_stop.cancel();
     alarm_stop.cancel();
-    // One deadline for both: together they may take 1 s, so that shutdown stays within 5 s.
+    lights_stop.cancel();
+    // One deadline for all: together they may take 1 s, so that shutdown stays within 5 s.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    for (what, task) in [("control socket", control), ("alarm", Some(alarm_task))] {
+    for (what, task) in [("control socket", control), ("alarm", Some(alarm_task)), ("light rules", Some(lights_task))] {
         if let Some(task) = task {
             if tokio::time::timeout_at(deadline, task).await.is_err() {
                 warn!(what, "did not stop in time");

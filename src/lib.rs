@@ -13,6 +13,7 @@ pub mod control;
 pub mod decode;
 pub mod devices;
 pub mod hub;
+pub mod lights;
 pub mod logging;
 pub mod secret;
 pub mod store;

@@ -6,5 +6,6 @@ mod util;
 mod alarm;
 mod cli;
 mod foundation;
+mod lights;
 mod pipeline;
 mod security;

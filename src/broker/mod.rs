@@ -109,6 +109,8 @@ pub struct Shared {
     pub devices: crate::devices::Pipeline,
     /// Receives `dpi/alarm/set` commands that passed the ACL, with who sent them.
     pub alarm: crate::alarm::AlarmHandle,
+    /// Receives `dpi/scene/set` requests that passed the ACL.
+    pub lights: crate::lights::LightsHandle,
 }
 
 /// Where changes to retained messages go to be persisted: (topic, payload or `None` to clear).

@@ -481,6 +481,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         }
+        if topic == crate::lights::SCENE_TOPIC {
+            let handed = crate::lights::parse_scene(&publish.payload)
+                .and_then(|scene| self.shared.lights.scene(scene, &self.client_id));
+            if let Err(e) = handed {
+                warn!(client = %self.client_id, %topic, reason = %e, "scene request rejected");
+                self.refuse_publish(topic, &e.to_string(), qos, pkid);
+                return None;
+            }
+        }
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             self.shared.retain(topic.to_owned(), payload);
