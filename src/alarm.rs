@@ -78,15 +78,9 @@ const MAX_QUOTED: usize = 32;
 /// `dpi/hub/error` and the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetError {
-    /// The payload is not UTF-8.
-    #[error("payload is not UTF-8 text")]
-    NotUtf8,
-    /// The payload is not valid JSON; carries the parser's reason (a position, never the text).
-    #[error("payload is not valid JSON: {0}")]
-    NotJson(String),
-    /// The payload is JSON but not an object.
-    #[error("payload is JSON but not an object")]
-    NotAnObject,
+    /// The payload is not a JSON object (the parser's reason gives a position, never the text).
+    #[error(transparent)]
+    Payload(#[from] decode::DecodeError),
     /// The object has no `action`.
     #[error("action is missing (arm_away, arm_home, arm_night, disarm or panic)")]
     MissingAction,
@@ -117,11 +111,7 @@ pub struct SetCommand {
 /// Parses a `dpi/alarm/set` payload: `{"action": "...", "code": "1234", "force": false}`; other
 /// fields are ignored.
 pub fn parse_set(payload: &[u8]) -> Result<SetCommand, SetError> {
-    let text = std::str::from_utf8(payload).map_err(|_| SetError::NotUtf8)?;
-    let value: Value = serde_json::from_str(text).map_err(|e| SetError::NotJson(e.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(SetError::NotAnObject);
-    };
+    let fields = decode::json_object(payload)?;
     let action = match fields.get("action") {
         None => return Err(SetError::MissingAction),
         Some(Value::String(a)) => {

@@ -31,6 +31,17 @@ const MAX_QUOTED_WORD: usize = 32;
 /// Device ids that are the hub's own topics (`dpi/alarm/…`, `dpi/scene/…`, `dpi/hub/…`), never a device's.
 const RESERVED_IDS: [&str; 3] = ["alarm", "scene", "hub"];
 
+/// Reads a payload that must be one JSON object (commands such as `dpi/alarm/set` and
+/// `dpi/scene/set`): UTF-8, valid JSON, an object. Errors name no part of the payload.
+pub fn json_object(payload: &[u8]) -> Result<Map<String, Value>, DecodeError> {
+    let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(DecodeError::NotAnObject),
+        Err(e) => Err(DecodeError::NotJson(e.to_string())),
+    }
+}
+
 /// Why a payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

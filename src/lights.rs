@@ -45,15 +45,9 @@ const MAX_QUOTED: usize = 32;
 /// Why a `dpi/scene/set` payload was refused; the `Display` is one line for `dpi/hub/error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SceneError {
-    /// The payload is not UTF-8.
-    #[error("payload is not UTF-8 text")]
-    NotUtf8,
-    /// The payload is not valid JSON; carries the parser's reason.
-    #[error("payload is not valid JSON: {0}")]
-    NotJson(String),
-    /// The payload is JSON but not an object.
-    #[error("payload is JSON but not an object")]
-    NotAnObject,
+    /// The payload is not a JSON object.
+    #[error(transparent)]
+    Payload(#[from] crate::decode::DecodeError),
     /// The object has no string `scene`.
     #[error("scene must be a string naming a configured scene")]
     MissingScene,
@@ -64,11 +58,7 @@ pub enum SceneError {
 
 /// Parses a `dpi/scene/set` payload `{"scene": "ID"}` into the scene id; other fields are ignored.
 pub fn parse_scene(payload: &[u8]) -> Result<String, SceneError> {
-    let text = std::str::from_utf8(payload).map_err(|_| SceneError::NotUtf8)?;
-    let value: Value = serde_json::from_str(text).map_err(|e| SceneError::NotJson(e.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(SceneError::NotAnObject);
-    };
+    let fields = crate::decode::json_object(payload)?;
     match fields.get("scene") {
         Some(Value::String(id)) if !id.is_empty() => Ok(id.clone()),
         _ => Err(SceneError::MissingScene),
@@ -362,6 +352,7 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::DecodeError;
 
     #[test]
     fn commands_carry_only_their_fields() {
@@ -376,10 +367,13 @@ mod tests {
     #[test]
     fn scene_payloads() {
         assert_eq!(parse_scene(br#"{"scene":"evening"}"#), Ok("evening".to_owned()));
-        assert_eq!(parse_scene(b"evening"), Err(SceneError::NotJson("expected value at line 1 column 1".into())));
-        assert_eq!(parse_scene(b"[1]"), Err(SceneError::NotAnObject));
+        assert_eq!(
+            parse_scene(b"evening"),
+            Err(SceneError::Payload(DecodeError::NotJson("expected value at line 1 column 1".into())))
+        );
+        assert_eq!(parse_scene(b"[1]"), Err(SceneError::Payload(DecodeError::NotAnObject)));
         assert_eq!(parse_scene(br#"{"scene":3}"#), Err(SceneError::MissingScene));
-        assert_eq!(parse_scene(&[0xff]), Err(SceneError::NotUtf8));
+        assert_eq!(parse_scene(&[0xff]), Err(SceneError::Payload(DecodeError::NotUtf8)));
     }
 
     #[test]
