@@ -449,11 +449,20 @@ fn status(config: &Config) -> anyhow::Result<()> {
         return Ok(());
     }
     let conn = store::open(&db)?;
+    // Live figures come from the running hub itself, over its control socket: an answer also proves it is up.
+    let stats = crate::control::request(&config.data_dir, &crate::control::Request::Stats).ok().and_then(|r| r.stats);
     match store::runtime::get(&conn)? {
-        Some(r) if r.stopped_at.is_none() && process_alive(r.pid) => {
+        Some(r) if r.stopped_at.is_none() && (stats.is_some() || process_alive(r.pid)) => {
             println!("hub: up (pid {}, since {})", r.pid, r.started_at);
             println!("tls_listen: {}", r.tls_listen);
             println!("plain_listen: {}", r.plain_listen.as_deref().unwrap_or("off"));
+            if let Some(s) = &stats {
+                let per_minute = if s.uptime_s > 0 { s.store_commits as f64 * 60.0 / s.uptime_s as f64 } else { 0.0 };
+                println!(
+                    "store: {} write transactions in {} s of uptime ({per_minute:.1} per minute)",
+                    s.store_commits, s.uptime_s
+                );
+            }
         }
         Some(r) => match r.stopped_at {
             Some(at) => println!("hub: down (stopped {at})"),

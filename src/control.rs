@@ -9,6 +9,8 @@
 //! ← {"ok":true,"alarm":{"state":"disarmed","since":"…","by":"hub","bypassed":[],"code_locked_out":false},"events":[]}
 //! → {"request":"alarm","command":{"action":"disarm","code":"1234"}}
 //! ← {"ok":true,"alarm":{…},"events":[{"event":"disarmed","device":null,"reason":"…","at":"…","user":"alice"}]}
+//! → {"request":"stats"}
+//! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598},"events":[]}
 //! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)
 //! ```
 //!
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::alarm::{self, AlarmHandle, EventRecord, Status};
+use crate::store::Store;
 
 /// The socket's file name inside the data dir.
 pub const SOCKET_FILE: &str = "hub.sock";
@@ -71,12 +74,34 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join(SOCKET_FILE)
 }
 
+/// What the control socket answers from: the alarm driver and the hub's figures.
+#[derive(Clone)]
+pub struct Handles {
+    /// Carries out alarm requests.
+    pub alarm: AlarmHandle,
+    /// Counts the store's commits for `stats`.
+    pub store: Store,
+    /// When the hub started, for `stats`.
+    pub started: std::time::Instant,
+}
+
+/// Figures of the running hub, for `domoticpi status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Seconds since the hub started.
+    pub uptime_s: u64,
+    /// SQLite write transactions committed since the hub started (the SD card's wear).
+    pub store_commits: u64,
+}
+
 /// A request, one line of JSON. Its `Debug` leaves the command's code out.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     /// The alarm's state.
     AlarmStatus,
+    /// The hub's figures.
+    Stats,
     /// An alarm command: a `dpi/alarm/set` payload (kept as JSON so that the code is parsed into a
     /// redacted type in one place, [`alarm::parse_set`]).
     Alarm {
@@ -89,6 +114,7 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::AlarmStatus => f.write_str("AlarmStatus"),
+            Request::Stats => f.write_str("Stats"),
             Request::Alarm { command } => {
                 f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
             }
@@ -110,11 +136,14 @@ pub struct Response {
     /// The alarm events the request caused, in order.
     #[serde(default)]
     pub events: Vec<EventRecord>,
+    /// The hub's figures, for `stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
 }
 
 impl Response {
     fn error(error: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(error.into()), alarm: None, events: Vec::new() }
+        Response { ok: false, error: Some(error.into()), alarm: None, events: Vec::new(), stats: None }
     }
 }
 
@@ -134,7 +163,7 @@ pub fn bind(data_dir: &Path) -> Result<(UnixListener, PathBuf), ControlError> {
 }
 
 /// Answers requests until `shutdown` is cancelled, then removes the socket file.
-pub async fn serve(listener: UnixListener, path: PathBuf, alarm: AlarmHandle, shutdown: CancellationToken) {
+pub async fn serve(listener: UnixListener, path: PathBuf, handles: Handles, shutdown: CancellationToken) {
     info!(path = %path.display(), "control socket ready");
     loop {
         let stream = tokio::select! {
@@ -148,11 +177,11 @@ pub async fn serve(listener: UnixListener, path: PathBuf, alarm: AlarmHandle, sh
                 }
             },
         };
-        let (alarm, shutdown) = (alarm.clone(), shutdown.clone());
+        let (handles, shutdown) = (handles.clone(), shutdown.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                () = connection(stream, alarm) => {}
+                () = connection(stream, handles) => {}
             }
         });
     }
@@ -160,7 +189,7 @@ pub async fn serve(listener: UnixListener, path: PathBuf, alarm: AlarmHandle, sh
 }
 
 /// One client: a response per request line until it hangs up, goes quiet or sends an overlong line.
-async fn connection(stream: UnixStream, alarm: AlarmHandle) {
+async fn connection(stream: UnixStream, handles: Handles) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     loop {
@@ -179,7 +208,7 @@ async fn connection(stream: UnixStream, alarm: AlarmHandle) {
         let complete = line.ends_with('\n');
         let response = if complete {
             match serde_json::from_str::<Request>(&line) {
-                Ok(request) => answer(request, &alarm).await,
+                Ok(request) => answer(request, &handles).await,
                 Err(e) => Response::error(format!("bad request: {e}")),
             }
         } else {
@@ -194,10 +223,19 @@ async fn connection(stream: UnixStream, alarm: AlarmHandle) {
 }
 
 /// Carries out one request.
-async fn answer(request: Request, alarm: &AlarmHandle) -> Response {
+async fn answer(request: Request, handles: &Handles) -> Response {
+    let alarm = &handles.alarm;
+    let ok = Response { ok: true, error: None, alarm: None, events: Vec::new(), stats: None };
     match request {
+        Request::Stats => Response {
+            stats: Some(Stats {
+                uptime_s: handles.started.elapsed().as_secs(),
+                store_commits: handles.store.commits(),
+            }),
+            ..ok
+        },
         Request::AlarmStatus => match alarm.status().await {
-            Ok(status) => Response { ok: true, error: None, alarm: Some(status), events: Vec::new() },
+            Ok(status) => Response { alarm: Some(status), ..ok },
             Err(e) => Response::error(e.to_string()),
         },
         Request::Alarm { command } => {
@@ -207,7 +245,7 @@ async fn answer(request: Request, alarm: &AlarmHandle) -> Response {
                 Err(e) => return Response::error(e.to_string()),
             };
             match alarm.cli_command(command).await {
-                Ok(outcome) => Response { ok: true, error: None, alarm: Some(outcome.status), events: outcome.events },
+                Ok(outcome) => Response { alarm: Some(outcome.status), events: outcome.events, ..ok },
                 Err(e) => Response::error(e.to_string()),
             }
         }
@@ -249,6 +287,7 @@ mod tests {
         let secret = Request::Alarm { command: serde_json::json!({"action": "disarm", "code": "4821"}) };
         assert!(!format!("{secret:?}").contains("4821"));
         assert_eq!(serde_json::to_string(&Request::AlarmStatus).unwrap(), r#"{"request":"alarm_status"}"#);
+        assert_eq!(serde_json::to_string(&Request::Stats).unwrap(), r#"{"request":"stats"}"#);
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
         let e = Response::error("nope");
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"ok":false,"error":"nope","events":[]}"#);

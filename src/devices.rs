@@ -136,11 +136,20 @@ struct Known {
     online: Option<bool>,
 }
 
-/// Keeps devices' latest state and writes changes, coalesced, until every sender is gone; then
-/// writes what is left and returns.
+/// A change to a retained message: a payload sets the topic, `None` clears it.
+pub type RetainedChange = (String, Option<bytes::Bytes>);
+
+/// Keeps devices' latest state and writes changes, coalesced, until every sender of both channels
+/// is gone; then writes what is left and returns.
+///
+/// This is the hub's one periodic writer: device states, their history and the retained messages
+/// changed during an interval go to SQLite together, in one transaction, so the SD card sees at
+/// most one commit per `interval` whatever the load (history is pruned in that same transaction,
+/// hourly). A write that fails (a full disk) is kept in memory, bounded, and retried an interval later.
 pub async fn run(
     store: Store,
     mut events: mpsc::UnboundedReceiver<DeviceEvent>,
+    mut retained: mpsc::UnboundedReceiver<RetainedChange>,
     interval: Duration,
     history_days: u32,
 ) {
@@ -152,33 +161,65 @@ pub async fn run(
         }
     };
     let mut pending: Vec<Change> = Vec::new();
+    // Latest payload per retained topic: a map, so a backlog stays bounded by the topics.
+    let mut pending_retained: HashMap<String, Option<bytes::Bytes>> = HashMap::new();
     let mut failing = false;
+    let mut refused_logged = false;
     let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
-    let mut open = true;
-    while open {
-        // Wait for something to write, then gather for one interval.
-        match events.recv().await {
-            Some(event) => absorb(event, &mut known, &mut pending),
-            None => open = false,
-        }
-        let deadline = tokio::time::Instant::now() + interval;
-        while open {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(event)) => absorb(event, &mut known, &mut pending),
-                Ok(None) => open = false,
-                Err(_) => break,
+    let (mut events_open, mut retained_open) = (true, true);
+    while events_open || retained_open {
+        // Wait for something to write (unless a failed write is waiting), then gather for one interval.
+        if pending.is_empty() && pending_retained.is_empty() {
+            tokio::select! {
+                event = events.recv(), if events_open => match event {
+                    Some(event) => absorb(event, &mut known, &mut pending),
+                    None => events_open = false,
+                },
+                change = retained.recv(), if retained_open => match change {
+                    Some((topic, payload)) => drop(pending_retained.insert(topic, payload)),
+                    None => retained_open = false,
+                },
             }
         }
-        if pending.is_empty() {
+        let deadline = tokio::time::Instant::now() + interval;
+        while events_open || retained_open {
+            tokio::select! {
+                event = events.recv(), if events_open => match event {
+                    Some(event) => absorb(event, &mut known, &mut pending),
+                    None => events_open = false,
+                },
+                change = retained.recv(), if retained_open => match change {
+                    Some((topic, payload)) => drop(pending_retained.insert(topic, payload)),
+                    None => retained_open = false,
+                },
+                () = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if pending.is_empty() && pending_retained.is_empty() {
             continue;
         }
+        let prune_before = (last_prune.elapsed() > Duration::from_secs(3600)).then(|| {
+            let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
+            before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+        });
         let batch = std::mem::take(&mut pending);
         let retry = batch.clone();
-        match store.call(move |c| store::device_state::apply(c, &batch)).await {
-            Ok(()) => {
+        let rows: Vec<(String, Option<Vec<u8>>)> =
+            pending_retained.iter().map(|(t, p)| (t.clone(), p.as_ref().map(|b| b.to_vec()))).collect();
+        let pruning = prune_before.is_some();
+        match store.call(move |c| store::write_batch(c, &batch, &rows, prune_before.as_deref())).await {
+            Ok(refused) => {
+                pending_retained.clear();
+                if pruning {
+                    last_prune = tokio::time::Instant::now();
+                }
                 if failing {
                     info!("device states are being saved again");
                     failing = false;
+                }
+                if let (Some(first), false) = (refused.first(), refused_logged) {
+                    refused_logged = true;
+                    warn!(max = store::retained::MAX_TOPICS, %first, "too many retained topics: new ones are kept until restart only");
                 }
             }
             Err(e) => {
@@ -188,14 +229,6 @@ pub async fn run(
                 }
                 // Keep what failed, bounded: the latest state per device is what matters.
                 pending = compact(retry);
-            }
-        }
-        if last_prune.elapsed() > Duration::from_secs(3600) {
-            last_prune = tokio::time::Instant::now();
-            let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
-            let before = before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-            if let Err(e) = store.call(move |c| store::device_state::prune(c, &before)).await {
-                warn!(error = %e, "could not prune history");
             }
         }
     }

@@ -108,7 +108,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let (hub, mut messages, reader) = HubLink::connect(&links, retained_tx.clone())?;
     let mut router_task = tokio::spawn(reader.run());
     let background = TaskTracker::new();
-    background.spawn(persist_retained(store.clone(), retained_rx, config.store.commit_interval));
     let lag = broker::lag::skipped_clients().map(|skipped| tokio::spawn(record_lag(store.clone(), skipped)));
 
     // Retained messages from the last run, then every device offline until it connects.
@@ -138,6 +137,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     background.spawn(crate::devices::run(
         store.clone(),
         device_events,
+        retained_rx,
         config.store.commit_interval,
         config.store.history_days,
     ));
@@ -166,7 +166,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     drop(devices);
     let control_stop = CancellationToken::new();
     let control = match crate::control::bind(&config.data_dir) {
-        Ok((listener, path)) => Some(tokio::spawn(crate::control::serve(listener, path, alarm, control_stop.clone()))),
+        Ok((listener, path)) => {
+            let handles = crate::control::Handles { alarm, store: store.clone(), started: std::time::Instant::now() };
+            Some(tokio::spawn(crate::control::serve(listener, path, handles, control_stop.clone())))
+        }
         Err(e) => {
             warn!(error = %e, "no control socket: `domoticpi alarm` cannot reach this hub");
             None
@@ -264,51 +267,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
     drop(shared);
     drop(hub);
-    // The retained writer ends once every sender is gone, after a last write.
+    // The writer (device states and retained messages) ends once every sender is gone, after a last write.
     background.close();
     if tokio::time::timeout(Duration::from_secs(1), background.wait()).await.is_err() {
-        warn!("retained messages not all written at shutdown");
+        warn!("device states and retained messages not all written at shutdown");
     }
+    let commits = store.commits();
     drop(store);
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    info!("hub stopped");
+    info!(store_commits = commits, "hub stopped");
     failure.map_or(Ok(()), Err)
-}
-
-/// Writes changes to retained messages, coalesced: at most one transaction per `interval`.
-async fn persist_retained(
-    store: Store,
-    mut changes: tokio::sync::mpsc::UnboundedReceiver<(String, Option<bytes::Bytes>)>,
-    interval: Duration,
-) {
-    let mut refused_logged = false;
-    loop {
-        let Some(first) = changes.recv().await else { return };
-        let mut batch: HashMap<String, Option<bytes::Bytes>> = HashMap::from([first]);
-        let deadline = tokio::time::Instant::now() + interval;
-        let mut open = true;
-        while open {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
-                Ok(Some((topic, payload))) => {
-                    batch.insert(topic, payload);
-                }
-                Ok(None) => open = false,
-                Err(_) => break,
-            }
-        }
-        let rows: Vec<(String, Option<Vec<u8>>)> = batch.into_iter().map(|(t, p)| (t, p.map(|b| b.to_vec()))).collect();
-        match store.call(move |c| store::retained::apply(c, &rows)).await {
-            Ok(refused) if !refused.is_empty() && !refused_logged => {
-                refused_logged = true;
-                warn!(max = store::retained::MAX_TOPICS, first = %refused[0], "too many retained topics: new ones are kept until restart only");
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "could not store retained messages"),
-        }
-        if !open {
-            return;
-        }
-    }
 }
 
 /// Logs the first skip-ahead per client and keeps counts for `domoticpi status`.

@@ -7,7 +7,8 @@
 //! connection. This module must not know about MQTT or the rules.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -173,6 +174,10 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     /// The database path, for messages.
     path: PathBuf,
+    /// Write transactions committed since the store started (SQLite's commit hook counts them all,
+    /// including single statements outside an explicit transaction): the SD card's wear, shown by
+    /// `domoticpi status`.
+    commits: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -196,6 +201,12 @@ impl Store {
     /// Opens the database and starts its thread.
     pub fn start(path: &Path) -> Result<(Store, StoreThread)> {
         let mut conn = open(path)?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&commits);
+        conn.commit_hook(Some(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+            false
+        }));
         let (jobs, rx) = mpsc::channel::<Job>();
         let thread = thread::Builder::new()
             .name("store".to_owned())
@@ -212,7 +223,7 @@ impl Store {
                 path: path.to_owned(),
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
-        Ok((Store { jobs, path: path.to_owned() }, StoreThread(thread)))
+        Ok((Store { jobs, path: path.to_owned(), commits }, StoreThread(thread)))
     }
 
     /// Runs `f` on the store thread and returns its result.
@@ -257,6 +268,34 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Write transactions committed since the store started.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// Writes one interval's device changes and retained messages in a single transaction, so that the
+/// SD card sees at most one commit per interval whatever the load; with `prune_before`, deletes
+/// the history older than it in the same transaction. Returns the retained topics not stored
+/// because the table is full.
+pub fn write_batch(
+    conn: &mut Connection,
+    states: &[device_state::Change],
+    retained: &[(String, Option<Vec<u8>>)],
+    prune_before: Option<&str>,
+) -> Result<Vec<String>> {
+    let path = PathBuf::from(conn.path().unwrap_or_default());
+    let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
+    if !states.is_empty() {
+        device_state::write(&tx, states)?;
+    }
+    if let Some(before) = prune_before {
+        device_state::prune(&tx, before)?;
+    }
+    let refused = if retained.is_empty() { Vec::new() } else { retained::write(&tx, retained)? };
+    tx.commit().map_err(sql_err(conn))?;
+    Ok(refused)
 }
 
 /// Maps a rusqlite error to a [`StoreError`] for `conn`'s file.
@@ -464,9 +503,16 @@ pub mod retained {
     /// clears it. Returns the topics that were not stored because the table is full.
     pub fn apply(conn: &mut Connection, changes: &[(String, Option<Vec<u8>>)]) -> Result<Vec<String>> {
         let tx = conn.transaction().map_err(|e| StoreError::Sqlite { path: PathBuf::new(), source: e })?;
+        let refused = write(&tx, changes)?;
+        tx.commit().map_err(sql_err(conn))?;
+        Ok(refused)
+    }
+
+    /// [`apply`] inside the caller's transaction.
+    pub fn write(tx: &Connection, changes: &[(String, Option<Vec<u8>>)]) -> Result<Vec<String>> {
         let mut refused = Vec::new();
         {
-            let err = sql_err(&tx);
+            let err = sql_err(tx);
             let mut count: i64 = tx.query_row("SELECT COUNT(*) FROM retained", [], |r| r.get(0)).map_err(&err)?;
             for (topic, payload) in changes {
                 match payload {
@@ -494,7 +540,6 @@ pub mod retained {
                 }
             }
         }
-        tx.commit().map_err(sql_err(conn))?;
         Ok(refused)
     }
 
@@ -564,8 +609,14 @@ pub mod device_state {
     /// `state_commits`.
     pub fn apply(conn: &mut Connection, changes: &[Change]) -> Result<()> {
         let path = PathBuf::from(conn.path().unwrap_or_default());
-        let e = |source| StoreError::Sqlite { path: path.clone(), source };
-        let tx = conn.transaction().map_err(e)?;
+        let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
+        write(&tx, changes)?;
+        tx.commit().map_err(sql_err(conn))
+    }
+
+    /// [`apply`] inside the caller's transaction.
+    pub fn write(tx: &Connection, changes: &[Change]) -> Result<()> {
+        let e = sql_err(tx);
         for change in changes {
             match change {
                 Change::State { id, json, at } => {
@@ -574,12 +625,12 @@ pub mod device_state {
                          ON CONFLICT (id) DO UPDATE SET state = excluded.state, state_at = excluded.state_at",
                         params![id, json, at],
                     )
-                    .map_err(e)?;
+                    .map_err(&e)?;
                     tx.execute(
                         "INSERT INTO history (device, at, kind, value) VALUES (?1, ?2, 'state', ?3)",
                         params![id, at, json],
                     )
-                    .map_err(e)?;
+                    .map_err(&e)?;
                 }
                 Change::Availability { id, online, at } => {
                     tx.execute(
@@ -587,13 +638,13 @@ pub mod device_state {
                          ON CONFLICT (id) DO UPDATE SET online = excluded.online, seen_at = excluded.seen_at",
                         params![id, online, at],
                     )
-                    .map_err(e)?;
+                    .map_err(&e)?;
                     let value = if *online { "online" } else { "offline" };
                     tx.execute(
                         "INSERT INTO history (device, at, kind, value) VALUES (?1, ?2, 'availability', ?3)",
                         params![id, at, value],
                     )
-                    .map_err(e)?;
+                    .map_err(&e)?;
                 }
                 Change::Rejected { id, n } => {
                     tx.execute(
@@ -601,7 +652,7 @@ pub mod device_state {
                          ON CONFLICT (id) DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
                         params![id, *n as i64, now_rfc3339()],
                     )
-                    .map_err(e)?;
+                    .map_err(&e)?;
                 }
             }
         }
@@ -610,8 +661,8 @@ pub mod device_state {
              ON CONFLICT (name) DO UPDATE SET value = value + 1",
             [],
         )
-        .map_err(e)?;
-        tx.commit().map_err(e)
+        .map_err(&e)?;
+        Ok(())
     }
 
     /// Deletes history older than `before` (RFC 3339).
@@ -695,13 +746,14 @@ pub mod events {
     /// How many events are kept; older ones are pruned as new ones arrive.
     const KEEP: i64 = 10_000;
 
-    /// Appends an event.
+    /// Appends an event (one transaction, pruning included).
     pub fn record(conn: &Connection, kind: &str, detail: &str) -> Result<()> {
-        conn.execute("INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)", [&now_rfc3339(), kind, detail])
+        let tx = conn.unchecked_transaction().map_err(sql_err(conn))?;
+        tx.execute("INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)", [&now_rfc3339(), kind, detail])
             .map_err(sql_err(conn))?;
-        conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1", [KEEP])
+        tx.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1", [KEEP])
             .map_err(sql_err(conn))?;
-        Ok(())
+        tx.commit().map_err(sql_err(conn))
     }
 
     /// The `n` newest events, newest first: (at, kind, detail).
@@ -716,6 +768,39 @@ pub mod events {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_batch_of_states_and_retained_messages_is_one_commit_and_reads_are_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, thread) = Store::start(&dir.path().join(DB_FILE)).unwrap();
+        assert_eq!(store.commits(), 0);
+        store.call(|c| device_state::all(c)).await.unwrap();
+        store.call(|c| retained::all(c)).await.unwrap();
+        assert_eq!(store.commits(), 0, "reads commit nothing");
+        let at = now_rfc3339();
+        let states: Vec<device_state::Change> = (0..50)
+            .map(|n| device_state::Change::State {
+                id: format!("dev-{n}"),
+                json: "{\"motion\":true}".into(),
+                at: at.clone(),
+            })
+            .collect();
+        let retained: Vec<(String, Option<Vec<u8>>)> =
+            (0..50).map(|n| (format!("dpi/dev-{n}/state"), Some(b"{\"motion\":true}".to_vec()))).collect();
+        let refused =
+            store.call(move |c| write_batch(c, &states, &retained, Some("2000-01-01T00:00:00Z"))).await.unwrap();
+        assert!(refused.is_empty());
+        assert_eq!(store.commits(), 1);
+        assert_eq!(store.call(|c| device_state::all(c)).await.unwrap().len(), 50);
+        assert_eq!(store.call(|c| retained::all(c)).await.unwrap().len(), 50);
+        // Every other write is counted too.
+        store.call(|c| events::record(c, "hub", "test")).await.unwrap();
+        assert_eq!(store.commits(), 2);
+        store.call(|c| lag::add(c, "slow-client", 1)).await.unwrap();
+        assert_eq!(store.commits(), 3);
+        drop(store);
+        thread.join();
+    }
 
     #[test]
     fn migrates_a_new_file_to_the_latest_version_in_wal_mode() {
