@@ -1,7 +1,7 @@
 //! The device pipeline: every state and availability a device publishes is checked where it enters
 //! (in the client's session, before the router sees it), then kept as the device's latest state
-//! and written to SQLite coalesced, at most one transaction per `store.commit_interval_ms`, so
-//! that a chatty sensor does not wear out the Pi's SD card.
+//! and written to SQLite coalesced with the retained messages, at most one transaction per
+//! `store.commit_interval_ms`, so that a chatty sensor does not wear out the Pi's SD card.
 //!
 //! A payload that is not valid for the device's kind, or a message about a device the config does
 //! not declare, is rejected: it never reaches another client, the stored state is unchanged, and
