@@ -148,7 +148,10 @@ fn weekday(day: config::Day) -> Weekday {
 pub fn event_of(id: &str, state: &DeviceState) -> Option<Event> {
     let switch = |action: &str| Some(Event::Switch { device: id.to_owned(), action: action.to_owned() });
     match state.main.as_ref()? {
-        Main::Motion(true) => Some(Event::Motion { sensor: id.to_owned() }),
+        // A door opening in a motion-light rule is presence, like motion.
+        Main::Motion(true) | Main::Contact(crate::decode::Contact::Open) => {
+            Some(Event::Motion { sensor: id.to_owned() })
+        }
         Main::Lux(lux) => Some(Event::Lux { sensor: id.to_owned(), lux: *lux }),
         Main::Light { on, brightness } => {
             Some(Event::LightState { light: id.to_owned(), on: *on, brightness: *brightness })
@@ -381,6 +384,9 @@ mod tests {
         let state = |main| DeviceState { main: Some(main), tamper: None, battery: None, fields: Default::default() };
         assert_eq!(event_of("m", &state(Main::Motion(true))), Some(Event::Motion { sensor: "m".into() }));
         assert_eq!(event_of("m", &state(Main::Motion(false))), None);
+        let open = state(Main::Contact(crate::decode::Contact::Open));
+        assert_eq!(event_of("door", &open), Some(Event::Motion { sensor: "door".into() }));
+        assert_eq!(event_of("door", &state(Main::Contact(crate::decode::Contact::Closed))), None);
         let rocker = state(Main::Switch { on: Some(false), action: None });
         assert_eq!(event_of("s", &rocker), Some(Event::Switch { device: "s".into(), action: "off".into() }));
         let button = state(Main::Button { action: "single".into() });
