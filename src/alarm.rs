@@ -437,10 +437,11 @@ pub async fn run(
     hub: HubLink,
     inbox: Inbox,
     lights: crate::lights::LightsHandle,
+    checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
     shutdown: CancellationToken,
 ) {
     let mut inbox = inbox.0;
-    let mut driver = Driver::start(&config, store, hub, lights).await;
+    let mut driver = Driver::start(&config, store, hub, lights, checkpoints).await;
     driver.carry_out().await;
     driver.replay_retained().await;
     let mut queue: VecDeque<Queued> = VecDeque::new();
@@ -512,6 +513,12 @@ struct Driver {
     restored_since: Option<String>,
     /// When the snapshot was last written, for checkpoints during delays.
     last_write: tokio::time::Instant,
+    /// Where checkpoints go: the periodic writer, whose one transaction per interval they share.
+    checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
+    /// Durable saves made so far; a checkpoint carries it so that a stale one is never written.
+    generation: u64,
+    /// The generation of the last durable save that reached the store thread.
+    saved: Arc<std::sync::atomic::AtomicU64>,
     /// Sirens to command again, and when.
     resend: Vec<(tokio::time::Instant, String)>,
     /// The last snapshot write failed (logged once until one succeeds).
@@ -520,7 +527,13 @@ struct Driver {
 
 impl Driver {
     /// Restores or creates the machine and seeds it from the store.
-    async fn start(config: &Config, store: Store, hub: HubLink, lights: crate::lights::LightsHandle) -> Driver {
+    async fn start(
+        config: &Config,
+        store: Store,
+        hub: HubLink,
+        lights: crate::lights::LightsHandle,
+        checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
+    ) -> Driver {
         let origin = tokio::time::Instant::now();
         let alarm_config = alarm_config(config);
         let stored = load_snapshot(&store).await;
@@ -579,6 +592,9 @@ impl Driver {
             since: rfc3339(time::OffsetDateTime::now_utc()),
             restored_since,
             last_write: origin,
+            checkpoints,
+            generation: 0,
+            saved: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             resend: Vec::new(),
             persist_failing: false,
         }
@@ -744,7 +760,7 @@ impl Driver {
         if self.alarm.poll_timeout().is_some() && self.last_write + CHECKPOINT <= due {
             let snapshot = self.alarm.snapshot(self.now());
             let since = self.since.clone();
-            self.persist(&snapshot, since).await;
+            self.checkpoint(&snapshot, since);
         }
     }
 
@@ -800,6 +816,19 @@ impl Driver {
         self.restored_since.clone().unwrap_or_else(|| self.wall(t))
     }
 
+    /// Hands the time left in a delay to the periodic writer (not fsynced: after a power cut the
+    /// delay resumes from an earlier checkpoint or the state change, a little longer, never shorter).
+    fn checkpoint(&mut self, snapshot: &Snapshot, since: String) {
+        self.last_write = tokio::time::Instant::now();
+        match serde_json::to_string(&Stored::new(snapshot, since)) {
+            Ok(json) => {
+                let saved = Arc::clone(&self.saved);
+                let _ = self.checkpoints.send(store::alarm::Checkpoint { generation: self.generation, json, saved });
+            }
+            Err(e) => error!(error = %e, "could not encode the alarm state"),
+        }
+    }
+
     /// Writes the snapshot durably; a failure is logged and the alarm carries on.
     async fn persist(&mut self, snapshot: &Snapshot, since: String) {
         self.last_write = tokio::time::Instant::now();
@@ -810,7 +839,9 @@ impl Driver {
                 return;
             }
         };
-        match self.store.durable(move |tx| store::alarm::save(tx, &json)).await {
+        self.generation += 1;
+        let (generation, saved) = (self.generation, Arc::clone(&self.saved));
+        match self.store.durable(move |tx| store::alarm::save_durable(tx, &json, generation, &saved)).await {
             Ok(()) if self.persist_failing => {
                 info!("the alarm state is being saved again");
                 self.persist_failing = false;

@@ -139,20 +139,71 @@ struct Known {
 /// A change to a retained message: a payload sets the topic, `None` clears it.
 pub type RetainedChange = (String, Option<bytes::Bytes>);
 
-/// Keeps devices' latest state and writes changes, coalesced, until every sender of both channels
+/// What the writer is fed, each on its own channel.
+pub struct WriterInputs {
+    /// Device states and availability from the pipeline.
+    pub events: mpsc::UnboundedReceiver<DeviceEvent>,
+    /// Retained messages set or cleared, from the sessions and the hub link.
+    pub retained: mpsc::UnboundedReceiver<RetainedChange>,
+    /// The alarm's checkpoints while a delay runs.
+    pub alarm: mpsc::UnboundedReceiver<store::alarm::Checkpoint>,
+}
+
+/// One input, or why there is none.
+enum Next {
+    Event(DeviceEvent),
+    Retained(RetainedChange),
+    Alarm(store::alarm::Checkpoint),
+    /// The deadline passed, or every channel is closed.
+    Done,
+}
+
+/// The writer's channels and which of them are still open.
+struct Inputs {
+    inputs: WriterInputs,
+    open: [bool; 3],
+}
+
+impl Inputs {
+    fn any_open(&self) -> bool {
+        self.open.iter().any(|o| *o)
+    }
+
+    /// The next input, waiting at most until `deadline` (forever with `None`).
+    async fn next(&mut self, deadline: Option<tokio::time::Instant>) -> Next {
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        while self.any_open() {
+            let [events_open, retained_open, alarm_open] = self.open;
+            let i = &mut self.inputs;
+            tokio::select! {
+                event = i.events.recv(), if events_open => match event {
+                    Some(event) => return Next::Event(event),
+                    None => self.open[0] = false,
+                },
+                change = i.retained.recv(), if retained_open => match change {
+                    Some(change) => return Next::Retained(change),
+                    None => self.open[1] = false,
+                },
+                checkpoint = i.alarm.recv(), if alarm_open => match checkpoint {
+                    Some(checkpoint) => return Next::Alarm(checkpoint),
+                    None => self.open[2] = false,
+                },
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)) => return Next::Done,
+            }
+        }
+        Next::Done
+    }
+}
+
+/// Keeps devices' latest state and writes changes, coalesced, until every sender of every input
 /// is gone; then writes what is left and returns.
 ///
-/// This is the hub's one periodic writer: device states, their history and the retained messages
-/// changed during an interval go to SQLite together, in one transaction, so the SD card sees at
-/// most one commit per `interval` whatever the load (history is pruned in that same transaction,
-/// hourly). A write that fails (a full disk) is kept in memory, bounded, and retried an interval later.
-pub async fn run(
-    store: Store,
-    mut events: mpsc::UnboundedReceiver<DeviceEvent>,
-    mut retained: mpsc::UnboundedReceiver<RetainedChange>,
-    interval: Duration,
-    history_days: u32,
-) {
+/// This is the hub's one periodic writer: device states, their history, the retained messages
+/// and the alarm's checkpoint changed during an interval go to SQLite together, in one
+/// transaction, so the SD card sees at most one commit per `interval` whatever the load (history
+/// is pruned in that same transaction, hourly). A write that fails (a full disk) is kept in
+/// memory, bounded, and retried an interval later.
+pub async fn run(store: Store, inputs: WriterInputs, interval: Duration, history_days: u32) {
     let mut known: HashMap<String, Known> = match store.call(|c| store::device_state::all(c)).await {
         Ok(rows) => rows.into_iter().map(|r| (r.id, Known { state: r.state, online: r.online })).collect(),
         Err(e) => {
@@ -160,56 +211,38 @@ pub async fn run(
             HashMap::new()
         }
     };
-    let mut pending: Vec<Change> = Vec::new();
-    // Latest payload per retained topic: a map, so a backlog stays bounded by the topics.
-    let mut pending_retained: HashMap<String, Option<bytes::Bytes>> = HashMap::new();
+    let mut inputs = Inputs { inputs, open: [true; 3] };
+    let mut pending = Pending::default();
     let mut failing = false;
     let mut refused_logged = false;
     let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
-    let (mut events_open, mut retained_open) = (true, true);
-    while events_open || retained_open {
+    while inputs.any_open() {
         // Wait for something to write (unless a failed write is waiting), then gather for one interval.
-        if pending.is_empty() && pending_retained.is_empty() {
-            tokio::select! {
-                event = events.recv(), if events_open => match event {
-                    Some(event) => absorb(event, &mut known, &mut pending),
-                    None => events_open = false,
-                },
-                change = retained.recv(), if retained_open => match change {
-                    Some((topic, payload)) => drop(pending_retained.insert(topic, payload)),
-                    None => retained_open = false,
-                },
-            }
+        if pending.is_empty() {
+            let next = inputs.next(None).await;
+            pending.take(next, &mut known);
         }
         let deadline = tokio::time::Instant::now() + interval;
-        while events_open || retained_open {
-            tokio::select! {
-                event = events.recv(), if events_open => match event {
-                    Some(event) => absorb(event, &mut known, &mut pending),
-                    None => events_open = false,
-                },
-                change = retained.recv(), if retained_open => match change {
-                    Some((topic, payload)) => drop(pending_retained.insert(topic, payload)),
-                    None => retained_open = false,
-                },
-                () = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        if pending.is_empty() && pending_retained.is_empty() {
+        while pending.take(inputs.next(Some(deadline)).await, &mut known) {}
+        if pending.is_empty() {
             continue;
         }
         let prune_before = (last_prune.elapsed() > Duration::from_secs(3600)).then(|| {
             let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
             before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
         });
-        let batch = std::mem::take(&mut pending);
-        let retry = batch.clone();
-        let rows: Vec<(String, Option<Vec<u8>>)> =
-            pending_retained.iter().map(|(t, p)| (t.clone(), p.as_ref().map(|b| b.to_vec()))).collect();
-        let pruning = prune_before.is_some();
-        match store.call(move |c| store::write_batch(c, &batch, &rows, prune_before.as_deref())).await {
+        let batch = store::Batch {
+            states: std::mem::take(&mut pending.states),
+            retained: pending.retained.iter().map(|(t, p)| (t.clone(), p.as_ref().map(|b| b.to_vec()))).collect(),
+            alarm: pending.checkpoint.clone(),
+            prune_before,
+        };
+        let retry = batch.states.clone();
+        let pruning = batch.prune_before.is_some();
+        match store.call(move |c| store::write_batch(c, &batch)).await {
             Ok(refused) => {
-                pending_retained.clear();
+                pending.retained.clear();
+                pending.checkpoint = None;
                 if pruning {
                     last_prune = tokio::time::Instant::now();
                 }
@@ -228,9 +261,37 @@ pub async fn run(
                     failing = true;
                 }
                 // Keep what failed, bounded: the latest state per device is what matters.
-                pending = compact(retry);
+                pending.states = compact(retry);
             }
         }
+    }
+}
+
+/// What waits for the next write.
+#[derive(Default)]
+struct Pending {
+    /// Device changes, in order.
+    states: Vec<Change>,
+    /// Latest payload per retained topic: a map, so a backlog stays bounded by the topics.
+    retained: HashMap<String, Option<bytes::Bytes>>,
+    /// The alarm's latest checkpoint.
+    checkpoint: Option<store::alarm::Checkpoint>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.retained.is_empty() && self.checkpoint.is_none()
+    }
+
+    /// Adds an input; false when there was none (deadline passed or inputs closed).
+    fn take(&mut self, next: Next, known: &mut HashMap<String, Known>) -> bool {
+        match next {
+            Next::Event(event) => absorb(event, known, &mut self.states),
+            Next::Retained((topic, payload)) => drop(self.retained.insert(topic, payload)),
+            Next::Alarm(newer) => self.checkpoint = Some(newer),
+            Next::Done => return false,
+        }
+        true
     }
 }
 

@@ -123,6 +123,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let lights_task =
         tokio::spawn(crate::lights::run(config.clone(), store.clone(), hub.clone(), lights_inbox, lights_stop.clone()));
     let (alarm, alarm_inbox) = crate::alarm::channel(&config);
+    let (checkpoints, checkpoints_rx) = tokio::sync::mpsc::unbounded_channel();
     let alarm_stop = CancellationToken::new();
     let alarm_task = tokio::spawn(crate::alarm::run(
         config.clone(),
@@ -130,14 +131,16 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         hub.clone(),
         alarm_inbox,
         lights.clone(),
+        checkpoints,
         alarm_stop.clone(),
     ));
     let (devices, device_events) =
         crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes, alarm.clone(), lights.clone());
+    let writer_inputs =
+        crate::devices::WriterInputs { events: device_events, retained: retained_rx, alarm: checkpoints_rx };
     background.spawn(crate::devices::run(
         store.clone(),
-        device_events,
-        retained_rx,
+        writer_inputs,
         config.store.commit_interval,
         config.store.history_days,
     ));

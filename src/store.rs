@@ -275,20 +275,31 @@ impl Store {
     }
 }
 
-/// Writes one interval's device changes and retained messages in a single transaction, so that the
-/// SD card sees at most one commit per interval whatever the load; with `prune_before`, deletes
-/// the history older than it in the same transaction. Returns the retained topics not stored
-/// because the table is full.
-pub fn write_batch(
-    conn: &mut Connection,
-    states: &[device_state::Change],
-    retained: &[(String, Option<Vec<u8>>)],
-    prune_before: Option<&str>,
-) -> Result<Vec<String>> {
+/// One interval's writes: device changes, retained messages, the alarm's checkpoint.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Device states, availability, rejected ids.
+    pub states: Vec<device_state::Change>,
+    /// Retained messages set (`Some`) or cleared (`None`).
+    pub retained: Vec<(String, Option<Vec<u8>>)>,
+    /// The alarm's latest snapshot while a delay runs.
+    pub alarm: Option<alarm::Checkpoint>,
+    /// Deletes the history older than this (RFC 3339), hourly.
+    pub prune_before: Option<String>,
+}
+
+/// Writes one interval's batch in a single transaction, so that the SD card sees at most one
+/// commit per interval whatever the load. Returns the retained topics not stored because the
+/// table is full.
+pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> {
+    let Batch { states, retained, alarm, prune_before } = batch;
     let path = PathBuf::from(conn.path().unwrap_or_default());
     let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
     if !states.is_empty() {
         device_state::write(&tx, states)?;
+    }
+    if let Some(checkpoint) = alarm {
+        alarm::save_checkpoint(&tx, checkpoint)?;
     }
     if let Some(before) = prune_before {
         device_state::prune(&tx, before)?;
@@ -713,6 +724,36 @@ pub mod alarm {
     use super::*;
     use rusqlite::{params, OptionalExtension};
 
+    /// A snapshot rewritten while a delay runs (the time left), handed to the periodic writer
+    /// ([`crate::devices::run`]) rather than written on its own: it shares the writer's transaction,
+    /// which is not fsynced. A state change is saved durably instead, with [`save_durable`]; a
+    /// checkpoint taken before the last durable save is stale and never written over it.
+    #[derive(Debug, Clone)]
+    pub struct Checkpoint {
+        /// How many durable saves the driver had made when it took this checkpoint.
+        pub generation: u64,
+        /// The snapshot (JSON).
+        pub json: String,
+        /// The generation of the last durable save, shared with the driver.
+        pub saved: Arc<AtomicU64>,
+    }
+
+    /// Saves a state change (inside [`Store::durable`]) as generation `generation`.
+    pub fn save_durable(conn: &Connection, snapshot_json: &str, generation: u64, saved: &AtomicU64) -> Result<()> {
+        save(conn, snapshot_json)?;
+        saved.fetch_max(generation, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes `checkpoint` unless a newer durable save came after it; returns whether it wrote.
+    pub fn save_checkpoint(conn: &Connection, checkpoint: &Checkpoint) -> Result<bool> {
+        if checkpoint.generation < checkpoint.saved.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        save(conn, &checkpoint.json)?;
+        Ok(true)
+    }
+
     /// Replaces the stored snapshot (JSON); call it inside [`Store::durable`].
     pub fn save(conn: &Connection, snapshot_json: &str) -> Result<()> {
         conn.execute(
@@ -769,6 +810,22 @@ pub mod events {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_checkpoint_taken_before_the_last_durable_save_is_not_written_over_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join(DB_FILE)).unwrap();
+        let saved = Arc::new(AtomicU64::new(0));
+        let checkpoint =
+            |generation, json: &str| alarm::Checkpoint { generation, json: json.into(), saved: saved.clone() };
+        assert!(alarm::save_checkpoint(&conn, &checkpoint(0, "pending, 20 s left")).unwrap());
+        alarm::save_durable(&conn, "triggered", 1, &saved).unwrap();
+        // Taken while pending, reaching the store after the state changed: stale.
+        assert!(!alarm::save_checkpoint(&conn, &checkpoint(0, "pending, 19 s left")).unwrap());
+        assert_eq!(alarm::load(&conn).unwrap().as_deref(), Some("triggered"));
+        assert!(alarm::save_checkpoint(&conn, &checkpoint(1, "triggered, 170 s left")).unwrap());
+        assert_eq!(alarm::load(&conn).unwrap().as_deref(), Some("triggered, 170 s left"));
+    }
+
     #[tokio::test]
     async fn one_batch_of_states_and_retained_messages_is_one_commit_and_reads_are_none() {
         let dir = tempfile::tempdir().unwrap();
@@ -787,8 +844,14 @@ mod tests {
             .collect();
         let retained: Vec<(String, Option<Vec<u8>>)> =
             (0..50).map(|n| (format!("dpi/dev-{n}/state"), Some(b"{\"motion\":true}".to_vec()))).collect();
-        let refused =
-            store.call(move |c| write_batch(c, &states, &retained, Some("2000-01-01T00:00:00Z"))).await.unwrap();
+        let saved = Arc::new(AtomicU64::new(0));
+        let batch = Batch {
+            states,
+            retained,
+            alarm: Some(alarm::Checkpoint { generation: 0, json: "{}".into(), saved }),
+            prune_before: Some("2000-01-01T00:00:00Z".into()),
+        };
+        let refused = store.call(move |c| write_batch(c, &batch)).await.unwrap();
         assert!(refused.is_empty());
         assert_eq!(store.commits(), 1);
         assert_eq!(store.call(|c| device_state::all(c)).await.unwrap().len(), 50);
