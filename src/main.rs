@@ -22,6 +22,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let config = cli::load_config(cli)?;
     match cli.command {
         Command::Run => {
+            keep_large_blocks_out_of_the_heap();
             logging::init(&config.log_level);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
@@ -33,6 +34,21 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             })
         }
         _ => cli::execute(cli, &config),
+    }
+}
+
+/// Pins glibc's mmap threshold at its default, 128 KiB.
+///
+/// glibc otherwise raises the threshold to the size of the largest block freed (up to 32 MiB):
+/// after the first argon2id check (a 19 MiB block), every later one is carved from the heap arenas,
+/// written in full, and stays resident once freed. With 1,000 idle TLS clients logged in with a
+/// password that was about 210 MiB of the hub's 270 MiB RSS; with the threshold pinned, 61 MiB.
+/// The cost: each check maps fresh pages (logins measured 15–25 % slower; device tokens are unaffected).
+fn keep_large_blocks_out_of_the_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }
 
