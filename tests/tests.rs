@@ -6,6 +6,7 @@ mod util;
 mod alarm;
 mod cli;
 mod foundation;
+mod house;
 mod lights;
 mod pipeline;
 mod security;

@@ -430,3 +430,19 @@ impl RawClient {
         }
     }
 }
+
+impl TestHub {
+    /// Waits (at most 10 s) until the hub has recorded its start and listeners in the database, where
+    /// `device creds` reads the port of a hub configured on port 0.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let running = store::runtime::get(&self.db()).ok().flatten().is_some_and(|r| r.stopped_at.is_none());
+            if running {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the hub did not record its start within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
