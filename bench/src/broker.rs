@@ -15,6 +15,19 @@ use anyhow::{anyhow, bail, Context, Result};
 /// The MQTT user every bench client logs in as (admin on the hub).
 pub const USER: &str = "bench";
 
+/// The bench user's alarm code on the hub (disarms in the door → siren cycles).
+pub const ALARM_CODE: &str = "2468";
+
+/// The hub's devices for sensor → rule → actuator latency: a motion sensor that switches a light
+/// (`when = "always"`, off 1 s after the last motion), and a perimeter door that sounds a siren.
+pub const MOTION: &str = "bench-motion";
+pub const LIGHT: &str = "bench-light";
+pub const DOOR: &str = "bench-door";
+pub const SIREN: &str = "bench-siren";
+
+/// The light the fleet's motion sensors switch: the fleet also keeps the light rules busy.
+const FLEET_LIGHT: &str = "fleet-light";
+
 /// Open-file limit given to each broker: 1,000 idle clients need more than the usual 1,024.
 const BROKER_NOFILE: u32 = 8192;
 
@@ -72,8 +85,10 @@ pub struct Setup {
 impl Setup {
     /// Initialises the hub's data dir with `domoticpi init` and `user add`, and, when `want_mosquitto`
     /// and it is installed, Mosquitto's password file. The hub's config declares `devices` motion
-    /// sensors `dev-1`… (it rejects states of undeclared devices). Brokers started from this setup
-    /// are killed when their RSS passes `guard_kib`. Returns notes (e.g. Mosquitto unavailable).
+    /// sensors `dev-1`… (it rejects states of undeclared devices) that switch a light by rule, and
+    /// the devices of the reaction measurements; the bench user gets an alarm code. Brokers
+    /// started from this setup are killed when their RSS passes `guard_kib`. Returns notes (e.g.
+    /// Mosquitto unavailable).
     pub fn new(hub_bin: &Path, want_mosquitto: bool, guard_kib: u64, devices: usize) -> Result<(Setup, Vec<String>)> {
         let dir = tempfile::Builder::new().prefix("domoticpi-bench-").tempdir().context("creating the temp dir")?;
         let data = dir.path().join("hub-data");
@@ -83,8 +98,17 @@ impl Setup {
              plain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
             data.display().to_string()
         );
+        config.push_str(&reaction_config());
         for n in 1..=devices {
             config.push_str(&format!("\n[[device]]\nid = \"{}\"\nkind = \"motion\"\n", device_id(n)));
+        }
+        if devices > 0 {
+            let sensors: Vec<String> = (1..=devices).map(|n| format!("{:?}", device_id(n))).collect();
+            config.push_str(&format!(
+                "\n[[device]]\nid = \"{FLEET_LIGHT}\"\nkind = \"light\"\n\n[[rule.motion_light]]\n\
+                 sensors = [{}]\nlights = [\"{FLEET_LIGHT}\"]\noff_after_s = 1\nwhen = \"always\"\n",
+                sensors.join(", ")
+            ));
         }
         std::fs::write(&hub_config, config).with_context(|| format!("writing {}", hub_config.display()))?;
         let password = format!("bench-{:x}-{:x}", std::process::id(), crate::now_nanos_since_epoch());
@@ -105,6 +129,11 @@ impl Setup {
             Some(&format!("{password}\n")),
             "domoticpi user add",
         )?;
+        run_checked(
+            Command::new(hub_bin).args(["--config", config_arg, "user", "pin", USER, "--password-stdin"]),
+            Some(&format!("{ALARM_CODE}\n")),
+            "domoticpi user pin",
+        )?;
 
         let certs = data.join("certs");
         let mut setup = Setup {
@@ -120,8 +149,9 @@ impl Setup {
             dir,
         };
         let mut notes = Vec::new();
-        if devices > 0 {
-            match setup.issue_device_passwords(devices) {
+        {
+            let ids = (1..=devices).map(device_id).chain([MOTION, LIGHT, DOOR, SIREN].map(str::to_owned));
+            match setup.issue_device_passwords(ids) {
                 Ok(passwords) => setup.device_passwords = passwords,
                 Err(e) => notes.push(format!(
                     "hub: no device credentials ({e:#}); the fleet's devices log in as the admin user `{USER}`"
@@ -138,10 +168,9 @@ impl Setup {
     }
 
     /// Runs `domoticpi device creds ID` for each device and reads the `password:` line.
-    fn issue_device_passwords(&self, devices: usize) -> Result<HashMap<String, String>> {
+    fn issue_device_passwords(&self, ids: impl Iterator<Item = String>) -> Result<HashMap<String, String>> {
         let mut passwords = HashMap::new();
-        for n in 1..=devices {
-            let id = device_id(n);
+        for id in ids {
             let mut cmd = Command::new(&self.hub_bin);
             cmd.arg("--config").arg(&self.hub_config).args(["device", "creds", &id]);
             let out = run_checked(&mut cmd, None, "domoticpi device creds")?;
@@ -171,6 +200,18 @@ impl Setup {
         let out = run(Command::new(&bin).arg("-h"), None, Duration::from_secs(10)).context("running mosquitto -h")?;
         let version = out.stdout.lines().next().unwrap_or("mosquitto (unknown version)").trim().to_owned();
         Ok(Mosquitto { bin, passwd_file, version })
+    }
+
+    /// The running hub's count of its SQLite write transactions, from `domoticpi status`.
+    pub fn hub_store_commits(&self) -> Result<u64> {
+        let mut cmd = Command::new(&self.hub_bin);
+        cmd.arg("--config").arg(&self.hub_config).arg("status");
+        let out = run_checked(&mut cmd, None, "domoticpi status")?;
+        // `store: N write transactions in S s of uptime (…)`
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("store: ")?.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no `store:` line in `domoticpi status`:\n{}", out.stdout))
     }
 
     /// The hub's `--version` line.
@@ -234,7 +275,7 @@ impl Setup {
         let mut text = String::new();
         text.push_str("per_listener_settings false\nallow_anonymous false\n");
         text.push_str(&format!("password_file {}\n", m.passwd_file.display()));
-        text.push_str("persistence false\nmax_queued_messages 100000\nmax_inflight_messages 100\n");
+        text.push_str("persistence false\nmax_queued_messages 0\nmax_inflight_messages 100\n");
         text.push_str("set_tcp_nodelay true\nlog_dest stderr\nlog_type error\n");
         if is_root() {
             // Otherwise Mosquitto drops to the `mosquitto` user, who cannot read the 0700 data dir.
@@ -422,6 +463,18 @@ pub fn rss_kib_of(pid: u32) -> Result<u64> {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no VmRSS in {path} (process exited?)"))
+}
+
+/// Config of the reaction measurements' devices and rules, and of an alarm that arms at once.
+fn reaction_config() -> String {
+    format!(
+        "\n[alarm]\nexit_delay_s = 0\nentry_delay_s = 0\nsiren_s = 60\nlights_on_trigger = false\n\
+         \n[[device]]\nid = \"{MOTION}\"\nkind = \"motion\"\n\
+         \n[[device]]\nid = \"{LIGHT}\"\nkind = \"light\"\n\
+         \n[[device]]\nid = \"{DOOR}\"\nkind = \"contact\"\nzone = \"perimeter\"\n\
+         \n[[device]]\nid = \"{SIREN}\"\nkind = \"siren\"\n\
+         \n[[rule.motion_light]]\nsensors = [\"{MOTION}\"]\nlights = [\"{LIGHT}\"]\noff_after_s = 1\nwhen = \"always\"\n"
+    )
 }
 
 /// The id of fleet device `n` (from 1): also its client id and its topic segment.

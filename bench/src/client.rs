@@ -45,6 +45,8 @@ pub struct Target {
     pub tls: SocketAddr,
     pub plain: SocketAddr,
     pub tls_config: Arc<rustls::ClientConfig>,
+    /// The CA the TLS config trusts (for clients that build their own, such as the house simulator's).
+    pub ca: std::path::PathBuf,
     pub user: String,
     pub password: String,
     /// Client ids that log in under their own name, with their password (the hub's devices).

@@ -10,6 +10,7 @@
 
 mod broker;
 mod client;
+mod reactions;
 mod scenarios;
 
 use std::collections::HashMap;
@@ -68,15 +69,18 @@ enum Scenario {
     Rss,
     /// TLS connects per second with 10 concurrent clients.
     Connects,
+    /// Sensor → rule → actuator latency on the hub (motion → light, door → siren), idle and under load.
+    Reactions,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Qos0Tls,
         Scenario::Qos0Plain,
         Scenario::Qos1Tls,
         Scenario::Qos1Plain,
         Scenario::Fleet,
+        Scenario::Reactions,
         Scenario::Rss,
         Scenario::Connects,
     ];
@@ -97,6 +101,7 @@ struct Plan {
     idle_concurrency: usize,
     connect_workers: usize,
     connect_duration: Duration,
+    reaction_cycles: usize,
 }
 
 impl Plan {
@@ -111,6 +116,7 @@ impl Plan {
             idle_concurrency: 50,
             connect_workers: 10,
             connect_duration: Duration::from_secs(if quick { 2 } else { 5 }),
+            reaction_cycles: if quick { 10 } else { 30 },
         }
     }
 }
@@ -159,7 +165,7 @@ async fn run(args: Args) -> Result<()> {
     let hub_bin = hub_binary(args.hub_bin.as_deref())?;
     let guard_mib = args.max_broker_rss.unwrap_or_else(default_guard_mib);
     // The fleet's sensors, and ten of them for the reconnect storm.
-    let devices = if selected.contains(&Scenario::Fleet) || selected.contains(&Scenario::Connects) {
+    let devices = if [Scenario::Fleet, Scenario::Connects, Scenario::Reactions].iter().any(|s| selected.contains(s)) {
         plan.fleet_devices.max(10)
     } else {
         0
@@ -175,7 +181,8 @@ async fn run(args: Args) -> Result<()> {
 
     for &scenario in &selected {
         for kind in Kind::ALL {
-            if kind == Kind::Mosquitto && setup.mosquitto.is_none() {
+            // Mosquitto has no rules: the reactions are the hub's alone.
+            if kind == Kind::Mosquitto && (setup.mosquitto.is_none() || scenario == Scenario::Reactions) {
                 report.status.insert((scenario, kind), Status::NotRun);
                 continue;
             }
@@ -215,6 +222,7 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
         tls: broker.tls,
         plain: broker.plain,
         tls_config: client::tls_config(&setup.ca)?,
+        ca: setup.ca.clone(),
         user: broker::USER.to_owned(),
         password: setup.password.clone(),
         // Mosquitto has no device accounts: everyone logs in as the bench user there.
@@ -225,13 +233,32 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
         Scenario::Qos0Plain => scenarios::one_to_one(&target, QoS::AtMostOnce, Transport::Plain, plan.messages).await,
         Scenario::Qos1Tls => scenarios::one_to_one(&target, QoS::AtLeastOnce, Transport::Tls, plan.messages).await,
         Scenario::Qos1Plain => scenarios::one_to_one(&target, QoS::AtLeastOnce, Transport::Plain, plan.messages).await,
-        Scenario::Fleet => scenarios::fleet(&target, plan.fleet_devices, plan.fleet_rate, plan.fleet_duration).await,
+        Scenario::Fleet => {
+            // The hub's store under the fleet: its own count of SQLite commits, and the bytes it wrote.
+            let pid = broker.pid();
+            let probe = move || -> Result<(u64, u64)> { Ok((setup.hub_store_commits()?, write_bytes_of(pid)?)) };
+            let probe: Option<&(dyn Fn() -> Result<(u64, u64)> + Sync)> = (kind == Kind::Hub).then_some(&probe);
+            scenarios::fleet(&target, plan.fleet_devices, plan.fleet_rate, plan.fleet_duration, probe).await
+        }
+        Scenario::Reactions => {
+            reactions::reactions(&target, plan.reaction_cycles, plan.fleet_devices, f64::from(plan.fleet_rate)).await
+        }
         Scenario::Rss => scenarios::idle_clients(&mut broker, &target, plan.idle_clients, plan.idle_concurrency).await,
         Scenario::Connects => scenarios::connect_rate(&target, plan.connect_workers, plan.connect_duration).await,
     };
     // A broker that died during the run invalidates its figures.
     broker.check_alive()?;
     outcome
+}
+
+/// Bytes process `pid` caused to be written to storage (`write_bytes` of `/proc/PID/io`).
+fn write_bytes_of(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/io");
+    let io = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no write_bytes in {path}"))
 }
 
 /// Half of MemAvailable, at most 8 GiB, in MiB: a broker that grows past it is killed.

@@ -47,7 +47,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn push(&mut self, label: impl Into<String>, value: f64, decimals: usize) {
+    pub fn push(&mut self, label: impl Into<String>, value: f64, decimals: usize) {
         self.metrics.push(Metric { label: label.into(), value, decimals, flag: None });
     }
 
@@ -194,14 +194,14 @@ impl Subscriber {
 }
 
 /// Latency summary in milliseconds.
-struct LatencyMs {
-    p50: f64,
-    p99: f64,
-    max: f64,
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
 }
 
 /// p50, p99 and max of `samples` (nanoseconds), nearest-rank.
-fn summarize(samples: &mut [u64]) -> Option<LatencyMs> {
+pub fn summarize(samples: &mut [u64]) -> Option<LatencyMs> {
     if samples.is_empty() {
         return None;
     }
@@ -307,9 +307,19 @@ fn json_u64(text: &str, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+/// A probe of the hub's store: (SQLite commits so far, bytes written to storage so far).
+pub type StoreProbe<'a> = &'a (dyn Fn() -> Result<(u64, u64)> + Sync);
+
 /// `devices` publishers on `dpi/dev-N/state` at QoS1, together `rate` msg/s for `duration`, to one
-/// subscriber on `dpi/#` (all over TLS).
-pub async fn fleet(target: &Target, devices: usize, rate: u32, duration: Duration) -> Result<Outcome> {
+/// subscriber on `dpi/#` (all over TLS). With `store`, also the store's commits and bytes written
+/// per minute while it runs (every state differs from the last, the worst case for the store).
+pub async fn fleet(
+    target: &Target,
+    devices: usize,
+    rate: u32,
+    duration: Duration,
+    store: Option<StoreProbe<'_>>,
+) -> Result<Outcome> {
     let prefix = format!("{devices} devices QoS1 TLS @ {rate} msg/s → dpi/#");
     let per_device = ((f64::from(rate) * duration.as_secs_f64()) / devices as f64).round().max(1.0) as usize;
     let expected = (per_device * devices) as u64;
@@ -331,6 +341,10 @@ pub async fn fleet(target: &Target, devices: usize, rate: u32, duration: Duratio
         publishers.push((client, tokio::spawn(client::drive(eventloop))));
     }
 
+    let store_before = match store {
+        Some(probe) => Some((probe()?, Instant::now())),
+        None => None,
+    };
     // Each device publishes every `period`; their first ticks are spread evenly over one period.
     let period = Duration::from_secs_f64(devices as f64 / f64::from(rate));
     let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
@@ -375,6 +389,19 @@ pub async fn fleet(target: &Target, devices: usize, rate: u32, duration: Duratio
     if failure.is_none() {
         sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
     }
+    let store_rows = match (store, store_before) {
+        (Some(probe), Some(((commits_before, bytes_before), probed_at))) if failure.is_none() => {
+            // The last states are written within one commit interval (1 s by default).
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let (commits, bytes) = probe()?;
+            let minutes = probed_at.elapsed().as_secs_f64() / 60.0;
+            Some((
+                commits.saturating_sub(commits_before) as f64 / minutes,
+                bytes.saturating_sub(bytes_before) as f64 / 1e6 / minutes,
+            ))
+        }
+        _ => None,
+    };
     for (client, driver) in publishers {
         let _ = client.try_disconnect();
         stop_task(driver).await;
@@ -385,6 +412,13 @@ pub async fn fleet(target: &Target, devices: usize, rate: u32, duration: Duratio
     }
     let mut out = Outcome::default();
     delivery_rows(&mut out, &prefix, tracker, expected, started)?;
+    if let Some((commits_per_minute, mb_per_minute)) = store_rows {
+        out.push(format!("{prefix}: SQLite transactions per minute"), commits_per_minute, 0);
+        out.push(format!("{prefix}: bytes written to disk (MB per minute)"), mb_per_minute, 2);
+        if mb_per_minute == 0.0 {
+            out.flag_last(Some("nothing reached the disk: is the temp dir on tmpfs? Set TMPDIR to a disk".to_owned()));
+        }
+    }
     Ok(out)
 }
 
