@@ -22,8 +22,11 @@
 //!   messages replayed at start are fed as first-after-connect reports. An unreadable snapshot is
 //!   logged as an error and the alarm starts disarmed: the only alternative, refusing to start, would
 //!   leave the house without a hub at all.
-//! - **Checkpoints.** While a delay runs the snapshot is written again every second, so after a
-//!   kill or a power cut the delay resumes with at most a second more than was really left.
+//! - **Checkpoints.** While a delay runs, the snapshot (with the time left) goes every second to the
+//!   periodic writer ([`crate::devices::run`]), which writes it with the device states in its one
+//!   transaction per interval; one taken before a newer durable save is skipped. After a kill the
+//!   delay resumes with at most about a second plus the commit interval more than was really left;
+//!   after a power cut perhaps from an earlier checkpoint (those writes are not fsynced): never less.
 //! - **Availability.** Every device is marked offline when the hub starts; those marks are not a
 //!   sensor "going offline" while armed, so an `offline` for a device not seen online since the
 //!   driver started is ignored. A siren that comes online gets its command again two seconds later
