@@ -423,3 +423,42 @@ fn the_cli_reads_arms_and_disarms_a_running_hub() {
     assert_eq!(code, 1);
     assert!(err.contains("the hub is not running"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_an_entry_delay_under_load_checkpoints_share_the_writers_one_commit_per_interval() {
+    let extra = "[[device]]\nid = \"kitchen-temp\"\nkind = \"temperature\"\n[store]\ncommit_interval_ms = 500\n";
+    let (hub, mut alice) = house(&format!("{}{extra}", config(0, 6, 30))).await;
+    let door = device(&hub, "front-door").await;
+    let sensor = device(&hub, "kitchen-temp").await;
+    arm(&mut alice, "arm_away", "armed_away").await;
+    publish(&door, "dpi/front-door/state", r#"{"contact":"open"}"#).await;
+    expect_state(&mut alice, "pending").await;
+
+    // Every commit of the hub, as it counts them, and the stored alarm snapshot.
+    let data_dir = hub.data_dir.clone();
+    let commits = move || {
+        let data_dir = data_dir.clone();
+        async move {
+            let answer = tokio::task::spawn_blocking(move || {
+                domoticpi::control::request(&data_dir, &domoticpi::control::Request::Stats)
+            });
+            answer.await.unwrap().unwrap().stats.unwrap().store_commits
+        }
+    };
+    let snapshot = |hub: &TestHub| domoticpi::store::alarm::load(&hub.db()).unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (before, first_snapshot, start) = (commits().await, snapshot(&hub), Instant::now());
+    // 20 distinct retained states a second: device states, history and retained messages to write.
+    for i in 0..50u32 {
+        let payload = format!("{{\"temperature\":{}.{}}}", 15 + i % 10, i % 10);
+        sensor.client.publish("dpi/kitchen-temp/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (after, elapsed) = (commits().await, start.elapsed());
+    assert!(elapsed < Duration::from_millis(5_500), "the window left the entry delay: {elapsed:?}");
+    let bound = elapsed.as_millis() as u64 / 500 + 1;
+    assert!(after - before <= bound, "{} commits in {elapsed:?} (bound {bound})", after - before);
+    // The time left was checkpointed meanwhile, in those commits.
+    assert_ne!(snapshot(&hub), first_snapshot, "no checkpoint during the delay");
+    expect_state(&mut alice, "triggered").await;
+}
