@@ -347,7 +347,9 @@ impl Driver {
     /// Publishes every queued command, in order.
     fn carry_out(&mut self) {
         while let Some(Action::Set { light, command }) = self.lights.poll_action() {
-            self.hub.publish(format!("dpi/{light}/set"), command_json(&command), false);
+            let json = command_json(&command);
+            info!(%light, command = %json, "light command");
+            self.hub.publish(format!("dpi/{light}/set"), json, false);
         }
     }
 }
