@@ -420,3 +420,11 @@ async fn an_overlong_topic_closes_the_connection() {
     raw.send(Packet::Publish(rumqttd::protocol::Publish::new(topic, "x".to_owned(), false), None)).await;
     assert!(raw.recv(Duration::from_secs(10)).await.is_none(), "an overlong topic was accepted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hub_picks_aes_128_gcm_over_sha_256_whatever_the_client_prefers() {
+    let hub = TestHub::start("").await;
+    // A rustls client asks for AES-256-GCM with SHA-384 first.
+    let raw = RawClient::connect(hub.tls, &hub.ca()).await;
+    assert_eq!(raw.cipher_suite(), Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+}

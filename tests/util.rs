@@ -394,6 +394,11 @@ impl RawClient {
         RawClient { stream, buf: bytes::BytesMut::new() }
     }
 
+    /// The TLS cipher suite the server chose.
+    pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
+        self.stream.get_ref().1.negotiated_cipher_suite().map(|s| s.suite())
+    }
+
     pub async fn send(&mut self, packet: rumqttd::protocol::Packet) {
         use rumqttd::protocol::Protocol;
         use tokio::io::AsyncWriteExt;

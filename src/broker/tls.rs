@@ -66,11 +66,52 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<ServerConfig>, TlsError> {
         .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(Arc::new(server_provider(&provider)))
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    // The hub's order decides (see `server_provider`).
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// `provider` with AES-128-GCM over SHA-256 first, for TLS 1.3 and 1.2 alike; the other suites
+/// follow in their usual order.
+///
+/// Clients built on rustls or OpenSSL ask for AES-256-GCM with SHA-384 first. SHA-384 has no
+/// instructions of its own on common CPUs, while SHA-256 and AES do (x86 SHA/AES-NI, ARMv8 crypto
+/// extensions, the ESP32's accelerators), and AES-128 takes fewer rounds. With the hub's order,
+/// TLS connects were 12–23 % faster on the benchmark machine (five alternating runs). It is also
+/// what BearSSL (ESP8266) asks for first. Every suite stays available to a client that offers no other.
+fn server_provider(provider: &rustls::crypto::CryptoProvider) -> rustls::crypto::CryptoProvider {
+    let mut server = provider.clone();
+    server.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+                | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    server
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::CipherSuite as C;
+
+    #[test]
+    fn aes_128_gcm_with_sha_256_comes_first_and_every_suite_stays() {
+        let provider = provider();
+        let server = server_provider(&provider);
+        let suites: Vec<C> = server.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[..2], [C::TLS13_AES_128_GCM_SHA256, C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]);
+        let mut all: Vec<C> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        let mut kept = suites.clone();
+        all.sort_by_key(|c| u16::from(*c));
+        kept.sort_by_key(|c| u16::from(*c));
+        assert_eq!(kept, all);
+    }
 }
