@@ -99,6 +99,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Connected clients right now.
     pub connected: AtomicUsize,
+    /// Sessions ended since start: the memory trimmer acts only after some ended.
+    pub ended: AtomicUsize,
     /// Publishes wills on behalf of clients that died.
     pub hub: HubLink,
     /// Cancelled when sessions must flush and close.

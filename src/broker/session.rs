@@ -197,6 +197,7 @@ struct Slot<'a>(&'a Shared);
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.connected.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
     }
 }
 
