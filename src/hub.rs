@@ -213,9 +213,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     info!(tls = %tls_addr, plain = %plain_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), "hub ready: listeners accepting");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let watchdog = spawn_watchdog();
-    let ended = Arc::clone(&shared);
+    let sessions = Arc::clone(&shared);
     let trimmer =
-        tokio::spawn(trim_memory(move || ended.ended.load(Ordering::Relaxed), TRIM_EVERY, release_free_memory));
+        tokio::spawn(trim_memory(move || sessions.ended.load(Ordering::Relaxed), TRIM_EVERY, release_free_memory));
 
     let failure = tokio::select! {
         () = shutdown.cancelled() => None,

@@ -510,16 +510,9 @@ pub mod retained {
     /// Most retained topics kept on disk; beyond it new topics are kept in memory only.
     pub const MAX_TOPICS: i64 = 10_000;
 
-    /// Applies a batch of changes: a payload sets a topic, `None` (an empty retained publish)
-    /// clears it. Returns the topics that were not stored because the table is full.
-    pub fn apply(conn: &mut Connection, changes: &[(String, Option<Vec<u8>>)]) -> Result<Vec<String>> {
-        let tx = conn.transaction().map_err(|e| StoreError::Sqlite { path: PathBuf::new(), source: e })?;
-        let refused = write(&tx, changes)?;
-        tx.commit().map_err(sql_err(conn))?;
-        Ok(refused)
-    }
-
-    /// [`apply`] inside the caller's transaction.
+    /// Applies changes inside the caller's transaction ([`super::write_batch`]): a payload sets a
+    /// topic, `None` (an empty retained publish) clears it. Returns the topics that were not stored
+    /// because the table is full.
     pub fn write(tx: &Connection, changes: &[(String, Option<Vec<u8>>)]) -> Result<Vec<String>> {
         let mut refused = Vec::new();
         {
@@ -616,16 +609,8 @@ pub mod device_state {
         Rejected { id: String, n: u64 },
     }
 
-    /// Writes a batch in one transaction: latest rows, history, rejected counts, and one more
-    /// `state_commits`.
-    pub fn apply(conn: &mut Connection, changes: &[Change]) -> Result<()> {
-        let path = PathBuf::from(conn.path().unwrap_or_default());
-        let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
-        write(&tx, changes)?;
-        tx.commit().map_err(sql_err(conn))
-    }
-
-    /// [`apply`] inside the caller's transaction.
+    /// Writes changes inside the caller's transaction ([`super::write_batch`]): latest rows,
+    /// history, rejected counts, and one more `state_commits`.
     pub fn write(tx: &Connection, changes: &[Change]) -> Result<()> {
         let e = sql_err(tx);
         for change in changes {
