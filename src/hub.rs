@@ -247,9 +247,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
         warn!(sessions = shared.connected(), "some client sessions did not close in time");
     }
-    for task in [watchdog, lag, Some(trimmer)].into_iter().flatten() {
+    for task in [watchdog, lag].into_iter().flatten() {
         task.abort();
     }
+    // The trimmer holds the shared state, whose senders the writer waits on: let it go now.
+    trimmer.abort();
+    let _ = trimmer.await;
     // The alarm's last actions reach the store and the router before they close.
     control_stop.cancel();
     alarm_stop.cancel();
