@@ -201,9 +201,7 @@ fn sigterm_publishes_offline_first_and_exits_zero_within_five_seconds() {
         let hash = domoticpi::auth::hash(&domoticpi::secret::Secret::new("alice-password"));
         domoticpi::store::users::add(&conn, "alice", Role::Admin, &hash).unwrap();
         let mut sub = Client::connect(hub.tls, &ca, "watcher", Some(("alice", "alice-password"))).await.unwrap();
-        // QoS 0: at QoS 1 rumqttc answers the last message with a PUBACK, and when that write
-        // fails on the closing connection it ends without handing over the message it received.
-        sub.subscribe("dpi/hub/status", QoS::AtMostOnce).await;
+        sub.subscribe("dpi/hub/status", QoS::AtLeastOnce).await;
         sub.expect("dpi/hub/status", b"online").await;
         hub.signal("TERM");
         sub.expect("dpi/hub/status", b"offline").await;

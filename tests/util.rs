@@ -225,7 +225,18 @@ impl Client {
                         let _ = tx.send(p);
                     }
                     Ok(_) => {}
-                    Err(e) => return Some(e),
+                    Err(e) => {
+                        // rumqttc reads every packet that arrived before the connection closed,
+                        // but reports the close first and keeps those packets for a later poll
+                        // (after a reconnect): hand them over now, or a message the hub sent
+                        // just before closing (its `offline`, say) would be lost here.
+                        for event in eventloop.state.events.drain(..) {
+                            if let Event::Incoming(Packet::Publish(p)) = event {
+                                let _ = tx.send(p);
+                            }
+                        }
+                        return Some(e);
+                    }
                 }
             }
         });
