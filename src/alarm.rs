@@ -613,7 +613,8 @@ impl Driver {
             }
         };
         for (topic, payload) in retained {
-            let Some((id, decode::Leaf::State)) = decode::topic_parts(&topic) else { continue };
+            let Ok(topic) = std::str::from_utf8(&topic) else { continue };
+            let Some((id, decode::Leaf::State)) = decode::topic_parts(topic) else { continue };
             let Some(kind) = self.kinds.get(id) else { continue };
             let Ok(state) = decode::decode_state(*kind, &payload, usize::MAX) else { continue };
             let (tripped, tamper) = reading(&state);

@@ -93,13 +93,18 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 /// Threads that check argon2 hashes; each check holds 19 MiB while it runs.
 pub const ARGON2_THREADS: usize = 2;
 
+/// Password checks that may wait for those threads; more are refused at once (CONNACK 3). Two
+/// threads get through a few hundred checks within a CONNECT's time, so a longer queue would
+/// only hold sockets for clients that would time out anyway.
+pub const PASSWORD_QUEUE: usize = 64;
+
 type Argon2Job = Box<dyn FnOnce() + Send>;
 
 /// The argon2 pool's queue, started on first use.
-fn argon2_pool() -> &'static Mutex<mpsc::Sender<Argon2Job>> {
-    static POOL: OnceLock<Mutex<mpsc::Sender<Argon2Job>>> = OnceLock::new();
+fn argon2_pool() -> &'static Mutex<mpsc::SyncSender<Argon2Job>> {
+    static POOL: OnceLock<Mutex<mpsc::SyncSender<Argon2Job>>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Argon2Job>();
+        let (tx, rx) = mpsc::sync_channel::<Argon2Job>(PASSWORD_QUEUE);
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..ARGON2_THREADS {
             let rx = rx.clone();
@@ -121,17 +126,93 @@ fn argon2_pool() -> &'static Mutex<mpsc::Sender<Argon2Job>> {
     })
 }
 
-/// Verifies on the argon2 pool (or at once for a token hash); `None` if the pool is gone.
-pub async fn verify_async(hash: String, secret: Secret) -> Option<bool> {
+/// Why a password could not be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CheckError {
+    /// [`PASSWORD_QUEUE`] checks are already waiting.
+    #[error("too many password checks waiting")]
+    Busy,
+    /// The pool's threads are gone.
+    #[error("password checking is unavailable")]
+    Gone,
+}
+
+/// Verifies on the argon2 pool (or at once for a token hash). Dropping the future before the
+/// check starts cancels it: a client that left costs no argon2 work.
+pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckError> {
     if is_token_hash(&hash) {
-        return Some(verify(&hash, &secret));
+        return Ok(verify(&hash, &secret));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Argon2Job = Box::new(move || {
-        let _ = tx.send(verify(&hash, &secret));
+        if !tx.is_closed() {
+            let _ = tx.send(verify(&hash, &secret));
+        }
     });
-    argon2_pool().lock().ok()?.send(job).ok()?;
-    rx.await.ok()
+    match argon2_pool().lock().map_err(|_| CheckError::Gone)?.try_send(job) {
+        Ok(()) => {}
+        Err(mpsc::TrySendError::Full(_)) => return Err(CheckError::Busy),
+        Err(mpsc::TrySendError::Disconnected(_)) => return Err(CheckError::Gone),
+    }
+    rx.await.map_err(|_| CheckError::Gone)
+}
+
+/// Failed logins per address; past [`Throttle::FREE_FAILURES`] in [`Throttle::WINDOW`], the
+/// address waits before each answer, twice as long each time, up to [`Throttle::MAX_DELAY`].
+///
+/// Shared by every way in (MQTT, and the web app), so that one cannot be used to guess faster.
+/// Bounded: at most [`Throttle::MAX_ADDRESSES`] addresses are remembered (the oldest forgotten).
+#[derive(Debug, Default)]
+pub struct Throttle {
+    failures: Mutex<HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>>,
+}
+
+impl Throttle {
+    /// Failures allowed in a window before answers slow down.
+    pub const FREE_FAILURES: usize = 5;
+    /// The window failures are counted in.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    /// The longest wait before an answer.
+    pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+    /// Addresses remembered at most.
+    pub const MAX_ADDRESSES: usize = 1024;
+    /// Failures remembered per address (enough to reach the longest wait).
+    const KEEP: usize = 16;
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>> {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long `ip` waits before its next answer, at `now`.
+    pub fn delay(&self, ip: std::net::IpAddr, now: std::time::Instant) -> std::time::Duration {
+        let recent =
+            self.lock().get(&ip).map_or(0, |f| f.iter().filter(|t| now.duration_since(**t) < Self::WINDOW).count());
+        match recent.checked_sub(Self::FREE_FAILURES) {
+            None => std::time::Duration::ZERO,
+            Some(over) => std::time::Duration::from_secs(1u64 << over.min(5)).min(Self::MAX_DELAY),
+        }
+    }
+
+    /// Records a failed login from `ip` at `now`.
+    pub fn failed(&self, ip: std::net::IpAddr, now: std::time::Instant) {
+        let mut failures = self.lock();
+        if !failures.contains_key(&ip) && failures.len() >= Self::MAX_ADDRESSES {
+            failures.retain(|_, f| f.back().is_some_and(|t| now.duration_since(*t) < Self::WINDOW));
+            if failures.len() >= Self::MAX_ADDRESSES {
+                let oldest = failures.iter().min_by_key(|(_, f)| f.back().copied()).map(|(ip, _)| *ip);
+                if let Some(oldest) = oldest {
+                    failures.remove(&oldest);
+                }
+            }
+        }
+        let list = failures.entry(ip).or_default();
+        list.push_back(now);
+        while list.len() > Self::KEEP {
+            list.pop_front();
+        }
+    }
 }
 
 /// Who an authenticated client is.
@@ -171,9 +252,21 @@ pub enum Refusal {
     /// A client certificate whose CN is not a declared device (CONNACK 5).
     #[error("client certificate for {0:?}, which is not a declared device")]
     UnknownCertificate(String),
+    /// A client certificate the hub no longer accepts: revoked, or replaced by a newer one (CONNACK 5).
+    #[error("client certificate for {0:?} was revoked or replaced")]
+    RevokedCertificate(String),
     /// The hub cannot check credentials right now (CONNACK 3).
     #[error("credentials could not be checked: {0}")]
     Unavailable(String),
+}
+
+/// A client certificate the TLS layer verified against the hub CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Its subject's CN: the device id it was issued for.
+    pub cn: String,
+    /// SHA-256 of its DER form, as [`crate::certs::sha256_of`] prints it.
+    pub sha256: String,
 }
 
 /// What a client presented at CONNECT.
@@ -185,8 +278,16 @@ pub struct Presented {
     pub username: Option<String>,
     /// Password, if any.
     pub password: Option<Secret>,
-    /// CN of the client certificate the TLS layer verified against the hub CA, if any.
-    pub cert_cn: Option<String>,
+    /// The client certificate the TLS layer verified against the hub CA, if any.
+    pub cert: Option<PeerCert>,
+}
+
+impl Presented {
+    /// Whether checking these credentials takes an argon2 check (a user's password, or a name
+    /// nobody has), rather than a certificate or a device token, which cost microseconds.
+    pub fn is_password(&self, auth: &Authenticator) -> bool {
+        self.cert.is_none() && self.username.as_ref().is_some_and(|name| !auth.devices.contains_key(name))
+    }
 }
 
 /// Checks the credentials of a connecting client against the config and the database.
@@ -219,15 +320,22 @@ impl Authenticator {
 
     /// Decides who a connecting client is, or why it is refused.
     pub async fn check(&self, p: Presented) -> Result<Identity, Refusal> {
-        // A certificate signed by the hub CA (checked in the TLS handshake) names a device.
-        if let Some(cn) = &p.cert_cn {
-            let Some(kind) = self.devices.get(cn) else {
+        // A certificate signed by the hub CA (checked in the TLS handshake) names a device; the
+        // hub accepts only the last one it issued for that device.
+        if let Some(cert) = &p.cert {
+            let cn = &cert.cn;
+            let Some(kind) = self.devices.get(cn).copied() else {
                 return Err(Refusal::UnknownCertificate(cn.clone()));
             };
+            let id = cn.clone();
+            let current = self.lookup(move |c| devices::cert_sha256(c, &id)).await?;
+            if current.as_deref() != Some(cert.sha256.as_str()) {
+                return Err(Refusal::RevokedCertificate(cn.clone()));
+            }
             if p.client_id != *cn || p.username.as_ref().is_some_and(|u| u != cn) {
                 return Err(Refusal::ClientId(format!("a device's client id and username must be its id {cn:?}")));
             }
-            return Ok(Identity::Device { id: cn.clone(), kind: *kind });
+            return Ok(Identity::Device { id: cn.clone(), kind });
         }
         let (Some(name), Some(password)) = (p.username, p.password) else {
             return Err(Refusal::Anonymous);
@@ -267,9 +375,7 @@ impl Authenticator {
 
     /// Verifies `password` against `hash` off the runtime; `known` is false for a dummy hash.
     async fn verify(&self, hash: String, known: bool, password: Secret) -> Result<(), Refusal> {
-        let ok = verify_async(hash, password)
-            .await
-            .ok_or_else(|| Refusal::Unavailable("password checking is unavailable".to_owned()))?;
+        let ok = verify_async(hash, password).await.map_err(|e| Refusal::Unavailable(e.to_string()))?;
         if ok && known {
             Ok(())
         } else {
@@ -295,8 +401,48 @@ mod tests {
     #[tokio::test]
     async fn the_argon2_pool_answers() {
         let h = hash(&Secret::new("pool test"));
-        assert_eq!(verify_async(h.clone(), Secret::new("pool test")).await, Some(true));
-        assert_eq!(verify_async(h, Secret::new("nope")).await, Some(false));
+        assert_eq!(verify_async(h.clone(), Secret::new("pool test")).await, Ok(true));
+        assert_eq!(verify_async(h, Secret::new("nope")).await, Ok(false));
+    }
+
+    #[tokio::test]
+    async fn a_full_password_queue_answers_busy_at_once_and_tokens_never_wait() {
+        let h = hash(&Secret::new("queue test"));
+        let waiting: Vec<_> = (0..PASSWORD_QUEUE + ARGON2_THREADS + 8)
+            .map(|_| tokio::spawn(verify_async(h.clone(), Secret::new("queue test"))))
+            .collect();
+        let token = Secret::new("0123456789abcdef0123456789abcdef");
+        assert_eq!(verify_async(hash_token(&token), token).await, Ok(true));
+        let mut busy = 0;
+        for w in waiting {
+            match w.await.unwrap() {
+                Err(CheckError::Busy) => busy += 1,
+                other => assert_eq!(other, Ok(true)),
+            }
+        }
+        assert!(busy > 0, "a queue past {PASSWORD_QUEUE} was accepted");
+    }
+
+    #[test]
+    fn failed_logins_slow_an_address_down_doubling_up_to_thirty_seconds() {
+        let t = Throttle::default();
+        let (ip, other): (std::net::IpAddr, std::net::IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
+        let start = std::time::Instant::now();
+        let mut delays = Vec::new();
+        for n in 0..12 {
+            let now = start + std::time::Duration::from_secs(n);
+            delays.push(t.delay(ip, now).as_secs());
+            t.failed(ip, now);
+        }
+        assert_eq!(delays, [0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(t.delay(other, start), std::time::Duration::ZERO);
+        // A minute after the last failure, the address is forgiven.
+        assert_eq!(t.delay(ip, start + std::time::Duration::from_secs(72)), std::time::Duration::ZERO);
+        // Memory stays bounded whatever the number of addresses.
+        for n in 0..(Throttle::MAX_ADDRESSES as u32 * 3) {
+            t.failed(std::net::IpAddr::from(n.to_be_bytes()), start);
+        }
+        assert!(t.lock().len() <= Throttle::MAX_ADDRESSES);
     }
 
     #[test]

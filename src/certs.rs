@@ -304,6 +304,11 @@ pub fn read_der(path: &Path) -> Result<Vec<u8>, CertError> {
     first.ok_or_else(|| CertError::Invalid { path: path.to_owned(), reason: "no certificate in file".to_owned() })
 }
 
+/// SHA-256 of a DER certificate, colon-separated hex (as `certs show` prints it).
+pub fn sha256_of(der: &[u8]) -> String {
+    fingerprint(&sha2::Sha256::digest(der))
+}
+
 fn fingerprint(digest: &[u8]) -> String {
     let mut out = String::with_capacity(digest.len() * 3);
     for (i, b) in digest.iter().enumerate() {

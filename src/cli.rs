@@ -62,7 +62,7 @@ pub enum Command {
     Status,
     /// Consistent copy of the database (SQLite online backup), safe while the hub runs.
     Backup {
-        /// Where to write the copy (an existing file is replaced).
+        /// Where to write the copy: a new file, created with mode 0600 (an existing one is never replaced).
         path: PathBuf,
     },
 }
@@ -78,8 +78,9 @@ pub enum CertsCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Issue MQTT credentials for a declared device: a fresh password (printed once, stored
-    /// hashed; the previous one stops working) and, with --cert, a client certificate and key.
-    /// Prints `key: value` lines to paste into the device's sketch.
+    /// hashed; the previous one stops working) and, with --cert, a client certificate and key (the
+    /// previous certificate stops working). Prints `key: value` lines to paste into the device's
+    /// sketch. A connection of the device still open is closed.
     Creds {
         /// Device id from the config.
         id: String,
@@ -89,6 +90,11 @@ pub enum DeviceCommand {
     },
     /// Devices from the config with online/offline, last seen and last state.
     List,
+    /// Revoke a device's password and client certificate at once; its open connection is closed.
+    Revoke {
+        /// Device id from the config.
+        id: String,
+    },
 }
 
 /// `user …`
@@ -224,6 +230,7 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         Command::User(cmd) => user(cmd, config),
         Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
         Command::Device(DeviceCommand::List) => device_list(config),
+        Command::Device(DeviceCommand::Revoke { id }) => device_revoke(config, id),
         Command::Status => status(config),
         Command::Alarm(cmd) => alarm(cmd, config),
         Command::Backup { path } => {
@@ -274,8 +281,13 @@ fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()
     let password = auth::random_secret();
     let conn = open_db(config)?;
     store::devices::set_password(&conn, id, &auth::hash_token(&password))?;
-    store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
     let cert = if with_cert { Some(certs::issue_device(&paths, id)?) } else { None };
+    if let Some((cert, _)) = &cert {
+        // The hub accepts only the certificate recorded last: the one it replaces is revoked.
+        store::devices::set_cert(&conn, id, &certs::read_info(cert)?.sha256)?;
+    }
+    store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
+    close_device(config, id);
     let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
     println!("host: {}", device_host(config));
     println!("port: {}", device_port(config, &conn)?);
@@ -294,6 +306,36 @@ fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()
     println!("publish: {}", publish.join(", "));
     println!("subscribe: dpi/{id}/set, dpi/alarm/state");
     Ok(())
+}
+
+fn device_revoke(config: &Config, id: &str) -> anyhow::Result<()> {
+    if config.device(id).is_none() {
+        bail!("no device {id:?} in {}", config_name(config));
+    }
+    let conn = open_db(config)?;
+    let had = store::devices::revoke(&conn, id)?;
+    let paths = CertPaths::new(&config.data_dir);
+    for file in [paths.devices.join(format!("{id}.pem")), paths.devices.join(format!("{id}.key"))] {
+        match std::fs::remove_file(&file) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!("credentials revoked, but {} could not be removed: {e}", file.display()),
+        }
+    }
+    store::events::record(&conn, "device", &format!("credentials revoked for {id}"))?;
+    let closed = close_device(config, id);
+    match (had, closed) {
+        (false, _) => println!("{id} had no credentials; nothing to revoke"),
+        (true, true) => println!("credentials of {id} revoked; the running hub closed its connection if it had one"),
+        (true, false) => println!("credentials of {id} revoked (the hub is not running)"),
+    }
+    Ok(())
+}
+
+/// Asks the running hub, if any, to close the device's connection; true if a hub answered.
+fn close_device(config: &Config, id: &str) -> bool {
+    let request = crate::control::Request::CloseDevice { id: id.to_owned() };
+    crate::control::request_within(&config.data_dir, &request, std::time::Duration::from_secs(5)).is_ok_and(|r| r.ok)
 }
 
 /// The TLS port: the configured one, or the one the running hub picked when configured as 0.

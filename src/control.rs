@@ -1,5 +1,6 @@
 //! The control channel: a Unix socket, `DATA_DIR/hub.sock` (mode 0600), through which `domoticpi`
-//! commands act on the running hub (today: `domoticpi alarm …`).
+//! commands act on the running hub (`domoticpi alarm …`, `status`, and closing a device's
+//! connection when `device revoke` or `device creds` changes its credentials).
 //!
 //! The protocol is one JSON object per line each way, one response per request, several requests per
 //! connection allowed:
@@ -11,6 +12,8 @@
 //! ← {"ok":true,"alarm":{…},"events":[{"event":"disarmed","device":null,"reason":"…","at":"…","user":"alice"}]}
 //! → {"request":"stats"}
 //! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598},"events":[]}
+//! → {"request":"close_device","id":"hall-motion"}   (after `device revoke` or `device creds`)
+//! ← {"ok":true,"events":[]}
 //! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)
 //! ```
 //!
@@ -81,6 +84,8 @@ pub struct Handles {
     pub alarm: AlarmHandle,
     /// Counts the store's commits for `stats`.
     pub store: Store,
+    /// Closes the connection of a device whose credentials were revoked.
+    pub sessions: std::sync::Arc<crate::broker::sessions::Sessions>,
     /// When the hub started, for `stats`.
     pub started: std::time::Instant,
 }
@@ -102,6 +107,11 @@ pub enum Request {
     AlarmStatus,
     /// The hub's figures.
     Stats,
+    /// A device's credentials were revoked or re-issued: close its connection.
+    CloseDevice {
+        /// The device id (its client id).
+        id: String,
+    },
     /// An alarm command: a `dpi/alarm/set` payload (kept as JSON so that the code is parsed into a
     /// redacted type in one place, [`alarm::parse_set`]).
     Alarm {
@@ -115,6 +125,7 @@ impl std::fmt::Debug for Request {
         match self {
             Request::AlarmStatus => f.write_str("AlarmStatus"),
             Request::Stats => f.write_str("Stats"),
+            Request::CloseDevice { id } => f.debug_struct("CloseDevice").field("id", id).finish(),
             Request::Alarm { command } => {
                 f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
             }
@@ -234,6 +245,12 @@ async fn answer(request: Request, handles: &Handles) -> Response {
             }),
             ..ok
         },
+        Request::CloseDevice { id } => {
+            if handles.sessions.kick(&id) {
+                info!(device = %id, "closing the device's connection: its credentials changed");
+            }
+            ok
+        }
         Request::AlarmStatus => match alarm.status().await {
             Ok(status) => Response { alarm: Some(status), ..ok },
             Err(e) => Response::error(e.to_string()),
@@ -254,6 +271,11 @@ async fn answer(request: Request, handles: &Handles) -> Response {
 
 /// Sends one request to the hub of `data_dir` and returns its answer (blocking: for the CLI).
 pub fn request(data_dir: &Path, request: &Request) -> Result<Response, ControlError> {
+    request_within(data_dir, request, CLIENT_TIMEOUT)
+}
+
+/// [`request`], waiting at most `timeout` for the answer.
+pub fn request_within(data_dir: &Path, request: &Request, timeout: Duration) -> Result<Response, ControlError> {
     let path = socket_path(data_dir);
     let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ControlError::NotRunning(path.clone()),
@@ -261,8 +283,8 @@ pub fn request(data_dir: &Path, request: &Request) -> Result<Response, ControlEr
         _ => ControlError::Io { path: path.clone(), source: e },
     })?;
     let io = |source| ControlError::Io { path: path.clone(), source };
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).map_err(|e| ControlError::BadAnswer(e.to_string()))?;
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;

@@ -88,6 +88,23 @@ impl Pipeline {
         self.alarm.availability(id, online);
     }
 
+    /// What [`Pipeline::check`] would say of a PUBLISH, without acting on it (for a will at CONNECT).
+    pub fn validate(&self, topic: &str, payload: &[u8]) -> Verdict {
+        let Some((id, leaf)) = decode::topic_parts(topic) else {
+            return Verdict::Accept;
+        };
+        let Some(kind) = self.kinds.get(id) else {
+            return Verdict::Reject(format!("{id:?} is not a declared device"));
+        };
+        let valid = match leaf {
+            Leaf::Set => Ok(()),
+            Leaf::State if payload.is_empty() => Ok(()),
+            Leaf::State => decode::decode_state(*kind, payload, self.max_payload).map(drop).map_err(|e| e.to_string()),
+            Leaf::Availability => decode::decode_availability(payload).map(drop).map_err(|e| e.to_string()),
+        };
+        valid.map_or_else(Verdict::Reject, |()| Verdict::Accept)
+    }
+
     /// Checks a PUBLISH on `topic`; a valid device state or availability goes to the pipeline.
     pub fn check(&self, topic: &str, payload: &[u8]) -> Verdict {
         let Some((id, leaf)) = decode::topic_parts(topic) else {
@@ -313,13 +330,18 @@ fn absorb(event: DeviceEvent, known: &mut HashMap<String, Known>, pending: &mut 
                 pending.push(Change::Availability { id, online, at });
             }
         }
-        DeviceEvent::Rejected { id } => match pending.iter_mut().find_map(|c| match c {
-            Change::Rejected { id: other, n } if *other == id => Some(n),
-            _ => None,
-        }) {
-            Some(n) => *n += 1,
-            None => pending.push(Change::Rejected { id, n: 1 }),
-        },
+        DeviceEvent::Rejected { id } => {
+            let rejected = pending.iter().filter(|c| matches!(c, Change::Rejected { .. })).count();
+            match pending.iter_mut().find_map(|c| match c {
+                Change::Rejected { id: other, n } if *other == id => Some(n),
+                _ => None,
+            }) {
+                Some(n) => *n += 1,
+                // Bounded like the table: a client inventing ids costs nothing more past it.
+                None if rejected >= store::device_state::MAX_REJECTED as usize => {}
+                None => pending.push(Change::Rejected { id, n: 1 }),
+            }
+        }
     }
 }
 

@@ -108,14 +108,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let (hub, mut messages, reader) = HubLink::connect(&links, retained_tx.clone())?;
     let mut router_task = tokio::spawn(reader.run());
     let background = TaskTracker::new();
-    let lag = broker::lag::skipped_clients().map(|skipped| tokio::spawn(record_lag(store.clone(), skipped)));
+    let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
+    let lag = broker::lag::skipped_clients()
+        .map(|skipped| tokio::spawn(record_lag(store.clone(), skipped, Arc::clone(&sessions))));
 
     // Retained messages from the last run, then every device offline until it connects.
-    let restored = store.call(|c| store::retained::all(c)).await?;
-    info!(count = restored.len(), "restored retained messages");
-    for (topic, payload) in restored {
-        hub.restore(topic, payload.into());
-    }
+    restore_retained(&store, &hub).await?;
     let kinds: HashMap<_, _> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
     // The alarm driver starts after the retained replay above, so its state is published last.
     let (lights, lights_inbox) = crate::lights::channel(&config);
@@ -154,11 +152,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         links,
         backlog: router.backlog,
         auth: Authenticator::new(store.clone(), kinds, config.broker.require_client_cert),
+        throttle: Arc::default(),
+        admission: broker::admission::Admission::new(config.broker.max_connections),
+        sessions: Arc::clone(&sessions),
         limits: Limits {
             max_connections: config.broker.max_connections,
             max_payload_bytes: config.broker.max_payload_bytes,
         },
-        connected: AtomicUsize::new(0),
         ended: AtomicUsize::new(0),
         hub: hub.clone(),
         closing: closing.clone(),
@@ -171,7 +171,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let control_stop = CancellationToken::new();
     let control = match crate::control::bind(&config.data_dir) {
         Ok((listener, path)) => {
-            let handles = crate::control::Handles { alarm, store: store.clone(), started: std::time::Instant::now() };
+            let handles = crate::control::Handles {
+                alarm,
+                store: store.clone(),
+                sessions: Arc::clone(&sessions),
+                started: std::time::Instant::now(),
+            };
             Some(tokio::spawn(crate::control::serve(listener, path, handles, control_stop.clone())))
         }
         Err(e) => {
@@ -289,13 +294,43 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     failure.map_or(Ok(()), Err)
 }
 
-/// Logs the first skip-ahead per client and keeps counts for `domoticpi status`.
-async fn record_lag(store: Store, mut skipped: tokio::sync::mpsc::UnboundedReceiver<String>) {
+/// Republishes the retained messages stored by the last run. Each goes through the router
+/// boundary's check first: a row it refuses (written by an older hub, or damaged) is skipped and
+/// logged, so that nothing stored can stop a start.
+async fn restore_retained(store: &Store, hub: &HubLink) -> Result<(), HubError> {
+    let rows = store.call(|c| store::retained::all(c)).await?;
+    let (mut restored, mut skipped) = (0, 0);
+    for (topic, payload) in rows {
+        match broker::guard::topic(&topic) {
+            Ok(topic) if !payload.is_empty() => {
+                hub.restore(topic.to_owned(), payload.into());
+                restored += 1;
+            }
+            Ok(topic) => warn!(topic = %broker::guard::shown(topic), "stored retained message skipped: empty payload"),
+            Err(reason) => {
+                skipped += 1;
+                let shown = broker::guard::shown(&String::from_utf8_lossy(&topic));
+                warn!(topic = %shown, %reason, "stored retained message skipped: the router cannot take its topic");
+            }
+        }
+    }
+    info!(count = restored, skipped, "restored retained messages");
+    Ok(())
+}
+
+/// Logs the first skip-ahead per client and keeps counts for `domoticpi status`. The router names
+/// clients by the ids the hub gave it; the log and the table use the clients' own.
+async fn record_lag(
+    store: Store,
+    mut skipped: tokio::sync::mpsc::UnboundedReceiver<String>,
+    sessions: Arc<broker::sessions::Sessions>,
+) {
     let mut seen = std::collections::HashSet::new();
+    let name = |router_id: String| sessions.client_of(&router_id).unwrap_or(router_id);
     while let Some(client) = skipped.recv().await {
-        let mut counts: HashMap<String, u64> = HashMap::from([(client, 1)]);
+        let mut counts: HashMap<String, u64> = HashMap::from([(name(client), 1)]);
         while let Ok(more) = skipped.try_recv() {
-            *counts.entry(more).or_default() += 1;
+            *counts.entry(name(more)).or_default() += 1;
         }
         for (client, n) in counts {
             if seen.insert(client.clone()) {

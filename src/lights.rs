@@ -236,10 +236,16 @@ impl LightsHandle {
     /// Hands over a `dpi/scene/set` for scene `id` from connection `client`; an unknown scene is
     /// refused here, before it is routed.
     pub fn scene(&self, id: String, client: &str) -> Result<(), SceneError> {
-        if !self.scenes.contains(&id) {
+        self.check_scene(&id)?;
+        let _ = self.inputs.send(Input::Scene { id, client: client.to_owned() });
+        Ok(())
+    }
+
+    /// Whether `id` is a declared scene.
+    pub fn check_scene(&self, id: &str) -> Result<(), SceneError> {
+        if !self.scenes.contains(id) {
             return Err(SceneError::UnknownScene(id.chars().take(MAX_QUOTED).collect()));
         }
-        let _ = self.inputs.send(Input::Scene { id, client: client.to_owned() });
         Ok(())
     }
 

@@ -36,6 +36,9 @@ pub enum StoreError {
     /// The store thread is gone (the hub is shutting down or it crashed).
     #[error("the store is closed")]
     Closed,
+    /// A file that must be created new exists already.
+    #[error("{0} exists already; choose another name (a backup never replaces a file)")]
+    Exists(PathBuf),
 }
 
 /// A short alias used throughout the module.
@@ -111,6 +114,12 @@ const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY CHECK (id = 1),
         snapshot TEXT NOT NULL,
         saved_at TEXT NOT NULL
+    );",
+    // 5: the one client certificate each device may use (the last issued); others are revoked.
+    "CREATE TABLE device_certs (
+        id TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL,
+        issued_at TEXT NOT NULL
     );",
 ];
 
@@ -500,6 +509,33 @@ pub mod devices {
             .optional()
             .map_err(sql_err(conn))
     }
+
+    /// Records the client certificate just issued to a device (its SHA-256), revoking any earlier one.
+    pub fn set_cert(conn: &Connection, id: &str, sha256: &str) -> Result<()> {
+        conn.execute(
+            "INSERT INTO device_certs (id, sha256, issued_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (id) DO UPDATE SET sha256 = excluded.sha256, issued_at = excluded.issued_at",
+            params![id, sha256, now_rfc3339()],
+        )
+        .map_err(sql_err(conn))?;
+        Ok(())
+    }
+
+    /// The SHA-256 of the one client certificate the device may use, if one was issued.
+    pub fn cert_sha256(conn: &Connection, id: &str) -> Result<Option<String>> {
+        conn.query_row("SELECT sha256 FROM device_certs WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+            .map_err(sql_err(conn))
+    }
+
+    /// Revokes the device's password and client certificate; false if it had neither.
+    pub fn revoke(conn: &Connection, id: &str) -> Result<bool> {
+        let tx = conn.unchecked_transaction().map_err(sql_err(conn))?;
+        let n = tx.execute("DELETE FROM device_credentials WHERE id = ?1", [id]).map_err(sql_err(conn))?
+            + tx.execute("DELETE FROM device_certs WHERE id = ?1", [id]).map_err(sql_err(conn))?;
+        tx.commit().map_err(sql_err(conn))?;
+        Ok(n > 0)
+    }
 }
 
 /// Retained messages, kept across restarts.
@@ -547,10 +583,16 @@ pub mod retained {
         Ok(refused)
     }
 
-    /// Every retained message: (topic, payload).
-    pub fn all(conn: &Connection) -> Result<Vec<(String, Vec<u8>)>> {
+    /// Every retained message as stored: (topic bytes, payload). A row of the wrong type comes
+    /// back as it is; the caller decides what it can use (a bad row must never stop a start).
+    pub fn all(conn: &Connection) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        use rusqlite::types::ValueRef;
+        let bytes = |v: ValueRef<'_>| match v {
+            ValueRef::Text(b) | ValueRef::Blob(b) => b.to_vec(),
+            _ => Vec::new(),
+        };
         let mut stmt = conn.prepare("SELECT topic, payload FROM retained ORDER BY topic").map_err(sql_err(conn))?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql_err(conn))?;
+        let rows = stmt.query_map([], |r| Ok((bytes(r.get_ref(0)?), bytes(r.get_ref(1)?)))).map_err(sql_err(conn))?;
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
     }
 }
@@ -560,15 +602,24 @@ pub mod lag {
     use super::*;
     use rusqlite::params;
 
+    /// Clients kept in the table; the least recently seen are dropped past it.
+    pub const MAX_CLIENTS: i64 = 100;
+
     /// Adds `jumps` skip-aheads to a client's count.
     pub fn add(conn: &Connection, client: &str, jumps: u64) -> Result<()> {
-        conn.execute(
+        let tx = conn.unchecked_transaction().map_err(sql_err(conn))?;
+        tx.execute(
             "INSERT INTO client_lag (client, jumps, last_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (client) DO UPDATE SET jumps = jumps + excluded.jumps, last_at = excluded.last_at",
             params![client, jumps as i64, now_rfc3339()],
         )
         .map_err(sql_err(conn))?;
-        Ok(())
+        tx.execute(
+            "DELETE FROM client_lag WHERE client NOT IN (SELECT client FROM client_lag ORDER BY last_at DESC LIMIT ?1)",
+            [MAX_CLIENTS],
+        )
+        .map_err(sql_err(conn))?;
+        tx.commit().map_err(sql_err(conn))
     }
 
     /// Every client with skip-aheads: (client, jumps, last time).
@@ -597,6 +648,9 @@ pub mod device_state {
         pub online: Option<bool>,
         pub seen_at: Option<String>,
     }
+
+    /// Undeclared ids kept in `rejected_devices`; the least recently seen are dropped past it.
+    pub const MAX_REJECTED: i64 = 100;
 
     /// One change to write.
     #[derive(Debug, Clone, PartialEq)]
@@ -652,6 +706,14 @@ pub mod device_state {
                 }
             }
         }
+        if changes.iter().any(|c| matches!(c, Change::Rejected { .. })) {
+            tx.execute(
+                "DELETE FROM rejected_devices WHERE id NOT IN
+                 (SELECT id FROM rejected_devices ORDER BY last_at DESC, count DESC LIMIT ?1)",
+                [MAX_REJECTED],
+            )
+            .map_err(&e)?;
+        }
         tx.execute(
             "INSERT INTO counters (name, value) VALUES ('state_commits', 1)
              ON CONFLICT (name) DO UPDATE SET value = value + 1",
@@ -697,11 +759,19 @@ pub mod device_state {
 }
 
 /// Copies the database to `dest` with SQLite's online backup API: consistent while the hub runs.
+///
+/// `dest` is created new, mode 0600, before a byte is written (it holds password hashes): an
+/// existing file is never overwritten, and no other user can open it in between.
 pub fn backup(conn: &Connection, dest: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let e = |source| StoreError::Sqlite { path: dest.to_owned(), source };
-    conn.backup(rusqlite::MAIN_DB, dest, None).map_err(e)?;
-    std::fs::set_permissions(dest, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(|io| e(rusqlite::Error::ToSqlConversionFailure(Box::new(io))))
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest);
+    match created {
+        Ok(file) => drop(file),
+        Err(io) if io.kind() == std::io::ErrorKind::AlreadyExists => return Err(StoreError::Exists(dest.to_owned())),
+        Err(io) => return Err(e(rusqlite::Error::ToSqlConversionFailure(Box::new(io)))),
+    }
+    conn.backup(rusqlite::MAIN_DB, dest, None).map_err(e)
 }
 
 /// The alarm: its snapshot (written with [`Store::durable`]) and the users' alarm codes.

@@ -113,7 +113,7 @@ async fn no_command(light: &mut mpsc::UnboundedReceiver<Value>, ms: u64) {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn motion_switches_the_light_on_then_off_after_the_delay() {
     let (hub, mut alice) = house().await;
     let (mut hall, _) = light(&hub, "hall-light", &mut alice).await;
@@ -135,7 +135,7 @@ async fn motion_switches_the_light_on_then_off_after_the_delay() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_light_switched_on_by_hand_is_not_switched_off_by_motion() {
     let (hub, mut alice) = house().await;
     let (mut hall, hand) = light(&hub, "hall-light", &mut alice).await;
@@ -149,7 +149,7 @@ async fn a_light_switched_on_by_hand_is_not_switched_off_by_motion() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_button_toggles_a_group_of_lights() {
     let (hub, mut alice) = house().await;
     let (mut a, _) = light(&hub, "lamp-a", &mut alice).await;
@@ -172,7 +172,7 @@ async fn a_button_toggles_a_group_of_lights() {
     hub.stop().await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_scene_applies_and_an_unknown_one_is_reported() {
     let (hub, mut alice) = house().await;
     let (mut a, _) = light(&hub, "lamp-a", &mut alice).await;

@@ -4,6 +4,7 @@
 mod util;
 
 mod alarm;
+mod attacks;
 mod cli;
 mod foundation;
 mod house;

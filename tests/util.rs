@@ -74,6 +74,10 @@ impl TestHub {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, data_dir: PathBuf, extra: &str) -> TestHub {
+        // `DOMOTICPI_TEST_LOG=debug` shows the in-process hubs' logs (with --nocapture).
+        if let Ok(level) = std::env::var("DOMOTICPI_TEST_LOG") {
+            domoticpi::logging::init(&level);
+        }
         let text = config_text(&data_dir, extra);
         std::fs::write(dir.path().join("domoticpi.toml"), &text).unwrap();
         let config = Config::from_toml(&text, None).unwrap();
@@ -389,62 +393,248 @@ pub fn process_config(extra: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
 /// Subscribe QoS used throughout.
 pub const QOS1: QoS = QoS::AtLeastOnce;
 
-/// A hand-driven MQTT client over TLS, for what well-behaved libraries never do (stay silent,
-/// send CONNECT twice, ask for keepalive 0).
+/// Either side of a raw client's connection.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
+
+/// A hand-driven MQTT client (TLS or plain), for what well-behaved libraries never do (stay
+/// silent, send CONNECT twice, ask for keepalive 0, acknowledge out of order, never acknowledge).
 pub struct RawClient {
-    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    stream: Box<dyn Stream>,
     buf: bytes::BytesMut,
+    cipher: Option<rustls::CipherSuite>,
+    /// QoS and packet id of the last PUBLISH read (rumqttd keeps them private).
+    pub last_meta: (u8, u16),
+}
+
+/// What a raw client's read came to.
+#[allow(clippy::large_enum_variant)] // one at a time, in tests
+#[derive(Debug)]
+pub enum Read {
+    /// A packet.
+    Packet(rumqttd::protocol::Packet),
+    /// The server closed the connection.
+    Closed,
+    /// Nothing within the time given.
+    Silent,
 }
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, ca: &Path) -> RawClient {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        Self::connect_from(addr, ca, None).await
+    }
+
+    /// Connects over TLS from a given local address (127.0.0.2, say), or any.
+    pub async fn connect_from(addr: SocketAddr, ca: &Path, from: Option<std::net::IpAddr>) -> RawClient {
+        let tcp = match from {
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(SocketAddr::new(ip, 0)).unwrap();
+                socket.connect(addr).await.unwrap()
+            }
+            None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+        };
+        tcp.set_nodelay(true).unwrap();
         let connector = tokio_rustls::TlsConnector::from(tls_config(ca));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let stream = connector.connect(name, tcp).await.unwrap();
-        RawClient { stream, buf: bytes::BytesMut::new() }
+        let cipher = stream.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+        RawClient { stream: Box::new(stream), buf: bytes::BytesMut::new(), cipher, last_meta: (0, 0) }
+    }
+
+    /// Connects over plain TCP (the hub's plain listener).
+    pub async fn connect_plain(addr: SocketAddr) -> std::io::Result<RawClient> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        Ok(RawClient { stream: Box::new(tcp), buf: bytes::BytesMut::new(), cipher: None, last_meta: (0, 0) })
     }
 
     /// The TLS cipher suite the server chose.
     pub fn cipher_suite(&self) -> Option<rustls::CipherSuite> {
-        self.stream.get_ref().1.negotiated_cipher_suite().map(|s| s.suite())
+        self.cipher
     }
 
     pub async fn send(&mut self, packet: rumqttd::protocol::Packet) {
+        self.try_send(packet).await.unwrap();
+    }
+
+    /// Sends a packet; an error when the connection is gone.
+    pub async fn try_send(&mut self, packet: rumqttd::protocol::Packet) -> std::io::Result<()> {
         use rumqttd::protocol::Protocol;
         use tokio::io::AsyncWriteExt;
         let mut out = bytes::BytesMut::new();
-        rumqttd::protocol::v4::V4.write(packet, &mut out).unwrap();
-        self.stream.write_all(&out).await.unwrap();
-        self.stream.flush().await.unwrap();
+        rumqttd::protocol::v4::V4.write(packet, &mut out).map_err(std::io::Error::other)?;
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 
     /// Sends a CONNECT with a login.
     pub async fn connect_packet(&mut self, id: &str, user: &str, password: &str, keep_alive: u16) {
-        use rumqttd::protocol::{Connect, Login, Packet};
-        let connect = Connect { keep_alive, client_id: id.to_owned(), clean_session: true };
-        let login = Login { username: user.to_owned(), password: password.to_owned() };
-        self.send(Packet::Connect(connect, None, None, None, Some(login))).await;
+        self.connect_full(id, Some((user, password)), keep_alive, true, None).await;
     }
 
-    /// The next packet; `None` when the server closed the connection.
+    /// Sends a CONNECT with every option.
+    pub async fn connect_full(
+        &mut self,
+        id: &str,
+        login: Option<(&str, &str)>,
+        keep_alive: u16,
+        clean_session: bool,
+        will: Option<rumqttd::protocol::LastWill>,
+    ) {
+        use rumqttd::protocol::{Connect, Login, Packet};
+        let connect = Connect { keep_alive, client_id: id.to_owned(), clean_session };
+        let login = login.map(|(u, p)| Login { username: u.to_owned(), password: p.to_owned() });
+        let _ = self.try_send(Packet::Connect(connect, None, will, None, login)).await;
+    }
+
+    /// Sends CONNECT and returns the CONNACK's code, or `None` if the server closed without one.
+    pub async fn login(
+        &mut self,
+        id: &str,
+        login: Option<(&str, &str)>,
+        clean_session: bool,
+        will: Option<rumqttd::protocol::LastWill>,
+    ) -> Option<rumqttd::protocol::ConnAck> {
+        self.connect_full(id, login, 30, clean_session, will).await;
+        match self.read(Duration::from_secs(10)).await {
+            Read::Packet(rumqttd::protocol::Packet::ConnAck(ack, _)) => Some(ack),
+            Read::Closed => None,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// The next packet; `None` when the server closed the connection; panics after `within`.
     pub async fn recv(&mut self, within: Duration) -> Option<rumqttd::protocol::Packet> {
+        match self.read(within).await {
+            Read::Packet(p) => Some(p),
+            Read::Closed => None,
+            Read::Silent => panic!("nothing from the hub within {within:?}"),
+        }
+    }
+
+    /// The next packet, the end of the connection, or silence for `within`.
+    pub async fn read(&mut self, within: Duration) -> Read {
         use rumqttd::protocol::Protocol;
         use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + within;
         loop {
+            let meta = publish_meta(&self.buf);
             match rumqttd::protocol::v4::V4.read_mut(&mut self.buf, 1 << 20) {
-                Ok(p) => return Some(p),
+                Ok(p) => {
+                    if let Some(meta) = meta {
+                        self.last_meta = meta;
+                    }
+                    return Read::Packet(p);
+                }
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
                 Err(e) => panic!("bad packet from the hub: {e}"),
             }
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Read::Closed,
                 Ok(Ok(_)) => {}
-                Err(_) => panic!("nothing from the hub within {within:?}"),
+                Err(_) => return Read::Silent,
             }
         }
     }
+
+    /// Reads until the server closes the connection (true) or `within` passes (false), dropping packets.
+    pub async fn closed_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.read(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+                Read::Packet(_) => continue,
+                Read::Closed => return true,
+                Read::Silent => return false,
+            }
+        }
+    }
+}
+
+/// A subscription filter for raw packets.
+pub fn raw_filter(path: &str, qos: rumqttd::protocol::QoS) -> rumqttd::protocol::Filter {
+    rumqttd::protocol::Filter {
+        path: path.into(),
+        qos,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: rumqttd::protocol::RetainForwardRule::OnEverySubscribe,
+    }
+}
+
+/// A SUBACK's return codes as on the wire: the granted QoS, or 0x80.
+pub fn suback_codes(codes: &[rumqttd::protocol::SubscribeReasonCode]) -> Vec<u8> {
+    use rumqttd::protocol::SubscribeReasonCode as C;
+    codes
+        .iter()
+        .map(|c| match c {
+            C::QoS0 | C::Success(rumqttd::protocol::QoS::AtMostOnce) => 0,
+            C::QoS1 | C::Success(rumqttd::protocol::QoS::AtLeastOnce) => 1,
+            C::QoS2 | C::Success(rumqttd::protocol::QoS::ExactlyOnce) => 2,
+            _ => 0x80,
+        })
+        .collect()
+}
+
+/// A raw SUBSCRIBE.
+pub fn raw_subscribe(pkid: u16, filters: &[(&str, rumqttd::protocol::QoS)]) -> rumqttd::protocol::Packet {
+    let filters = filters.iter().map(|(f, q)| raw_filter(f, *q)).collect();
+    rumqttd::protocol::Packet::Subscribe(rumqttd::protocol::Subscribe { pkid, filters }, None)
+}
+
+/// A raw PUBLISH at any QoS (rumqttd keeps QoS and packet id private: built from its wire form).
+pub fn raw_publish(topic: &str, payload: &[u8], qos: u8, pkid: u16, retain: bool) -> rumqttd::protocol::Packet {
+    use rumqttd::protocol::Protocol;
+    let mut wire = bytes::BytesMut::new();
+    let len = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
+    wire.extend_from_slice(&[0x30 | (qos << 1) | u8::from(retain)]);
+    let mut remaining = len;
+    loop {
+        let mut b = (remaining % 128) as u8;
+        remaining /= 128;
+        if remaining > 0 {
+            b |= 0x80;
+        }
+        wire.extend_from_slice(&[b]);
+        if remaining == 0 {
+            break;
+        }
+    }
+    wire.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    wire.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        wire.extend_from_slice(&pkid.to_be_bytes());
+    }
+    wire.extend_from_slice(payload);
+    rumqttd::protocol::v4::V4.read_mut(&mut wire, usize::MAX).unwrap()
+}
+
+/// QoS and packet id of the PUBLISH at the start of `buf`, if it is one.
+fn publish_meta(buf: &[u8]) -> Option<(u8, u16)> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    let at = i + 2 + topic_len;
+    let pkid = if qos > 0 { u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]) } else { 0 };
+    Some((qos, pkid))
 }
 
 impl TestHub {

@@ -27,18 +27,11 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
     }
 }
 
-/// Whether `who` may subscribe to `filter` (which may hold wildcards).
+/// Whether `who` may subscribe to `filter` (which may hold wildcards). A filter the router
+/// boundary refuses ([`super::guard::filter`]: shared subscriptions, `$…`, bad wildcards) is
+/// refused to everyone.
 pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
-    // A shared subscription reads what its inner filter reads.
-    let filter = match filter.strip_prefix("$share/") {
-        Some(rest) => match rest.split_once('/') {
-            Some((group, inner)) if !group.is_empty() => inner,
-            _ => return false,
-        },
-        None => filter,
-    };
-    // The router has no `$SYS` and disconnects anyone asking for another `$` filter.
-    if filter.starts_with('$') || !is_valid_filter(filter) {
+    if super::guard::filter(filter).is_err() {
         return false;
     }
     match who {
@@ -46,19 +39,6 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
         Identity::User { role: Role::Resident, .. } => filter == "dpi/#" || filter.starts_with("dpi/"),
         Identity::Device { id, .. } => filter == format!("dpi/{id}/set") || filter == "dpi/alarm/state",
     }
-}
-
-/// MQTT 3.1.1 §4.7: `#` only last and alone in its level, `+` alone in its level.
-fn is_valid_filter(filter: &str) -> bool {
-    if filter.is_empty() {
-        return false;
-    }
-    let levels: Vec<&str> = filter.split('/').collect();
-    levels.iter().enumerate().all(|(i, level)| match *level {
-        "#" => i == levels.len() - 1,
-        "+" => true,
-        l => !l.contains(['+', '#']),
-    })
 }
 
 #[cfg(test)]
@@ -113,7 +93,7 @@ mod tests {
         device_everything: device("motion", DeviceKind::Motion), "#" => false;
         device_all_sets: device("motion", DeviceKind::Motion), "dpi/+/set" => false;
         device_other_set_filter: device("motion", DeviceKind::Motion), "dpi/light/set" => false;
-        device_shared_own: device("light", DeviceKind::Light), "$share/g/dpi/light/set" => true;
+        device_shared_own: device("light", DeviceKind::Light), "$share/g/dpi/light/set" => false;
         resident_dpi_all: user(Role::Resident), "dpi/#" => true;
         resident_dpi_states: user(Role::Resident), "dpi/+/state" => true;
         resident_everything: user(Role::Resident), "#" => false;

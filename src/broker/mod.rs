@@ -8,13 +8,17 @@
 //!
 //! This module must not decode device payloads or run rules; it moves packets.
 
+pub mod acks;
 pub mod acl;
+pub mod admission;
+pub mod guard;
 pub mod lag;
 pub mod session;
+pub mod sessions;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -95,10 +99,14 @@ pub struct Shared {
     pub backlog: RouterBacklog,
     /// Checks credentials at CONNECT.
     pub auth: Authenticator,
+    /// Failed logins per address, which slow the address down.
+    pub throttle: Arc<crate::auth::Throttle>,
+    /// Sockets open and logins in progress.
+    pub admission: Arc<admission::Admission>,
+    /// Who holds which client id, and the ids the router sees.
+    pub sessions: Arc<sessions::Sessions>,
     /// Limits per connection and in total.
     pub limits: Limits,
-    /// Connected clients right now.
-    pub connected: AtomicUsize,
     /// Sessions ended since start: the memory trimmer acts only after some ended.
     pub ended: AtomicUsize,
     /// Publishes wills on behalf of clients that died.
@@ -125,9 +133,9 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// Number of clients connected now.
+    /// Sockets open now, logged in or not.
     pub fn connected(&self) -> usize {
-        self.connected.load(Ordering::Relaxed)
+        self.admission.sockets()
     }
 
     /// Announces a device online or offline (retained) and records it.
@@ -164,6 +172,25 @@ pub fn router_config(max_connections: usize) -> RouterConfig {
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     }
+}
+
+/// Opens a session's router link under the id its claim names; a claim marked `purge` first
+/// opens the id with clean session and closes it, so that the router drops whatever session it
+/// kept under it. Blocks on the router's answer: call it off the runtime.
+pub fn open_link(
+    links: &LinkFactory,
+    router_id: &str,
+    purge: bool,
+    clean: bool,
+) -> Result<(LinkTx, LinkRx, Notification), BrokerError> {
+    if purge {
+        let (mut tx, _rx, _ack) = links(router_id, true)?;
+        tx.push_packet(Packet::Disconnect(
+            rumqttd::protocol::Disconnect { reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection },
+            None,
+        ))?;
+    }
+    links(router_id, clean)
 }
 
 /// Starts the router on its own thread and returns a factory for links to it.
@@ -337,23 +364,34 @@ pub async fn serve(
                 }
             },
         };
+        // Counted from here: a socket that never logs in holds a place too.
+        let Ok(ticket) = shared.admission.admit(peer.ip()) else {
+            drop(socket);
+            continue;
+        };
         let shared = shared.clone();
         let tls = tls.clone();
         tracker.spawn(async move {
-            accept_one(socket, peer, tls, shared).await;
+            accept_one(socket, peer, tls, shared, ticket).await;
         });
     }
 }
 
-async fn accept_one(socket: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: Arc<Shared>) {
+async fn accept_one(
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    ticket: admission::Ticket,
+) {
     // Without NODELAY, Nagle holds small MQTT packets (CONNACK, PUBACK) for tens of milliseconds.
     let _ = socket.set_nodelay(true);
     match tls {
-        None => session::run(socket, peer, None, shared).await,
+        None => session::run(socket, peer, None, shared, ticket).await,
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
             Ok(Ok(stream)) => {
-                let cn = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| common_name(c));
-                session::run(stream, peer, cn, shared).await
+                let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_cert(c));
+                session::run(stream, peer, cert, shared, ticket).await
             }
             Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -361,9 +399,9 @@ async fn accept_one(socket: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor
     }
 }
 
-/// The CN of a certificate the TLS layer already verified.
-fn common_name(der: &[u8]) -> Option<String> {
+/// The CN and fingerprint of a client certificate the TLS layer already verified.
+fn peer_cert(der: &[u8]) -> Option<crate::auth::PeerCert> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
-    Some(cn)
+    Some(crate::auth::PeerCert { cn, sha256: crate::certs::sha256_of(der) })
 }

@@ -3,44 +3,50 @@
 //!
 //! The session answers what the router cannot: a CONNACK for every refusal (so a device can tell
 //! a bad password from a network fault), keepalive measured on what the client sends (1.5 × its
-//! value, none for 0), a second CONNECT closing the connection, PINGRESP without a router round
-//! trip, and the will published once, only for a connection that died without DISCONNECT.
+//! value, none for 0), a second CONNECT closing the connection, PINGRESP and UNSUBACK without a
+//! router round trip, and the will published once, only for a connection that died without
+//! DISCONNECT. It is also where [`super::guard`] is applied: nothing reaches the router that the
+//! guard, [`super::acks`] and [`super::sessions`] have not let through.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{
     ConnAck, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet, PingResp, Protocol, PubAck,
-    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck, Subscribe,
-    SubscribeReasonCode,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{acl, Shared, HANDSHAKE_TIMEOUT};
-use crate::auth::{Identity, Presented, Refusal};
+use super::acks::{Ack, Acks, Incoming, Sends};
+use super::admission::Ticket;
+use super::sessions::{Claim, ClaimError, FilterVerdict};
+use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
+use crate::auth::{Identity, PeerCert, Presented, Refusal};
 use crate::secret::Secret;
 
 /// Room for the fixed header and topic beyond the payload limit.
 const PACKET_OVERHEAD: usize = 1024;
 
-/// Longest topic name accepted in a PUBLISH; longer ones close the connection.
-pub const MAX_TOPIC_BYTES: usize = 512;
+/// How long a client may leave written data unread before the connection is closed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs a client session on an established (TLS or plain) stream.
-pub async fn run<S>(stream: S, peer: SocketAddr, cert_cn: Option<String>, shared: Arc<Shared>)
+pub async fn run<S>(stream: S, peer: SocketAddr, cert: Option<PeerCert>, shared: Arc<Shared>, mut ticket: Ticket)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let _ended = Ended(&shared);
     let mut conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
     let max_packet = shared.limits.max_payload_bytes + PACKET_OVERHEAD;
 
@@ -65,38 +71,36 @@ where
         info!(%peer, "closed: first packet was not CONNECT");
         return;
     };
-
+    let shown_id = guard::shown(&connect.client_id);
+    if ticket.over_limit() {
+        warn!(%peer, client = %shown_id, max = shared.limits.max_connections, "connection refused: too many connections");
+        let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+        return;
+    }
+    if let Err(reason) = guard::client_id(&connect.client_id, connect.clean_session) {
+        warn!(%peer, client = %shown_id, %reason, "connection refused");
+        let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
+        return;
+    }
     let (username, password) = match login {
         Some(l) if !l.username.is_empty() => (Some(l.username), Some(Secret::new(l.password))),
         _ => (None, None),
     };
-    if let Err(reason) = check_client_id(&connect.client_id, connect.clean_session) {
-        warn!(%peer, client = %connect.client_id, %reason, "connection refused");
-        let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
-        return;
-    }
-    let user_for_log = username.clone().or_else(|| cert_cn.clone()).unwrap_or_default();
-    let presented = Presented { client_id: connect.client_id.clone(), username, password, cert_cn };
-    let identity = match shared.auth.check(presented).await {
+    let presented = Presented { client_id: connect.client_id.clone(), username, password, cert };
+    let identity = match log_in(&mut conn, &shared, peer, presented, max_packet).await {
         Ok(identity) => identity,
-        Err(refusal) => {
-            let code = match refusal {
-                Refusal::Anonymous | Refusal::CertificateRequired | Refusal::UnknownCertificate(_) => {
-                    ConnectReturnCode::NotAuthorized
-                }
-                Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
-                Refusal::ClientId(_) => ConnectReturnCode::ClientIdentifierNotValid,
-                Refusal::Unavailable(_) => ConnectReturnCode::ServiceUnavailable,
-            };
-            warn!(%peer, client = %connect.client_id, user = %user_for_log, reason = %refusal, "connection refused");
+        Err(Some(code)) => {
             let _ = conn.refuse(code).await;
             return;
         }
+        Err(None) => return,
     };
+    ticket.logged_in();
     if let Some(w) = &will {
-        let topic = String::from_utf8_lossy(&w.topic);
-        if !acl::may_publish(&identity, &topic) {
-            warn!(%peer, client = %connect.client_id, user = identity.name(), %topic, "connection refused: will topic not allowed");
+        if let Err(reason) = check_will(&shared, &identity, w) {
+            let topic = guard::shown(&String::from_utf8_lossy(&w.topic));
+            warn!(%peer, client = %shown_id, user = identity.name(), %topic, %reason, "connection refused: will refused");
+            shared.report_error(&topic, &connect.client_id, &format!("will refused: {reason}"));
             let _ = conn.refuse(ConnectReturnCode::NotAuthorized).await;
             return;
         }
@@ -107,48 +111,40 @@ where
     } else {
         connect.client_id.clone()
     };
+    let clean = connect.clean_session;
 
-    // Count the connection before it exists, so that racing connects cannot overshoot the limit.
-    let connected = shared.connected.fetch_add(1, Ordering::AcqRel) + 1;
-    let _slot = Slot(&shared);
-    if connected > shared.limits.max_connections {
-        warn!(%peer, client = %client_id, max = shared.limits.max_connections, "connection refused: too many connections");
-        let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
-        return;
-    }
-
-    let links = shared.links.clone();
-    let (id, clean) = (client_id.clone(), connect.clean_session);
-    // Building a link waits for the router's answer on a blocking channel.
-    let link = tokio::task::spawn_blocking(move || links(&id, clean)).await;
-    let (link_tx, link_rx, ack) = match link {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            warn!(%peer, client = %client_id, error = %e, "connection refused: router refused the link");
-            let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+    let claim = match shared.sessions.claim(&client_id, &identity, clean).await {
+        Ok(claim) => claim,
+        Err(e) => {
+            let code = match e {
+                ClaimError::Taken => ConnectReturnCode::ClientIdentifierNotValid,
+                ClaimError::StillClosing | ClaimError::Full => ConnectReturnCode::ServiceUnavailable,
+            };
+            warn!(%peer, client = %client_id, user = identity.name(), reason = %e, "connection refused");
+            let _ = conn.refuse(code).await;
             return;
         }
-        Err(e) => {
-            warn!(%peer, client = %client_id, error = %e, "connection refused: link task failed");
+    };
+    let links = shared.links.clone();
+    let (router_id, purge) = (claim.router_id.clone(), claim.purge);
+    // Opening a link waits for the router's answer on a blocking channel.
+    let link = tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await;
+    let (link_tx, link_rx, ack) = match link {
+        Ok(Ok(link)) => link,
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+                Ok(Ok(_)) => String::new(),
+            };
+            warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
+            shared.sessions.release(&claim);
+            let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
             return;
         }
     };
     let router_ack: Option<Packet> = ack.into();
     let session_present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
-    if conn.send(Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None)).await.is_err() {
-        let mut link_tx = link_tx;
-        let _ = disconnect_link(&mut link_tx).await;
-        return;
-    }
-    info!(%peer, client = %client_id, user = identity.name(), keepalive = connect.keep_alive, "client connected");
-    let device = match &identity {
-        Identity::Device { id, .. } => Some(id.clone()),
-        Identity::User { .. } => None,
-    };
-    if let Some(id) = &device {
-        shared.availability(id, true);
-    }
-
     let mut session = Session {
         conn,
         link_tx,
@@ -159,57 +155,177 @@ where
         max_packet,
         shared: shared.clone(),
         identity,
+        claim,
+        acks: Acks::default(),
         pending_subscribes: HashMap::new(),
-        refused_qos2: HashSet::new(),
-        downgraded: HashMap::new(),
         to_router: Vec::new(),
     };
-    let end = session.pump().await;
-    let Session { mut link_tx, client_id, mut conn, .. } = session;
-    // A replaced connection's successor already announced the device online.
-    if let (Some(id), false) = (&device, matches!(end, End::Router)) {
-        shared.availability(id, false);
-    }
-    match &end {
-        End::Router => {}
-        _ => {
-            let _ = disconnect_link(&mut link_tx).await;
-        }
-    }
-    let _ = conn.stream.shutdown().await;
-    match (end, will) {
-        (End::Clean, _) => info!(%peer, client = %client_id, "client disconnected"),
-        (End::Router, _) => info!(%peer, client = %client_id, "client replaced by a new connection with the same id"),
-        (End::HubClosing, _) => info!(%peer, client = %client_id, "client closed: hub shutting down"),
-        (End::Lost(reason), will) => {
-            info!(%peer, client = %client_id, %reason, "client connection lost");
-            if let Some(LastWill { topic, message, retain, .. }) = will {
-                debug!(client = %client_id, topic = %String::from_utf8_lossy(&topic), "publishing will");
-                shared.hub.publish(String::from_utf8_lossy(&topic).into_owned(), message, retain);
+    let connack = Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None);
+    let end = match session.conn.send(connack).await {
+        Ok(()) => {
+            info!(%peer, client = %session.client_id, user = session.identity.name(), keepalive = connect.keep_alive, clean, session_present, "client connected");
+            if let Identity::Device { id, .. } = &session.identity {
+                shared.availability(id, true);
             }
+            session.pump().await
+        }
+        Err(e) => End::Lost(e.to_string()),
+    };
+    let Session { mut link_tx, client_id, mut conn, claim, identity, .. } = session;
+    // The router link closes first: a connection taking this client id over opens it next.
+    if !matches!(end, End::Router) {
+        let _ = disconnect_link(&mut link_tx).await;
+    }
+    drop(link_tx);
+    let replaced = shared.sessions.is_replaced(&claim);
+    if !replaced {
+        if let (End::Lost(_), Some(will)) = (&end, will) {
+            publish_will(&shared, &identity, &client_id, will);
+        }
+        // A device's availability is the hub's word, after any will.
+        if let Identity::Device { id, .. } = &identity {
+            shared.availability(id, false);
         }
     }
-}
-
-/// Releases a connection slot when the session ends, whatever the path.
-struct Slot<'a>(&'a Shared);
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.connected.fetch_sub(1, Ordering::AcqRel);
-        self.0.ended.fetch_add(1, Ordering::Relaxed);
+    // Lets a connection waiting to take the client id over go on.
+    shared.sessions.release(&claim);
+    drop(claim);
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+    match end {
+        End::Clean => info!(%peer, client = %client_id, "client disconnected"),
+        End::Router => info!(%peer, client = %client_id, "client closed: the router is gone"),
+        End::Kicked if replaced => {
+            info!(%peer, client = %client_id, "client replaced by a new connection with the same id")
+        }
+        End::Kicked => info!(%peer, client = %client_id, "client closed: its credentials were revoked"),
+        End::HubClosing => info!(%peer, client = %client_id, "client closed: hub shutting down"),
+        End::Lost(reason) => info!(%peer, client = %client_id, %reason, "client connection lost"),
     }
 }
 
-/// MQTT-level checks on the requested client id, before credentials are looked at.
-fn check_client_id(requested: &str, clean: bool) -> Result<(), String> {
-    if requested.is_empty() && !clean {
-        return Err("an empty client id needs clean session".into());
+/// Decides who the client is. An address with recent failed logins waits first (before a password
+/// check, so a flood cannot keep the argon2 pool busy; after a failed token check); password
+/// checks wait on the bounded argon2 queue under the CONNECT timeout; a client that leaves in the
+/// meantime is forgotten (`Err(None)`), its queued check cancelled.
+async fn log_in<S>(
+    conn: &mut Conn<S>,
+    shared: &Shared,
+    peer: SocketAddr,
+    presented: Presented,
+    max_packet: usize,
+) -> Result<Identity, Option<ConnectReturnCode>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ip = peer.ip();
+    let delay = shared.throttle.delay(ip, std::time::Instant::now());
+    let password = presented.is_password(&shared.auth);
+    let client = guard::shown(&presented.client_id);
+    let user = presented.username.clone().or_else(|| presented.cert.as_ref().map(|c| c.cn.clone())).unwrap_or_default();
+    if password && !delay.is_zero() {
+        debug!(%peer, ?delay, "throttled: recent failed logins from this address");
+        conn.while_present(tokio::time::sleep(delay), max_packet).await.ok_or(None)?;
     }
-    if requested.chars().any(|c| c.is_control() || "+#/$".contains(c)) {
-        return Err("client id holds a control character or one of + # / $".into());
+    let checked = conn.while_present(tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.auth.check(presented)), max_packet);
+    let refusal = match checked.await {
+        None => {
+            debug!(%peer, client = %client, "client left during its login");
+            return Err(None);
+        }
+        Some(Ok(Ok(identity))) => return Ok(identity),
+        Some(Ok(Err(refusal))) => refusal,
+        Some(Err(_)) => Refusal::Unavailable("timed out".to_owned()),
+    };
+    if matches!(refusal, Refusal::BadCredentials | Refusal::RevokedCertificate(_)) {
+        shared.throttle.failed(ip, std::time::Instant::now());
+        if !password && !delay.is_zero() {
+            conn.while_present(tokio::time::sleep(delay), max_packet).await.ok_or(None)?;
+        }
+    }
+    let code = match refusal {
+        Refusal::Anonymous
+        | Refusal::CertificateRequired
+        | Refusal::UnknownCertificate(_)
+        | Refusal::RevokedCertificate(_) => ConnectReturnCode::NotAuthorized,
+        Refusal::BadCredentials => ConnectReturnCode::BadUserNamePassword,
+        Refusal::ClientId(_) => ConnectReturnCode::ClientIdentifierNotValid,
+        Refusal::Unavailable(_) => ConnectReturnCode::ServiceUnavailable,
+    };
+    warn!(%peer, %client, %user, reason = %refusal, "connection refused");
+    Err(Some(code))
+}
+
+/// Checks a will at CONNECT as its PUBLISH would be checked, without acting on it.
+fn check_will(shared: &Shared, identity: &Identity, will: &LastWill) -> Result<(), String> {
+    let topic = guard::topic(&will.topic).map_err(|e| format!("topic {e}"))?;
+    if !acl::may_publish(identity, topic) {
+        return Err("topic not allowed for this client".to_owned());
+    }
+    if let crate::devices::Verdict::Reject(reason) = shared.devices.validate(topic, &will.message) {
+        return Err(reason);
+    }
+    if topic == crate::alarm::SET_TOPIC {
+        crate::alarm::parse_set(&will.message).map_err(|e| e.to_string())?;
+    }
+    if topic == crate::lights::SCENE_TOPIC {
+        let scene = crate::lights::parse_scene(&will.message).map_err(|e| e.to_string())?;
+        shared.lights.check_scene(&scene).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Publishes the will of a connection that died, through the same checks as a PUBLISH.
+fn publish_will(shared: &Shared, identity: &Identity, client_id: &str, will: LastWill) {
+    let Ok(topic) = guard::topic(&will.topic) else { return };
+    match inspect(shared, identity, client_id, topic, &will.message) {
+        Ok(replacement) => {
+            debug!(client = %client_id, %topic, "publishing will");
+            shared.hub.publish(topic.to_owned(), replacement.unwrap_or(will.message), will.retain);
+        }
+        Err(reason) => {
+            warn!(client = %client_id, %topic, %reason, "will refused");
+            shared.report_error(topic, client_id, &format!("will refused: {reason}"));
+        }
+    }
+}
+
+/// The hub's checks on a message a client sent (a PUBLISH, or its will), after the guard: the
+/// ACL, device payloads, and the alarm and scene commands, which are handed on here. Returns the
+/// payload to route in place of the one sent (an alarm command without its code), or why the
+/// message is refused.
+fn inspect(
+    shared: &Shared,
+    identity: &Identity,
+    client_id: &str,
+    topic: &str,
+    payload: &Bytes,
+) -> Result<Option<Bytes>, String> {
+    if !acl::may_publish(identity, topic) {
+        return Err("publish not allowed for this client".to_owned());
+    }
+    if let crate::devices::Verdict::Reject(reason) = shared.devices.check(topic, payload) {
+        return Err(reason);
+    }
+    if topic == crate::alarm::SET_TOPIC {
+        let command = crate::alarm::parse_set(payload).map_err(|e| e.to_string())?;
+        shared.alarm.command(command, crate::alarm::source_of(identity), client_id);
+        // Other subscribers see the command, never the code in it.
+        return Ok(crate::alarm::redact(payload).map(Bytes::from));
+    }
+    if topic == crate::lights::SCENE_TOPIC {
+        let scene = crate::lights::parse_scene(payload).map_err(|e| e.to_string())?;
+        shared.lights.scene(scene, client_id).map_err(|e| e.to_string())?;
+    }
+    Ok(None)
+}
+
+/// Counts the session's end for the memory trimmer, whatever the path.
+struct Ended<'a>(&'a Shared);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn rand_u64() -> u64 {
@@ -231,8 +347,10 @@ async fn disconnect_link(link_tx: &mut LinkTx) -> Result<(), rumqttd::local::Lin
 enum End {
     /// The client sent DISCONNECT.
     Clean,
-    /// The router dropped the link (another connection took the client id).
+    /// The router dropped the link (it is gone).
     Router,
+    /// The hub closed it: another connection took the client id over, or its credentials were revoked.
+    Kicked,
     /// The hub is shutting down.
     HubClosing,
     /// The network connection failed, timed out or carried a protocol violation.
@@ -274,19 +392,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn refuse(&mut self, code: ConnectReturnCode) -> std::io::Result<()> {
-        self.send(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await?;
-        self.stream.shutdown().await
+        let answer = async {
+            self.send(Packet::ConnAck(ConnAck { session_present: false, code }, None)).await?;
+            self.stream.shutdown().await
+        };
+        tokio::time::timeout(Duration::from_secs(1), answer).await.unwrap_or(Ok(()))
     }
-}
 
-/// What the session owes the router for an outgoing message it sent the client at a lower QoS
-/// than the router did (MQTT 3.1.1 §3.8.4: delivered QoS is the lower of publish and subscription).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Downgrade {
-    /// Router sent QoS 2, client got QoS 1: its PUBACK becomes the router's PUBREC.
-    TwoToOne,
-    /// The router's PUBREL for this id is answered with PUBCOMP here, not passed to the client.
-    AwaitingRelease,
+    /// Runs `work` while watching the socket: `None` if the client closed the connection first.
+    /// What the client sends meanwhile is kept for later, up to `limit` bytes.
+    async fn while_present<T>(&mut self, work: impl std::future::Future<Output = T>, limit: usize) -> Option<T> {
+        let gone = async {
+            loop {
+                if self.read.len() > limit {
+                    return std::future::pending().await;
+                }
+                match self.stream.read_buf(&mut self.read).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::select! {
+            done = work => Some(done),
+            () = gone => None,
+        }
+    }
 }
 
 /// An established session.
@@ -297,7 +428,7 @@ struct Session<S> {
     link_tx: LinkTx,
     /// Packets from the router to the client.
     link_rx: LinkRx,
-    /// The id registered with the router, for logs.
+    /// The client's own id, for logs (the router knows it by the claim's id).
     client_id: String,
     /// The client's address, for logs.
     peer: SocketAddr,
@@ -309,13 +440,13 @@ struct Session<S> {
     shared: Arc<Shared>,
     /// Who the client is, for the ACL.
     identity: Identity,
+    /// The hold on the client id: its router id, and the token that closes the session.
+    claim: Claim,
+    /// Acknowledgements, put in the router's order.
+    acks: Acks,
     /// SUBSCRIBEs partly refused: per packet id, for each requested filter its index among the
     /// filters passed to the router, or `None` if refused (answered 0x80).
     pending_subscribes: HashMap<u16, Vec<Option<usize>>>,
-    /// Ids of refused QoS 2 publishes, whose PUBREL the session answers itself.
-    refused_qos2: HashSet<u16>,
-    /// Outgoing packet ids delivered at a lower QoS than the router used.
-    downgraded: HashMap<u16, Downgrade>,
     /// Packets for the router gathered while handling one batch.
     to_router: Vec<Packet>,
 }
@@ -324,6 +455,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Moves packets both ways until the session ends.
     async fn pump(&mut self) -> End {
         let mut deadline = self.keepalive.map(|k| Instant::now() + k);
+        let kick = self.claim.kick.clone();
         loop {
             let keepalive = async {
                 match deadline {
@@ -340,9 +472,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
                     deadline = self.keepalive.map(|k| Instant::now() + k);
-                    let end = self.handle_incoming().await;
-                    if let Err(e) = self.conn.flush().await {
-                        return End::Lost(e.to_string());
+                    let end = self.handle_incoming();
+                    if let Err(end) = self.flush_client().await {
+                        return end;
                     }
                     if !self.flush_router().await {
                         return End::Router;
@@ -354,8 +486,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 notification = self.link_rx.next() => {
                     match notification {
                         Ok(Some(n)) => {
-                            if let Err(e) = self.handle_outgoing(n).await {
-                                return End::Lost(e.to_string());
+                            if let Err(end) = self.handle_outgoing(n).await {
+                                return end;
                             }
                             if !self.flush_router().await {
                                 return End::Router;
@@ -366,11 +498,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 () = keepalive => return End::Lost("keepalive timeout".into()),
+                () = kick.cancelled() => return End::Kicked,
                 () = self.shared.closing.cancelled() => {
                     self.drain().await;
                     return End::HubClosing;
                 }
             }
+        }
+    }
+
+    /// Writes what is queued for the client; a client that does not read for [`WRITE_TIMEOUT`],
+    /// or a session the hub closes meanwhile, ends here rather than holding the session.
+    async fn flush_client(&mut self) -> Result<(), End> {
+        let kick = self.claim.kick.clone();
+        tokio::select! {
+            written = tokio::time::timeout(WRITE_TIMEOUT, self.conn.flush()) => match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(End::Lost(e.to_string())),
+                Err(_) => Err(End::Lost("write timeout: the client does not read".into())),
+            },
+            () = kick.cancelled() => Err(End::Kicked),
         }
     }
 
@@ -399,8 +546,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Sends what the acknowledgement state asks: to the router (gathered) and to the client.
+    fn apply(&mut self, sends: Sends) {
+        for ack in sends.router {
+            self.to_router.push(ack_packet(ack));
+        }
+        for ack in sends.client {
+            self.queue(ack_packet(ack));
+        }
+    }
+
     /// Decodes every complete packet in the read buffer and acts on it.
-    async fn handle_incoming(&mut self) -> Option<End> {
+    fn handle_incoming(&mut self) -> Option<End> {
         loop {
             // QoS and packet id of a PUBLISH, read from its bytes: rumqttd keeps those fields private.
             let meta = publish_meta(&self.conn.read);
@@ -420,12 +577,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 Packet::Subscribe(subscribe, _) => self.incoming_subscribe(subscribe),
-                Packet::PubRel(rel, _) if self.refused_qos2.remove(&rel.pkid) => {
-                    self.queue(Packet::PubComp(PubComp { pkid: rel.pkid, reason: PubCompReason::Success }, None));
+                Packet::Unsubscribe(unsubscribe, _) => self.incoming_unsubscribe(unsubscribe),
+                Packet::PubAck(ack, _) => {
+                    let sends = self.acks.puback(ack.pkid);
+                    self.apply(sends);
                 }
-                Packet::PubAck(ack, _) if self.downgraded.get(&ack.pkid) == Some(&Downgrade::TwoToOne) => {
-                    self.downgraded.insert(ack.pkid, Downgrade::AwaitingRelease);
-                    self.to_router.push(Packet::PubRec(PubRec { pkid: ack.pkid, reason: PubRecReason::Success }, None));
+                Packet::PubRec(rec, _) => {
+                    let sends = self.acks.pubrec(rec.pkid);
+                    self.apply(sends);
+                }
+                Packet::PubRel(rel, _) => {
+                    let sends = self.acks.pubrel(rel.pkid);
+                    self.apply(sends);
+                }
+                Packet::PubComp(comp, _) => {
+                    let sends = self.acks.pubcomp(comp.pkid);
+                    self.apply(sends);
                 }
                 Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
                 Packet::Disconnect(..) => return Some(End::Clean),
@@ -433,11 +600,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     warn!(client = %self.client_id, "closing: second CONNECT on a connection");
                     return Some(End::Lost("second CONNECT".into()));
                 }
-                p @ (Packet::PubAck(..)
-                | Packet::PubRec(..)
-                | Packet::PubRel(..)
-                | Packet::PubComp(..)
-                | Packet::Unsubscribe(..)) => self.to_router.push(p),
                 other => {
                     warn!(client = %self.client_id, packet = ?other, "closing: packet a client may not send");
                     return Some(End::Lost("unexpected packet".into()));
@@ -448,52 +610,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Checks a PUBLISH and passes it to the router, or refuses it.
     fn incoming_publish(&mut self, mut publish: Publish, qos: u8, pkid: u16) -> Option<End> {
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return Some(End::Lost("topic is not UTF-8".into()));
+        let topic = match guard::topic(&publish.topic) {
+            Ok(topic) => topic.to_owned(),
+            Err(e) => {
+                let shown = guard::shown(&String::from_utf8_lossy(&publish.topic));
+                warn!(client = %self.client_id, topic = %shown, reason = %e, "closing: publish to a topic the hub does not take");
+                self.shared.report_error(&shown, &self.client_id, &format!("topic {e}"));
+                return Some(End::Lost(format!("publish to a refused topic ({e})")));
+            }
         };
-        if topic.is_empty() || topic.contains(['+', '#']) || topic.len() > MAX_TOPIC_BYTES {
-            warn!(client = %self.client_id, topic = %topic.chars().take(80).collect::<String>(), "closing: publish to an invalid or overlong topic");
-            return Some(End::Lost("publish to an invalid topic".into()));
-        }
-        if !acl::may_publish(&self.identity, topic) {
-            warn!(client = %self.client_id, user = self.identity.name(), %topic, "publish refused: not allowed");
-            self.refuse_publish(topic, "publish not allowed for this client", qos, pkid);
+        // A QoS 2 message the router already has (or the hub refused) is answered, never handled twice.
+        if qos == 2 && self.acks.awaiting_release(pkid) {
+            self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
             return None;
         }
-        if let crate::devices::Verdict::Reject(reason) = self.shared.devices.check(topic, &publish.payload) {
-            warn!(client = %self.client_id, %topic, %reason, "publish rejected");
-            self.refuse_publish(topic, &reason, qos, pkid);
-            return None;
-        }
-        if topic == crate::alarm::SET_TOPIC {
-            match crate::alarm::parse_set(&publish.payload) {
-                Ok(command) => {
-                    let source = crate::alarm::source_of(&self.identity);
-                    self.shared.alarm.command(command, source, &self.client_id);
-                    // Other subscribers see the command, never the code in it.
-                    if let Some(redacted) = crate::alarm::redact(&publish.payload) {
-                        publish.payload = redacted.into();
-                    }
-                }
-                Err(e) => {
-                    warn!(client = %self.client_id, %topic, reason = %e, "alarm command rejected");
-                    self.refuse_publish(topic, &e.to_string(), qos, pkid);
-                    return None;
+        match inspect(&self.shared, &self.identity, &self.client_id, &topic, &publish.payload) {
+            Ok(replacement) => {
+                if let Some(payload) = replacement {
+                    publish.payload = payload;
                 }
             }
-        }
-        if topic == crate::lights::SCENE_TOPIC {
-            let handed = crate::lights::parse_scene(&publish.payload)
-                .and_then(|scene| self.shared.lights.scene(scene, &self.client_id));
-            if let Err(e) = handed {
-                warn!(client = %self.client_id, %topic, reason = %e, "scene request rejected");
-                self.refuse_publish(topic, &e.to_string(), qos, pkid);
-                return None;
+            Err(reason) => {
+                warn!(client = %self.client_id, user = self.identity.name(), topic = %guard::shown(&topic), %reason, "publish refused");
+                return self.refuse_publish(&topic, &reason, qos, pkid);
             }
+        }
+        if qos == 2 && self.acks.incoming_qos2(pkid) == Incoming::Overflow {
+            warn!(client = %self.client_id, "closing: too many QoS 2 messages awaiting release");
+            return Some(End::Lost("too many QoS 2 messages awaiting release".into()));
         }
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
-            self.shared.retain(topic.to_owned(), payload);
+            self.shared.retain(topic, payload);
         }
         // The router delivers at the subscription's QoS; the publish QoS travels with the message
         // (in a field MQTT 3.1.1 never sees) so that the receiving session can lower it.
@@ -504,16 +652,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Drops a PUBLISH: reports it on `dpi/hub/error` and acknowledges it as MQTT 3.1.1 brokers
     /// do, so that the client does not resend it forever.
-    fn refuse_publish(&mut self, topic: &str, reason: &str, qos: u8, pkid: u16) {
+    fn refuse_publish(&mut self, topic: &str, reason: &str, qos: u8, pkid: u16) -> Option<End> {
         self.shared.report_error(topic, &self.client_id, reason);
         match qos {
             1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
             2 => {
-                self.refused_qos2.insert(pkid);
+                if !self.acks.refused_qos2(pkid) {
+                    return Some(End::Lost("too many QoS 2 messages awaiting release".into()));
+                }
                 self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
             }
             _ => {}
         }
+        None
     }
 
     /// Passes the allowed filters of a SUBSCRIBE to the router; refused ones get 0x80.
@@ -522,12 +673,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut slots = Vec::with_capacity(subscribe.filters.len());
         let mut allowed = Vec::new();
         for filter in subscribe.filters {
-            if acl::may_subscribe(&self.identity, &filter.path) {
-                slots.push(Some(allowed.len()));
-                allowed.push(filter);
-            } else {
-                warn!(client = %self.client_id, user = self.identity.name(), filter = %filter.path, "subscription refused: not allowed");
-                slots.push(None);
+            match self.may_subscribe(&filter.path) {
+                Ok(()) => {
+                    slots.push(Some(allowed.len()));
+                    allowed.push(filter);
+                }
+                Err(reason) => {
+                    warn!(client = %self.client_id, user = self.identity.name(), filter = %guard::shown(&filter.path), %reason, "subscription refused");
+                    slots.push(None);
+                }
             }
         }
         if allowed.is_empty() {
@@ -541,17 +695,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.to_router.push(Packet::Subscribe(Subscribe { pkid, filters: allowed }, None));
     }
 
+    /// The guard, the ACL and the session's limits on one filter.
+    fn may_subscribe(&self, filter: &str) -> Result<(), String> {
+        guard::filter(filter).map_err(|e| e.to_string())?;
+        if !acl::may_subscribe(&self.identity, filter) {
+            return Err("not allowed for this client".to_owned());
+        }
+        match self.shared.sessions.subscribe(&self.claim, &self.identity, filter) {
+            FilterVerdict::Granted => Ok(()),
+            FilterVerdict::TooMany => {
+                Err(format!("more than {} subscriptions on one connection", guard::MAX_SUBSCRIPTIONS))
+            }
+            FilterVerdict::OverBudget => {
+                Err("no room for another new filter (the router keeps each until the hub restarts)".to_owned())
+            }
+        }
+    }
+
+    /// Answers an UNSUBSCRIBE at once, and passes the router the filters the session holds (the
+    /// router answers nothing for the others, and once per filter for several).
+    fn incoming_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let pkid = unsubscribe.pkid;
+        let held: Vec<String> =
+            unsubscribe.filters.into_iter().filter(|f| self.shared.sessions.unsubscribe(&self.claim, f)).collect();
+        if !held.is_empty() {
+            self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid, filters: held }, None));
+        }
+        self.queue(Packet::UnsubAck(UnsubAck { pkid, reasons: Vec::new() }, None));
+    }
+
     /// Writes one router notification, and everything else already queued, to the client.
-    async fn handle_outgoing(&mut self, first: Notification) -> std::io::Result<()> {
+    async fn handle_outgoing(&mut self, first: Notification) -> Result<(), End> {
         let mut next = Some(first);
         let mut unscheduled = false;
         while let Some(n) = next {
-            self.encode(n, &mut unscheduled)?;
+            self.encode(n, &mut unscheduled).map_err(|e| End::Lost(e.to_string()))?;
             next = self.link_rx.recv_deadline(std::time::Instant::now()).ok().flatten();
         }
-        self.conn.flush().await?;
+        self.flush_client().await?;
         if unscheduled {
-            self.link_rx.wake().await.map_err(std::io::Error::other)?;
+            // Only ever for this session's own link, which the router still holds (see the guard).
+            self.link_rx.wake().await.map_err(|_| End::Router)?;
         }
         Ok(())
     }
@@ -573,10 +757,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     self.queue(Packet::SubAck(suback, None));
                 }
-                Some(Packet::PubRel(rel, _)) if self.downgraded.remove(&rel.pkid).is_some() => {
-                    self.to_router
-                        .push(Packet::PubComp(PubComp { pkid: rel.pkid, reason: PubCompReason::Success }, None));
+                Some(Packet::PubRel(rel, _)) => {
+                    let sends = self.acks.router_pubrel(rel.pkid);
+                    self.apply(sends);
                 }
+                // Answered by the session already.
+                Some(Packet::UnsubAck(..)) => {}
                 Some(packet) => self.queue(packet),
                 None => {}
             },
@@ -596,25 +782,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         };
         let wanted = props.and_then(|p| p.payload_format_indicator).unwrap_or(sent_qos).min(sent_qos);
-        if wanted == sent_qos {
-            return;
-        }
-        self.conn.write.truncate(start);
-        match (sent_qos, wanted) {
-            (1, 0) => {
-                self.queue(Packet::Publish(Publish::new(topic, payload, retain), None));
-                self.to_router.push(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
-            }
-            (2, 0) => {
-                self.queue(Packet::Publish(Publish::new(topic, payload, retain), None));
-                self.downgraded.insert(pkid, Downgrade::AwaitingRelease);
-                self.to_router.push(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
-            }
-            _ => {
-                self.queue(Packet::Publish(publish_qos1(&topic, &payload, retain, pkid), None));
-                self.downgraded.insert(pkid, Downgrade::TwoToOne);
+        if wanted < sent_qos {
+            self.conn.write.truncate(start);
+            match wanted {
+                0 => self.queue(Packet::Publish(Publish::new(topic, payload, retain), None)),
+                _ => self.queue(Packet::Publish(publish_qos1(&topic, &payload, retain, pkid), None)),
             }
         }
+        let sends = self.acks.delivered(pkid, sent_qos, wanted);
+        self.apply(sends);
     }
 
     /// At shutdown: writes what the router already queued for this client (the hub's `offline`
@@ -627,7 +803,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 break;
             }
         }
-        let _ = self.conn.flush().await;
+        let _ = tokio::time::timeout(Duration::from_millis(250), self.conn.flush()).await;
+    }
+}
+
+/// The packet for an acknowledgement.
+fn ack_packet(ack: Ack) -> Packet {
+    match ack {
+        Ack::PubAck(pkid) => Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None),
+        Ack::PubRec(pkid) => Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None),
+        Ack::PubRel(pkid) => Packet::PubRel(PubRel { pkid, reason: PubRelReason::Success }, None),
+        Ack::PubComp(pkid) => Packet::PubComp(PubComp { pkid, reason: PubCompReason::Success }, None),
     }
 }
 
