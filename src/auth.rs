@@ -126,6 +126,14 @@ fn argon2_pool() -> &'static Mutex<mpsc::SyncSender<Argon2Job>> {
     })
 }
 
+/// argon2 checks the pool has run since the process started.
+static CHECKS_RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// argon2 checks the pool has run since the process started (cancelled ones are not run).
+pub fn checks_run() -> u64 {
+    CHECKS_RUN.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Why a password could not be checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CheckError {
@@ -146,6 +154,7 @@ pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckErr
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job: Argon2Job = Box::new(move || {
         if !tx.is_closed() {
+            CHECKS_RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = tx.send(verify(&hash, &secret));
         }
     });
@@ -165,6 +174,27 @@ pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckErr
 #[derive(Debug, Default)]
 pub struct Throttle {
     failures: Mutex<HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>>,
+    /// Password checks under way or queued, per address.
+    checks: Mutex<HashMap<std::net::IpAddr, usize>>,
+}
+
+/// A password check's place in an address's share of the argon2 queue; given back on drop.
+#[derive(Debug)]
+pub struct CheckSlot {
+    throttle: Arc<Throttle>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for CheckSlot {
+    fn drop(&mut self) {
+        let mut checks = self.throttle.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = checks.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                checks.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Throttle {
@@ -178,6 +208,20 @@ impl Throttle {
     pub const MAX_ADDRESSES: usize = 1024;
     /// Failures remembered per address (enough to reach the longest wait).
     const KEEP: usize = 16;
+    /// Password checks one address may have queued or under way: a flood from one address
+    /// leaves the rest of [`PASSWORD_QUEUE`] to everyone else.
+    pub const CHECKS_PER_ADDRESS: usize = PASSWORD_QUEUE / 8;
+
+    /// A place for a password check from `ip`, or `None` when its share is taken.
+    pub fn begin_check(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<CheckSlot> {
+        let mut checks = self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = checks.entry(ip).or_default();
+        if *n >= Self::CHECKS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(CheckSlot { throttle: Arc::clone(self), ip })
+    }
 
     fn lock(
         &self,
@@ -423,6 +467,25 @@ mod tests {
         assert!(busy > 0, "a queue past {PASSWORD_QUEUE} was accepted");
     }
 
+    #[tokio::test]
+    async fn a_check_whose_client_left_is_not_run() {
+        let h = hash(&Secret::new("cancel test"));
+        let before = checks_run();
+        // Each check is queued (polled once), then its client leaves (the future is dropped).
+        let mut left = Vec::new();
+        for _ in 0..40 {
+            let mut check = Box::pin(verify_async(h.clone(), Secret::new("cancel test")));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(std::future::Future::poll(check.as_mut(), &mut cx).is_pending());
+            left.push(check);
+        }
+        drop(left);
+        assert_eq!(verify_async(h, Secret::new("cancel test")).await, Ok(true));
+        // The few already running when their clients left, this one, and other tests' checks.
+        let run = checks_run() - before;
+        assert!(run < 20, "{run} checks ran for 41 requests, 40 of them abandoned");
+    }
+
     #[test]
     fn failed_logins_slow_an_address_down_doubling_up_to_thirty_seconds() {
         let t = Throttle::default();
@@ -438,6 +501,13 @@ mod tests {
         assert_eq!(t.delay(other, start), std::time::Duration::ZERO);
         // A minute after the last failure, the address is forgiven.
         assert_eq!(t.delay(ip, start + std::time::Duration::from_secs(72)), std::time::Duration::ZERO);
+        // One address gets its share of password checks; another is not held back.
+        let t = Arc::new(t);
+        let slots: Vec<_> = (0..Throttle::CHECKS_PER_ADDRESS).map(|_| t.begin_check(ip).unwrap()).collect();
+        assert!(t.begin_check(ip).is_none());
+        assert!(t.begin_check(other).is_some());
+        drop(slots);
+        assert!(t.begin_check(ip).is_some());
         // Memory stays bounded whatever the number of addresses.
         for n in 0..(Throttle::MAX_ADDRESSES as u32 * 3) {
             t.failed(std::net::IpAddr::from(n.to_be_bytes()), start);

@@ -504,6 +504,10 @@ fn status(config: &Config) -> anyhow::Result<()> {
                     "store: {} write transactions in {} s of uptime ({per_minute:.1} per minute)",
                     s.store_commits, s.uptime_s
                 );
+                println!(
+                    "clients: {} connected, {} client ids held (persistent sessions included), {} router ids used",
+                    s.connected, s.client_ids, s.router_ids
+                );
             }
         }
         Some(r) => match r.stopped_at {

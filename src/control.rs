@@ -11,7 +11,7 @@
 //! → {"request":"alarm","command":{"action":"disarm","code":"1234"}}
 //! ← {"ok":true,"alarm":{…},"events":[{"event":"disarmed","device":null,"reason":"…","at":"…","user":"alice"}]}
 //! → {"request":"stats"}
-//! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598},"events":[]}
+//! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598,"connected":12,"client_ids":14,"router_ids":15},"events":[]}
 //! → {"request":"close_device","id":"hall-motion"}   (after `device revoke` or `device creds`)
 //! ← {"ok":true,"events":[]}
 //! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)
@@ -97,6 +97,15 @@ pub struct Stats {
     pub uptime_s: u64,
     /// SQLite write transactions committed since the hub started (the SD card's wear).
     pub store_commits: u64,
+    /// Clients connected now.
+    #[serde(default)]
+    pub connected: usize,
+    /// Client ids held now: connected, or keeping a persistent session.
+    #[serde(default)]
+    pub client_ids: usize,
+    /// Router-facing ids handed out since the start (the router keeps a little memory for each).
+    #[serde(default)]
+    pub router_ids: u32,
 }
 
 /// A request, one line of JSON. Its `Debug` leaves the command's code out.
@@ -242,6 +251,9 @@ async fn answer(request: Request, handles: &Handles) -> Response {
             stats: Some(Stats {
                 uptime_s: handles.started.elapsed().as_secs(),
                 store_commits: handles.store.commits(),
+                connected: handles.sessions.connected(),
+                client_ids: handles.sessions.held(),
+                router_ids: handles.sessions.router_ids(),
             }),
             ..ok
         },

@@ -157,3 +157,507 @@ async fn a_resident_cannot_take_over_an_admins_persistent_session() {
     assert_routes(&hub).await;
     let _ = SECOND;
 }
+
+/// A raw TLS client that logs in and returns the CONNACK's code (`None`: closed without one).
+async fn code_of(
+    hub: &TestHub,
+    id: &str,
+    login: (&str, &str),
+    will: Option<rumqttd::protocol::LastWill>,
+) -> Option<ConnectReturnCode> {
+    let mut c = RawClient::connect(hub.tls, &hub.ca()).await;
+    c.login(id, Some(login), true, will).await.map(|a| a.code)
+}
+
+fn will(topic: &str, message: &[u8], retain: bool) -> rumqttd::protocol::LastWill {
+    rumqttd::protocol::LastWill {
+        topic: bytes::Bytes::copy_from_slice(topic.as_bytes()),
+        message: bytes::Bytes::copy_from_slice(message),
+        qos: QoS::AtLeastOnce,
+        retain,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_ids_are_bounded_at_128_bytes() {
+    let hub = hub().await;
+    let bob = ("bob", "bob-password");
+    assert_eq!(
+        code_of(&hub, &"x".repeat(20 * 1024), bob, None).await,
+        Some(ConnectReturnCode::ClientIdentifierNotValid)
+    );
+    assert_eq!(code_of(&hub, &"x".repeat(129), bob, None).await, Some(ConnectReturnCode::ClientIdentifierNotValid));
+    assert_eq!(code_of(&hub, &"é".repeat(64), bob, None).await, Some(ConnectReturnCode::Success));
+    assert_routes(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_filters_from_one_resident_get_a_hundred_per_connection_and_a_bounded_budget() {
+    let hub = hub().await;
+    let (mut bob, _) = raw(&hub, "bobs-phone", ("bob", "bob-password"), false).await;
+    let mut codes = Vec::new();
+    for batch in 0..10u16 {
+        let filters: Vec<String> = (0..50).map(|n| format!("dpi/f{}/#", batch * 50 + n)).collect();
+        let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (f.as_str(), QoS::AtMostOnce)).collect();
+        bob.send(raw_subscribe(batch + 1, &filters)).await;
+        codes.extend(suback(&mut bob, batch + 1).await);
+    }
+    assert_eq!(codes.iter().filter(|c| **c == 0).count(), 100, "{codes:?}");
+    assert!(codes[100..].iter().all(|c| *c == 0x80));
+    // A filter the session holds may be asked for again; an UNSUBSCRIBE makes room for another.
+    bob.send(raw_subscribe(20, &[("dpi/f0/#", QoS::AtLeastOnce), ("dpi/f100/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut bob, 20).await, [1, 0x80]);
+    bob.send(Packet::Unsubscribe(rumqttd::protocol::Unsubscribe { pkid: 21, filters: vec!["dpi/f0/#".into()] }, None))
+        .await;
+    bob.send(raw_subscribe(22, &[("dpi/f100/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut bob, 22).await, [0]);
+    drop(bob);
+    // The persistent session keeps its hundred filters across a reconnect.
+    let (mut bob, present) = raw(&hub, "bobs-phone", ("bob", "bob-password"), false).await;
+    assert!(present);
+    bob.send(raw_subscribe(1, &[("dpi/f101/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut bob, 1).await, [0x80]);
+    // On new connections, the resident may bring at most 256 new filters to the router in all.
+    let mut granted = 0;
+    for round in 0..3u16 {
+        let (mut c, _) = raw(&hub, &format!("tablet-{round}"), ("bob", "bob-password"), true).await;
+        for batch in 0..2u16 {
+            let filters: Vec<String> = (0..50).map(|n| format!("dpi/r{round}/{}", batch * 50 + n)).collect();
+            let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (f.as_str(), QoS::AtMostOnce)).collect();
+            c.send(raw_subscribe(batch + 1, &filters)).await;
+            granted += suback(&mut c, batch + 1).await.iter().filter(|c| **c == 0).count();
+        }
+    }
+    assert_eq!(granted, 256 - 101, "new filters granted past the first connection's");
+    assert_routes(&hub).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsubscribe_is_answered_once_whatever_it_names() {
+    let hub = hub().await;
+    let (mut c, _) = raw(&hub, "u", ADMIN, true).await;
+    c.send(raw_subscribe(1, &[("a/#", QoS::AtMostOnce), ("b/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut c, 1).await, [0, 0]);
+    let unsubscribe = |pkid, filters: &[&str]| {
+        Packet::Unsubscribe(
+            rumqttd::protocol::Unsubscribe { pkid, filters: filters.iter().map(|f| f.to_string()).collect() },
+            None,
+        )
+    };
+    // Never subscribed (the router would not answer), then two at once (it would answer twice).
+    c.send(unsubscribe(2, &["never/#"])).await;
+    c.send(unsubscribe(3, &["a/#", "b/#", "c/#"])).await;
+    let mut acks = Vec::new();
+    while let Read::Packet(p) = c.read(Duration::from_millis(500)).await {
+        if let Packet::UnsubAck(ack, _) = p {
+            acks.push(ack.pkid);
+        }
+    }
+    assert_eq!(acks, [2, 3]);
+    // Unsubscribed: nothing arrives on a/#.
+    let (mut publisher, _) = raw(&hub, "p", ADMIN, true).await;
+    publisher.send(raw_publish("a/x", b"1", 0, 0, false)).await;
+    assert!(matches!(c.read(Duration::from_millis(500)).await, Read::Silent));
+    let _ = publisher.read(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn interleaved_qos1_and_qos2_acknowledged_out_of_order_stay_connected_and_lose_nothing() {
+    let hub = hub().await;
+    let (mut sub, _) = raw(&hub, "paho", ADMIN, true).await;
+    sub.send(raw_subscribe(1, &[("q/#", QoS::ExactlyOnce)])).await;
+    assert_eq!(suback(&mut sub, 1).await, [2]);
+    let (mut publisher, _) = raw(&hub, "publisher", ADMIN, true).await;
+    let mut received = Vec::new();
+    for round in 0..20u16 {
+        let (a, b) = (format!("q/1/{round}"), format!("q/2/{round}"));
+        publisher.send(raw_publish(&a, a.as_bytes(), 1, 2 * round + 1, false)).await;
+        publisher.send(raw_publish(&b, b.as_bytes(), 2, 2 * round + 2, false)).await;
+        // The QoS 2 message is delivered once its publisher releases it.
+        loop {
+            match publisher.recv(TEN_SECONDS).await {
+                Some(Packet::PubRec(rec, _)) if rec.pkid == 2 * round + 2 => break,
+                Some(_) => {}
+                None => panic!("the hub closed the publisher"),
+            }
+        }
+        let release =
+            rumqttd::protocol::PubRel { pkid: 2 * round + 2, reason: rumqttd::protocol::PubRelReason::Success };
+        publisher.send(Packet::PubRel(release, None)).await;
+        // Collect both deliveries before answering either.
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match sub.recv(TEN_SECONDS).await {
+                Some(Packet::Publish(p, _)) => {
+                    received.push(String::from_utf8_lossy(&p.payload).into_owned());
+                    got.push(sub.last_meta);
+                }
+                Some(_) => {}
+                None => panic!("the hub closed the connection in round {round}"),
+            }
+        }
+        let (qos1, qos2) = if got[0].0 == 1 { (got[0].1, got[1].1) } else { (got[1].1, got[0].1) };
+        // PUBREC of the later QoS 2 delivery before PUBACK of the earlier QoS 1 one: allowed by MQTT.
+        sub.send(Packet::PubRec(
+            rumqttd::protocol::PubRec { pkid: qos2, reason: rumqttd::protocol::PubRecReason::Success },
+            None,
+        ))
+        .await;
+        if round % 2 == 0 {
+            sub.send(Packet::PubAck(
+                rumqttd::protocol::PubAck { pkid: qos1, reason: rumqttd::protocol::PubAckReason::Success },
+                None,
+            ))
+            .await;
+        }
+        // A repeated and an unknown acknowledgement are harmless too.
+        sub.send(Packet::PubRec(
+            rumqttd::protocol::PubRec { pkid: qos2, reason: rumqttd::protocol::PubRecReason::Success },
+            None,
+        ))
+        .await;
+        sub.send(Packet::PubAck(
+            rumqttd::protocol::PubAck { pkid: 999, reason: rumqttd::protocol::PubAckReason::Success },
+            None,
+        ))
+        .await;
+        if round % 2 == 1 {
+            sub.send(Packet::PubAck(
+                rumqttd::protocol::PubAck { pkid: qos1, reason: rumqttd::protocol::PubAckReason::Success },
+                None,
+            ))
+            .await;
+        }
+        loop {
+            match sub.recv(TEN_SECONDS).await {
+                Some(Packet::PubRel(rel, _)) if rel.pkid == qos2 => break,
+                Some(_) => {}
+                None => panic!("the hub closed the connection in round {round}"),
+            }
+        }
+        sub.send(Packet::PubComp(
+            rumqttd::protocol::PubComp { pkid: qos2, reason: rumqttd::protocol::PubCompReason::Success },
+            None,
+        ))
+        .await;
+    }
+    let mut expected: Vec<String> = (0..20).flat_map(|r| [format!("q/1/{r}"), format!("q/2/{r}")]).collect();
+    received.sort();
+    expected.sort();
+    assert_eq!(received, expected);
+    assert!(matches!(sub.read(Duration::from_millis(300)).await, Read::Silent), "closed or sent more");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_qos2_publish_is_routed_once_and_an_unknown_pubrel_is_answered() {
+    let hub = hub().await;
+    let (mut sub, _) = raw(&hub, "sub", ADMIN, true).await;
+    sub.send(raw_subscribe(1, &[("once/#", QoS::AtMostOnce)])).await;
+    suback(&mut sub, 1).await;
+    let (mut p, _) = raw(&hub, "pub", ADMIN, true).await;
+    p.send(raw_publish("once/x", b"1", 2, 5, false)).await;
+    p.send(raw_publish("once/x", b"1", 2, 5, false)).await;
+    p.send(Packet::PubRel(
+        rumqttd::protocol::PubRel { pkid: 5, reason: rumqttd::protocol::PubRelReason::Success },
+        None,
+    ))
+    .await;
+    p.send(Packet::PubRel(
+        rumqttd::protocol::PubRel { pkid: 77, reason: rumqttd::protocol::PubRelReason::Success },
+        None,
+    ))
+    .await;
+    let mut comps = Vec::new();
+    while comps.len() < 2 {
+        match p.recv(TEN_SECONDS).await {
+            Some(Packet::PubComp(c, _)) => comps.push(c.pkid),
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+    comps.sort();
+    assert_eq!(comps, [5, 77]);
+    assert_eq!(publish_on(&mut sub, "once/x").await.0, b"1");
+    assert!(matches!(sub.read(Duration::from_millis(500)).await, Read::Silent), "delivered twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wills_are_checked_as_publishes_and_a_devices_availability_is_the_hubs_word() {
+    let hub = TestHub::start(&format!("{DEVICES}[alarm]\nexit_delay_s = 30\n")).await;
+    hub.add_user("admin", Role::Admin, "admin-password");
+    let pin = domoticpi::auth::hash(&domoticpi::secret::Secret::new("4321"));
+    domoticpi::store::users::set_pin(&hub.db(), "admin", &pin).unwrap();
+    let mut watcher = hub.client("watcher", "admin", "admin-password").await.unwrap();
+    watcher.subscribe("#", QOS1).await;
+    watcher.expect("dpi/hub/status", b"online").await;
+
+    // Refused at CONNECT, each reported: a topic the router cannot take, a payload not valid for the kind.
+    assert_eq!(
+        code_of(&hub, "ha", ADMIN, Some(will("éclairage/salon", b"off", false))).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+    let motion = hub.device_creds("hall-motion", false)["password"].clone();
+    let refused = code_of(
+        &hub,
+        "hall-motion",
+        ("hall-motion", &motion),
+        Some(will("dpi/hall-motion/availability", b"maybe", true)),
+    )
+    .await;
+    assert_eq!(refused, Some(ConnectReturnCode::NotAuthorized));
+    for topic in ["éclairage/salon", "dpi/hall-motion/availability"] {
+        loop {
+            let p = watcher.recv(10).await;
+            if p.topic == "dpi/hub/error"
+                && serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap()["topic"] == topic
+            {
+                break;
+            }
+        }
+    }
+
+    // A device's will saying "online" cannot outlive it: the hub's "offline" comes after.
+    let mut device = RawClient::connect(hub.tls, &hub.ca()).await;
+    let ack = device
+        .login(
+            "hall-motion",
+            Some(("hall-motion", &motion)),
+            true,
+            Some(will("dpi/hall-motion/availability", b"online", true)),
+        )
+        .await;
+    assert_eq!(ack.map(|a| a.code), Some(ConnectReturnCode::Success));
+    watcher.expect("dpi/hall-motion/availability", b"online").await;
+    drop(device);
+    watcher.expect("dpi/hall-motion/availability", b"offline").await;
+    let mut later = hub.client("later", "admin", "admin-password").await.unwrap();
+    later.subscribe("dpi/hall-motion/availability", QOS1).await;
+    let retained = later.recv(10).await;
+    assert_eq!((retained.topic.as_str(), &retained.payload[..]), ("dpi/hall-motion/availability", &b"offline"[..]));
+
+    // A keypad's will carrying an alarm code reaches the alarm, and subscribers without the code.
+    let keypad = hub.device_creds("keypad", false)["password"].clone();
+    let mut device = RawClient::connect(hub.tls, &hub.ca()).await;
+    let command = br#"{"action":"arm_away","code":"4321"}"#;
+    let ack =
+        device.login("keypad", Some(("keypad", &keypad)), true, Some(will("dpi/alarm/set", command, false))).await;
+    assert_eq!(ack.map(|a| a.code), Some(ConnectReturnCode::Success));
+    drop(device);
+    loop {
+        let p = watcher.recv(10).await;
+        assert!(!p.payload.windows(4).any(|w| w == b"4321"), "the code was routed: {p:?}");
+        if p.topic == "dpi/alarm/set" {
+            assert_eq!(&p.payload[..], br#"{"action":"arm_away"}"#);
+            break;
+        }
+    }
+    // The alarm took the command (no code is needed to arm).
+    loop {
+        let p = watcher.recv(10).await;
+        if p.topic == "dpi/alarm/state"
+            && serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap()["state"] == "arming"
+        {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sockets_that_never_log_in_count_toward_max_connections() {
+    let hub = TestHub::start("max_connections = 3\n").await;
+    hub.add_user("admin", Role::Admin, "admin-password");
+    let idle: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(hub.tls).unwrap()).collect();
+    // The fourth is answered "server unavailable", not silently dropped.
+    let err = hub.client("late", "admin", "admin-password").await.err().expect("a fourth connection was let in");
+    assert!(
+        matches!(err, rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable)),
+        "{err:?}"
+    );
+    drop(idle);
+    // Once they are gone (the hub notices the closed sockets at once), there is room again.
+    let deadline = std::time::Instant::now() + TEN_SECONDS;
+    while hub.client("late", "admin", "admin-password").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "no room after the idle sockets closed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_address_with_five_failed_logins_in_a_minute_waits_before_each_answer() {
+    let hub = hub().await;
+    let attacker: std::net::IpAddr = [127, 0, 0, 3].into();
+    let attempt = || async {
+        let started = std::time::Instant::now();
+        let mut c = RawClient::connect_from(hub.tls, &hub.ca(), Some(attacker)).await;
+        let code = c.login("guess", Some(("admin", "wrong")), true, None).await.map(|a| a.code);
+        assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+        started.elapsed()
+    };
+    for _ in 0..5 {
+        attempt().await;
+    }
+    // A deliberate wait, so a lower bound: 1 s after five failures, 2 s after six.
+    assert!(attempt().await >= Duration::from_millis(900));
+    assert!(attempt().await >= Duration::from_millis(1900));
+    // Another address is not held back, and the right password still works from it.
+    raw(&hub, "admin-laptop", ADMIN, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_with_a_token_connects_quickly_during_a_wrong_password_flood() {
+    let hub = hub().await;
+    let password = hub.device_creds("hall-motion", false)["password"].clone();
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let (tls, ca) = (hub.tls, hub.ca());
+    let (going, mut started_flood) = tokio::sync::mpsc::unbounded_channel();
+    let flood: Vec<_> = (0..200)
+        .map(|n| {
+            let (ca, going) = (ca.clone(), going.clone());
+            tokio::spawn(async move {
+                // Past the address's share of logins in progress, the hub closes the socket at once.
+                let Ok(mut c) = RawClient::try_connect_from(tls, &ca, Some(attacker)).await else {
+                    let _ = going.send(());
+                    return None;
+                };
+                let _ = going.send(());
+                c.login_within(&format!("guess-{n}"), Some(("admin", &format!("guess-{n}"))), Duration::from_secs(60))
+                    .await
+                    .map(|a| a.code)
+            })
+        })
+        .collect();
+    // The device comes once the flood is under way. Not a speed measurement: a device must not
+    // wait behind password checks (SPEC §6); 2 s is the bound the contract for this case states.
+    for _ in 0..50 {
+        started_flood.recv().await;
+    }
+    let started = std::time::Instant::now();
+    let device = hub.device("hall-motion", &password).await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "the device waited {took:?}");
+    drop(device);
+    assert_routes(&hub).await;
+    // The flood's throttled logins wait up to 30 s each; those still waiting just leave.
+    let mut codes = std::collections::BTreeMap::new();
+    for f in flood {
+        if f.is_finished() {
+            *codes.entry(format!("{:?}", f.await.unwrap())).or_insert(0) += 1;
+        } else {
+            f.abort();
+            *codes.entry("still waiting".to_owned()).or_insert(0) += 1;
+        }
+    }
+    eprintln!("flood answers after the device connected: {codes:?}");
+    assert!(!codes.contains_key("Some(Success)"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_or_revoked_certificate_is_refused_and_revoking_closes_the_connection() {
+    let hub = hub().await;
+    let connect_with = |creds: &std::collections::HashMap<String, String>| {
+        let mut o = rumqttc::MqttOptions::new("hall-light", "127.0.0.1", hub.tls.port());
+        let config =
+            tls_config_with_cert(&hub.ca(), std::path::Path::new(&creds["cert"]), std::path::Path::new(&creds["key"]));
+        o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config)));
+        Client::connect_with(o)
+    };
+    let first = hub.device_creds("hall-light", true);
+    // Keep the first certificate's files: issuing again writes over them.
+    let kept = tempfile::tempdir().unwrap();
+    let mut old = first.clone();
+    for key in ["cert", "key"] {
+        let copy = kept.path().join(key);
+        std::fs::copy(&first[key], &copy).unwrap();
+        old.insert(key.to_owned(), copy.display().to_string());
+    }
+    connect_with(&old).await.unwrap();
+    let second = hub.device_creds("hall-light", true);
+    let err = connect_with(&old).await.err().expect("a replaced certificate was accepted");
+    assert!(
+        matches!(err, rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized)),
+        "{err:?}"
+    );
+    let mut light = connect_with(&second).await.unwrap();
+    let (code, out, err) = run_cli(&["--config", &hub.config_path(), "device", "revoke", "hall-light"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let ended =
+        tokio::time::timeout(TEN_SECONDS, &mut light.task).await.expect("still connected after revoke").unwrap();
+    assert!(ended.is_some());
+    let err = hub.device("hall-light", &second["password"]).await.err().expect("a revoked password was accepted");
+    assert!(
+        matches!(err, rumqttc::ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::BadUserNamePassword)),
+        "{err:?}"
+    );
+    assert!(!std::path::Path::new(&second["key"]).exists(), "the revoked key file is still there");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resident_inventing_device_ids_fills_a_bounded_table() {
+    let hub = hub().await;
+    let (mut bob, _) = raw(&hub, "bob", ("bob", "bob-password"), true).await;
+    for n in 0..300 {
+        bob.send(raw_publish(&format!("dpi/ghost-{n}/set"), b"{}", 0, 0, false)).await;
+    }
+    bob.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
+    while !matches!(bob.recv(TEN_SECONDS).await, Some(Packet::PingResp(_))) {}
+    // The writer commits within a second.
+    let deadline = std::time::Instant::now() + TEN_SECONDS;
+    loop {
+        let rows: i64 = hub.db().query_row("SELECT COUNT(*) FROM rejected_devices", [], |r| r.get(0)).unwrap();
+        assert!(rows <= 100, "{rows} rejected ids kept");
+        if rows == 100 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "only {rows} rejected ids recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn ten_thousand_fresh_client_ids_leave_the_routers_ids_bounded() {
+    let (_dir, config, data) = process_config("plain_listen = \"127.0.0.1:0\"\n");
+    let cfg = config.to_str().unwrap();
+    assert_eq!(run_cli(&["--config", cfg, "init"], None).0, 0);
+    let conn = domoticpi::store::open(&data.join("hub.db")).unwrap();
+    domoticpi::store::users::add(&conn, "dash", Role::Resident, &cheap_hash("dash-password")).unwrap();
+    let mut hub = HubProcess::start(&config);
+    let record = domoticpi::store::runtime::get(&conn).unwrap().unwrap();
+    let plain: std::net::SocketAddr = record.plain_listen.unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().to_owned()))
+            .unwrap()
+    };
+    let before = rss(hub.child.id());
+    rt.block_on(async {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                tokio::spawn(async move {
+                    for n in 0..2_500 {
+                        let mut c = RawClient::connect_plain(plain).await.unwrap();
+                        let id = format!("dashboard-{w}-{n}-{:x}", std::process::id());
+                        let ack = c.login(&id, Some(("dash", "dash-password")), true, None).await;
+                        assert_eq!(ack.map(|a| a.code), Some(ConnectReturnCode::Success), "{id}");
+                        let bye = rumqttd::protocol::Disconnect {
+                            reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+                        };
+                        c.send(Packet::Disconnect(bye, None)).await;
+                        assert!(c.closed_within(TEN_SECONDS).await);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await.unwrap();
+        }
+    });
+    let stats = domoticpi::control::request(&data, &domoticpi::control::Request::Stats).unwrap().stats.unwrap();
+    eprintln!("10,000 fresh client ids: {stats:?}; hub RSS {before} before, {} after", rss(hub.child.id()));
+    assert_eq!(stats.client_ids, 0);
+    assert!(stats.router_ids <= 8, "{} router ids for 4 clients at a time", stats.router_ids);
+    hub.signal("TERM");
+    hub.wait(TEN_SECONDS);
+}

@@ -197,6 +197,14 @@ async fn a_backup_taken_under_load_opens_and_matches() {
     assert!(rows > 0, "the backup holds no history");
     let version: i64 = copy.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(version, domoticpi::store::SCHEMA_VERSION);
+    // It holds password hashes: created owner-only, and never over an existing file.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&backup).unwrap().permissions().mode() & 0o777, 0o600);
+    let before = std::fs::read(&backup).unwrap();
+    let (code, _, err) = run_cli(&["--config", &hub.config_path(), "backup", backup.to_str().unwrap()], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("exists already") && !err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read(&backup).unwrap(), before);
 }
 
 /// A small tmpfs mounted for the test's lifetime (root only).

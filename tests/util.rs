@@ -138,6 +138,13 @@ impl TestHub {
         store::users::add(&self.db(), name, role, &hash).unwrap();
     }
 
+    /// Adds a user whose password hash takes microseconds to check (argon2id with 8 KiB and one
+    /// pass, which the hub verifies with the parameters stored in the hash): for tests that log
+    /// in thousands of times.
+    pub fn add_cheap_user(&self, name: &str, role: Role, password: &str) {
+        store::users::add(&self.db(), name, role, &cheap_hash(password)).unwrap();
+    }
+
     /// Stops the hub and returns how it ended.
     pub async fn stop(mut self) -> Result<(), hub::HubError> {
         self.token.cancel();
@@ -153,6 +160,15 @@ impl Drop for TestHub {
     fn drop(&mut self) {
         self.token.cancel();
     }
+}
+
+/// An argon2id PHC string with the smallest parameters argon2 allows.
+pub fn cheap_hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(8, 1, 1, None).unwrap();
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    argon.hash_password(password.as_bytes(), &salt).unwrap().to_string()
 }
 
 /// A rustls client config trusting `ca` and presenting a client certificate.
@@ -426,20 +442,29 @@ impl RawClient {
 
     /// Connects over TLS from a given local address (127.0.0.2, say), or any.
     pub async fn connect_from(addr: SocketAddr, ca: &Path, from: Option<std::net::IpAddr>) -> RawClient {
+        Self::try_connect_from(addr, ca, from).await.unwrap()
+    }
+
+    /// [`RawClient::connect_from`]; an error when the server closes the socket before or during TLS.
+    pub async fn try_connect_from(
+        addr: SocketAddr,
+        ca: &Path,
+        from: Option<std::net::IpAddr>,
+    ) -> std::io::Result<RawClient> {
         let tcp = match from {
             Some(ip) => {
-                let socket = tokio::net::TcpSocket::new_v4().unwrap();
-                socket.bind(SocketAddr::new(ip, 0)).unwrap();
-                socket.connect(addr).await.unwrap()
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
             }
-            None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+            None => tokio::net::TcpStream::connect(addr).await?,
         };
-        tcp.set_nodelay(true).unwrap();
+        tcp.set_nodelay(true)?;
         let connector = tokio_rustls::TlsConnector::from(tls_config(ca));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-        let stream = connector.connect(name, tcp).await.unwrap();
+        let stream = connector.connect(name, tcp).await?;
         let cipher = stream.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
-        RawClient { stream: Box::new(stream), buf: bytes::BytesMut::new(), cipher, last_meta: (0, 0) }
+        Ok(RawClient { stream: Box::new(stream), buf: bytes::BytesMut::new(), cipher, last_meta: (0, 0) })
     }
 
     /// Connects over plain TCP (the hub's plain listener).
@@ -505,6 +530,21 @@ impl RawClient {
     ) -> Option<rumqttd::protocol::ConnAck> {
         self.connect_full(id, login, 30, clean_session, will).await;
         match self.read(Duration::from_secs(10)).await {
+            Read::Packet(rumqttd::protocol::Packet::ConnAck(ack, _)) => Some(ack),
+            Read::Closed => None,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// [`RawClient::login`] with clean session and no will, waiting up to `within` for the answer.
+    pub async fn login_within(
+        &mut self,
+        id: &str,
+        login: Option<(&str, &str)>,
+        within: Duration,
+    ) -> Option<rumqttd::protocol::ConnAck> {
+        self.connect_full(id, login, 30, true, None).await;
+        match self.read(within).await {
             Read::Packet(rumqttd::protocol::Packet::ConnAck(ack, _)) => Some(ack),
             Read::Closed => None,
             other => panic!("expected CONNACK, got {other:?}"),

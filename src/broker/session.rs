@@ -50,15 +50,20 @@ where
     let mut conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
     let max_packet = shared.limits.max_payload_bytes + PACKET_OVERHEAD;
 
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_packet(max_packet)).await {
+    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_connect(max_packet)).await {
         Ok(Ok(Some(packet))) => packet,
         Ok(Ok(None)) => return,
-        Ok(Err(rumqttd::protocol::Error::InvalidProtocolLevel(level))) => {
+        Ok(Err(FirstRead::ClientIdTooLong(len))) => {
+            warn!(%peer, len, max = guard::MAX_CLIENT_ID_BYTES, "connection refused: client id too long");
+            let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
+            return;
+        }
+        Ok(Err(FirstRead::Protocol(rumqttd::protocol::Error::InvalidProtocolLevel(level)))) => {
             info!(%peer, level, "refused: unsupported MQTT protocol level (MQTT 3.1.1 only)");
             let _ = conn.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
             return;
         }
-        Ok(Err(e)) => {
+        Ok(Err(FirstRead::Protocol(e))) => {
             info!(%peer, error = %e, "closed: malformed CONNECT");
             return;
         }
@@ -226,6 +231,16 @@ where
         debug!(%peer, ?delay, "throttled: recent failed logins from this address");
         conn.while_present(tokio::time::sleep(delay), max_packet).await.ok_or(None)?;
     }
+    let _slot = match password {
+        true => match shared.throttle.begin_check(ip) {
+            Some(slot) => Some(slot),
+            None => {
+                warn!(%peer, %client, %user, "connection refused: too many password checks from this address");
+                return Err(Some(ConnectReturnCode::ServiceUnavailable));
+            }
+        },
+        false => None,
+    };
     let checked = conn.while_present(tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.auth.check(presented)), max_packet);
     let refusal = match checked.await {
         None => {
@@ -364,14 +379,45 @@ struct Conn<S> {
     write: BytesMut,
 }
 
+/// Why the first packet could not be read.
+enum FirstRead {
+    /// Malformed, over the size limit, or another protocol.
+    Protocol(rumqttd::protocol::Error),
+    /// A CONNECT whose client id is longer than the guard allows.
+    ClientIdTooLong(usize),
+}
+
+/// The length a CONNECT at the start of `buf` gives its client id, read from its first bytes, so
+/// that an overlong id is answered (CONNACK 2) even when the whole packet is over the size limit.
+fn connect_client_id_len(buf: &[u8]) -> Option<usize> {
+    if buf.first()? >> 4 != 1 {
+        return None;
+    }
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 || i > 4 {
+            break;
+        }
+    }
+    // Protocol name (length first), level, flags, keepalive; then the client id's length.
+    let name_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    let at = i + 2 + name_len + 4;
+    Some(usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    /// Reads one packet; `None` when the peer closed the connection cleanly between packets.
-    async fn read_packet(&mut self, max: usize) -> Result<Option<Packet>, rumqttd::protocol::Error> {
+    /// Reads the first packet; `None` when the peer closed the connection first.
+    async fn read_connect(&mut self, max: usize) -> Result<Option<Packet>, FirstRead> {
         loop {
+            if let Some(len) = connect_client_id_len(&self.read).filter(|len| *len > guard::MAX_CLIENT_ID_BYTES) {
+                return Err(FirstRead::ClientIdTooLong(len));
+            }
             match V4.read_mut(&mut self.read, max) {
                 Ok(packet) => return Ok(Some(packet)),
                 Err(rumqttd::protocol::Error::InsufficientBytes(_)) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(FirstRead::Protocol(e)),
             }
             match self.stream.read_buf(&mut self.read).await {
                 Ok(0) | Err(_) => return Ok(None),

@@ -245,6 +245,11 @@ impl Sessions {
         self.lock().next
     }
 
+    /// Client ids connected now.
+    pub fn connected(&self) -> usize {
+        self.lock().clients.values().filter(|e| e.live.is_some()).count()
+    }
+
     /// Client ids held now (connected or keeping a persistent session).
     pub fn held(&self) -> usize {
         self.lock().clients.len()
