@@ -106,6 +106,9 @@ pub struct Stats {
     /// Router-facing ids handed out since the start (the router keeps a little memory for each).
     #[serde(default)]
     pub router_ids: u32,
+    /// Connections the router closed on its own since the start (0 unless a guard failed).
+    #[serde(default)]
+    pub router_drops: u64,
 }
 
 /// A request, one line of JSON. Its `Debug` leaves the command's code out.
@@ -254,6 +257,7 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                 connected: handles.sessions.connected(),
                 client_ids: handles.sessions.held(),
                 router_ids: handles.sessions.router_ids(),
+                router_drops: handles.sessions.router_drops(),
             }),
             ..ok
         },

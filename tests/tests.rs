@@ -7,6 +7,7 @@ mod alarm;
 mod attacks;
 mod cli;
 mod foundation;
+mod fuzz;
 mod house;
 mod lights;
 mod pipeline;

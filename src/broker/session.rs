@@ -38,6 +38,9 @@ use crate::secret::Secret;
 /// Room for the fixed header and topic beyond the payload limit.
 const PACKET_OVERHEAD: usize = 1024;
 
+/// What `encode` says when the router disconnected the client (the guard should make it never happen).
+const ROUTER_DISCONNECTED: &str = "the router disconnected the client";
+
 /// How long a client may leave written data unread before the connection is closed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -177,6 +180,9 @@ where
         Err(e) => End::Lost(e.to_string()),
     };
     let Session { mut link_tx, client_id, mut conn, claim, identity, .. } = session;
+    if matches!(end, End::Router) {
+        shared.sessions.router_dropped();
+    }
     // The router link closes first: a connection taking this client id over opens it next.
     if !matches!(end, End::Router) {
         let _ = disconnect_link(&mut link_tx).await;
@@ -198,7 +204,7 @@ where
     let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
     match end {
         End::Clean => info!(%peer, client = %client_id, "client disconnected"),
-        End::Router => info!(%peer, client = %client_id, "client closed: the router is gone"),
+        End::Router => warn!(%peer, client = %client_id, "client closed by the router"),
         End::Kicked if replaced => {
             info!(%peer, client = %client_id, "client replaced by a new connection with the same id")
         }
@@ -362,7 +368,7 @@ async fn disconnect_link(link_tx: &mut LinkTx) -> Result<(), rumqttd::local::Lin
 enum End {
     /// The client sent DISCONNECT.
     Clean,
-    /// The router dropped the link (it is gone).
+    /// The router dropped the link, or disconnected the client: only if it died, when the guard holds.
     Router,
     /// The hub closed it: another connection took the client id over, or its credentials were revoked.
     Kicked,
@@ -775,7 +781,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut next = Some(first);
         let mut unscheduled = false;
         while let Some(n) = next {
-            self.encode(n, &mut unscheduled).map_err(|e| End::Lost(e.to_string()))?;
+            self.encode(n, &mut unscheduled).map_err(|e| match e.to_string() == ROUTER_DISCONNECTED {
+                true => End::Router,
+                false => End::Lost(e.to_string()),
+            })?;
             next = self.link_rx.recv_deadline(std::time::Instant::now()).ok().flatten();
         }
         self.flush_client().await?;
@@ -813,7 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 None => {}
             },
             // MQTT 3.1.1 has no server DISCONNECT: the connection is simply closed.
-            Notification::Disconnect(..) => return Err(std::io::Error::other("router disconnected the client")),
+            Notification::Disconnect(..) => return Err(std::io::Error::other(ROUTER_DISCONNECTED)),
             _ => {}
         }
         Ok(())

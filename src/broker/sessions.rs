@@ -78,6 +78,9 @@ pub struct Sessions {
     inner: Mutex<Inner>,
     /// Persistent sessions kept in all.
     max_persistent: usize,
+    /// Links the router dropped on its own (it disconnected a client, or it died). The guard
+    /// exists so that this stays 0 while the router runs.
+    router_drops: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +150,7 @@ fn principal(identity: &Identity) -> String {
 impl Sessions {
     /// A registry keeping at most `max_persistent` persistent sessions.
     pub fn new(max_persistent: usize) -> Sessions {
-        Sessions { inner: Mutex::default(), max_persistent: max_persistent.max(1) }
+        Sessions { inner: Mutex::default(), max_persistent: max_persistent.max(1), router_drops: Default::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -243,6 +246,16 @@ impl Sessions {
     /// Router ids handed out so far (the router keeps an entry for each).
     pub fn router_ids(&self) -> u32 {
         self.lock().next
+    }
+
+    /// Counts a link the router dropped on its own.
+    pub fn router_dropped(&self) {
+        self.router_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Links the router dropped on its own since the start.
+    pub fn router_drops(&self) -> u64 {
+        self.router_drops.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Client ids connected now.
