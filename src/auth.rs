@@ -174,28 +174,12 @@ pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckErr
 #[derive(Debug, Default)]
 pub struct Throttle {
     failures: Mutex<HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>>,
-    /// Password checks under way or queued, per address.
-    checks: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Each address's share of the argon2 queue.
+    checks: Mutex<HashMap<std::net::IpAddr, Arc<tokio::sync::Semaphore>>>,
 }
 
-/// A password check's place in an address's share of the argon2 queue; given back on drop.
-#[derive(Debug)]
-pub struct CheckSlot {
-    throttle: Arc<Throttle>,
-    ip: std::net::IpAddr,
-}
-
-impl Drop for CheckSlot {
-    fn drop(&mut self) {
-        let mut checks = self.throttle.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = checks.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                checks.remove(&self.ip);
-            }
-        }
-    }
-}
+/// A password check's place in its address's share of the argon2 queue; given back on drop.
+pub type CheckSlot = tokio::sync::OwnedSemaphorePermit;
 
 impl Throttle {
     /// Failures allowed in a window before answers slow down.
@@ -208,19 +192,28 @@ impl Throttle {
     pub const MAX_ADDRESSES: usize = 1024;
     /// Failures remembered per address (enough to reach the longest wait).
     const KEEP: usize = 16;
-    /// Password checks one address may have queued or under way: a flood from one address
-    /// leaves the rest of [`PASSWORD_QUEUE`] to everyone else.
+    /// Password checks one address may have queued or under way; its others wait their turn
+    /// (under the CONNECT timeout), so a flood from one address leaves the rest of
+    /// [`PASSWORD_QUEUE`] to everyone else.
     pub const CHECKS_PER_ADDRESS: usize = PASSWORD_QUEUE / 8;
 
-    /// A place for a password check from `ip`, or `None` when its share is taken.
-    pub fn begin_check(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<CheckSlot> {
-        let mut checks = self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = checks.entry(ip).or_default();
-        if *n >= Self::CHECKS_PER_ADDRESS {
-            return None;
+    /// Waits for a place for a password check from `ip` in its address's share.
+    pub async fn begin_check(&self, ip: std::net::IpAddr) -> CheckSlot {
+        let share = {
+            let mut checks = self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if checks.len() >= Self::MAX_ADDRESSES && !checks.contains_key(&ip) {
+                // Shares nobody holds or waits for (the map's reference is the only one).
+                checks.retain(|_, share| Arc::strong_count(share) > 1);
+            }
+            Arc::clone(
+                checks.entry(ip).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(Self::CHECKS_PER_ADDRESS))),
+            )
+        };
+        // The semaphore is never closed.
+        match share.acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_) => unreachable!("a check share is never closed"),
         }
-        *n += 1;
-        Some(CheckSlot { throttle: Arc::clone(self), ip })
     }
 
     fn lock(
@@ -467,6 +460,21 @@ mod tests {
         assert!(busy > 0, "a queue past {PASSWORD_QUEUE} was accepted");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn one_address_waits_for_its_share_of_checks_and_another_does_not() {
+        let t = Throttle::default();
+        let (ip, other): (std::net::IpAddr, std::net::IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
+        let mut held = Vec::new();
+        for _ in 0..Throttle::CHECKS_PER_ADDRESS {
+            held.push(t.begin_check(ip).await);
+        }
+        let waits = tokio::time::timeout(std::time::Duration::from_secs(1), t.begin_check(ip)).await;
+        assert!(waits.is_err(), "a ninth check from one address did not wait");
+        let _other = t.begin_check(other).await;
+        held.pop();
+        let _next = t.begin_check(ip).await;
+    }
+
     #[tokio::test]
     async fn a_check_whose_client_left_is_not_run() {
         let h = hash(&Secret::new("cancel test"));
@@ -501,13 +509,6 @@ mod tests {
         assert_eq!(t.delay(other, start), std::time::Duration::ZERO);
         // A minute after the last failure, the address is forgiven.
         assert_eq!(t.delay(ip, start + std::time::Duration::from_secs(72)), std::time::Duration::ZERO);
-        // One address gets its share of password checks; another is not held back.
-        let t = Arc::new(t);
-        let slots: Vec<_> = (0..Throttle::CHECKS_PER_ADDRESS).map(|_| t.begin_check(ip).unwrap()).collect();
-        assert!(t.begin_check(ip).is_none());
-        assert!(t.begin_check(other).is_some());
-        drop(slots);
-        assert!(t.begin_check(ip).is_some());
         // Memory stays bounded whatever the number of addresses.
         for n in 0..(Throttle::MAX_ADDRESSES as u32 * 3) {
             t.failed(std::net::IpAddr::from(n.to_be_bytes()), start);

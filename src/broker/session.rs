@@ -237,17 +237,15 @@ where
         debug!(%peer, ?delay, "throttled: recent failed logins from this address");
         conn.while_present(tokio::time::sleep(delay), max_packet).await.ok_or(None)?;
     }
-    let _slot = match password {
-        true => match shared.throttle.begin_check(ip) {
-            Some(slot) => Some(slot),
-            None => {
-                warn!(%peer, %client, %user, "connection refused: too many password checks from this address");
-                return Err(Some(ConnectReturnCode::ServiceUnavailable));
-            }
-        },
-        false => None,
+    let check = async {
+        // An address waits for its share of the argon2 queue; tokens and certificates never do.
+        let _slot = match password {
+            true => Some(shared.throttle.begin_check(ip).await),
+            false => None,
+        };
+        shared.auth.check(presented).await
     };
-    let checked = conn.while_present(tokio::time::timeout(HANDSHAKE_TIMEOUT, shared.auth.check(presented)), max_packet);
+    let checked = conn.while_present(tokio::time::timeout(HANDSHAKE_TIMEOUT, check), max_packet);
     let refusal = match checked.await {
         None => {
             debug!(%peer, client = %client, "client left during its login");
