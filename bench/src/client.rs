@@ -51,6 +51,9 @@ pub struct Target {
     pub password: String,
     /// Client ids that log in under their own name, with their password (the hub's devices).
     pub logins: Arc<HashMap<String, String>>,
+    /// The login of the fresh-id churn: on the hub a user whose hash is cheap to check (the
+    /// churn measures memory per client id, not argon2), on Mosquitto the bench user.
+    pub churn: (String, String),
 }
 
 /// A rustls client config trusting only `ca`, without session resumption.

@@ -10,6 +10,7 @@
 
 mod broker;
 mod client;
+mod logins;
 mod reactions;
 mod scenarios;
 
@@ -69,12 +70,16 @@ enum Scenario {
     Rss,
     /// TLS connects per second with 10 concurrent clients.
     Connects,
+    /// RSS after 100,000 plain connects, each with a fresh client id.
+    Churn,
+    /// A device's TLS CONNACK time, idle and during 1,000 wrong-password CONNECTs from another address.
+    Flood,
     /// Sensor → rule → actuator latency on the hub (motion → light, door → siren), idle and under load.
     Reactions,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Qos0Tls,
         Scenario::Qos0Plain,
         Scenario::Qos1Tls,
@@ -83,6 +88,8 @@ impl Scenario {
         Scenario::Reactions,
         Scenario::Rss,
         Scenario::Connects,
+        Scenario::Churn,
+        Scenario::Flood,
     ];
 
     /// The name `--only` takes.
@@ -102,6 +109,8 @@ struct Plan {
     connect_workers: usize,
     connect_duration: Duration,
     reaction_cycles: usize,
+    churn_connects: u64,
+    flood_logins: u64,
 }
 
 impl Plan {
@@ -117,6 +126,8 @@ impl Plan {
             connect_workers: 10,
             connect_duration: Duration::from_secs(if quick { 2 } else { 5 }),
             reaction_cycles: if quick { 10 } else { 30 },
+            churn_connects: if quick { 10_000 } else { 100_000 },
+            flood_logins: 1_000,
         }
     }
 }
@@ -165,7 +176,10 @@ async fn run(args: Args) -> Result<()> {
     let hub_bin = hub_binary(args.hub_bin.as_deref())?;
     let guard_mib = args.max_broker_rss.unwrap_or_else(default_guard_mib);
     // The fleet's sensors, and ten of them for the reconnect storm.
-    let devices = if [Scenario::Fleet, Scenario::Connects, Scenario::Reactions].iter().any(|s| selected.contains(s)) {
+    let devices = if [Scenario::Fleet, Scenario::Connects, Scenario::Reactions, Scenario::Flood]
+        .iter()
+        .any(|s| selected.contains(s))
+    {
         plan.fleet_devices.max(10)
     } else {
         0
@@ -227,6 +241,10 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
         password: setup.password.clone(),
         // Mosquitto has no device accounts: everyone logs in as the bench user there.
         logins: Arc::new(if kind == Kind::Hub { setup.device_passwords.clone() } else { HashMap::new() }),
+        churn: match kind {
+            Kind::Hub => (broker::CHURN_USER.to_owned(), setup.password.clone()),
+            Kind::Mosquitto => (broker::USER.to_owned(), setup.password.clone()),
+        },
     };
     let outcome = match scenario {
         Scenario::Qos0Tls => scenarios::one_to_one(&target, QoS::AtMostOnce, Transport::Tls, plan.messages).await,
@@ -245,6 +263,16 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
         }
         Scenario::Rss => scenarios::idle_clients(&mut broker, &target, plan.idle_clients, plan.idle_concurrency).await,
         Scenario::Connects => scenarios::connect_rate(&target, plan.connect_workers, plan.connect_duration).await,
+        Scenario::Churn => logins::churn(&mut broker, &target, plan.churn_connects, 8, Duration::from_secs(12)).await,
+        Scenario::Flood => {
+            // A device with its token on the hub; Mosquitto has no device accounts, so the bench user.
+            let id = broker::device_id(1);
+            let device = match target.logins.get(&id) {
+                Some(password) => (id.clone(), password.clone()),
+                None => (broker::USER.to_owned(), setup.password.clone()),
+            };
+            logins::flood(&target, (&device.0, &device.1), plan.flood_logins, 100, 20).await
+        }
     };
     // A broker that died during the run invalidates its figures.
     broker.check_alive()?;

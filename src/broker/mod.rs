@@ -1,10 +1,17 @@
 //! The embedded MQTT broker: rumqttd's router, fed by the hub's own connection layer.
 //!
 //! rumqttd routes messages between links; everything a client sees before and around that is the
-//! hub's: the listeners ([`serve`]), TLS, the MQTT 3.1.1 session with each client
-//! ([`session`]), who may connect ([`crate::auth`]), and the hub's own in-process client
-//! ([`HubLink`]). The router runs on a thread of its own and cannot be stopped: if it ends, the hub
-//! treats that as fatal and lets systemd restart it.
+//! hub's: the listeners ([`serve`]), admission ([`admission`]), TLS, the MQTT 3.1.1 session with
+//! each client ([`session`]), who may connect ([`crate::auth`]) and do what ([`acl`]), and what may
+//! reach the router at all ([`guard`], [`acks`], [`sessions`]). The router runs on a thread of its
+//! own and cannot be stopped: if it ends, the hub treats that as fatal and lets systemd restart it.
+//!
+//! The hub's own in-process client, [`HubLink`], has a client id holding a NUL (no network client
+//! can take it) and is not subject to the ACL. It publishes `online`/`offline` on `dpi/hub/status`
+//! (retained), every device's availability, the wills of dead clients, the reports on
+//! `dpi/hub/error`, and the drivers' messages (`dpi/alarm/state` and `/event`, sirens' and lights'
+//! `dpi/ID/set`); its retained publishes are also persisted, and the stored ones are restored
+//! through it at start.
 //!
 //! This module must not decode device payloads or run rules; it moves packets.
 
