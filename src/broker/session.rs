@@ -5,8 +5,8 @@
 //! tell a bad password from a network fault (no credentials, a certificate required, revoked or
 //! unknown, a will refused: 5; bad credentials: 4; client id not acceptable or held by another
 //! identity: 2; the hub full or busy: 3; another protocol level: 1); keepalive measured on what the
-//! client sends (1.5 × its value, none for 0); a second CONNECT, a packet over `max_payload_bytes`
-//! + 1 KiB or a publish to a topic the guard refuses closing the connection; PINGRESP and UNSUBACK
+//! client sends (1.5 × its value, none for 0); a second CONNECT, a packet 1 KiB over
+//! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP and UNSUBACK
 //! without a router round trip; and the will published once, only for a connection that died
 //! without DISCONNECT, before the device's `offline`. It is also where [`super::guard`] is applied:
 //! nothing reaches the router that the guard, [`super::acks`] and [`super::sessions`] have not let
