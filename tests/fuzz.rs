@@ -107,6 +107,7 @@ struct Spec {
     id: String,
     clean: bool,
     will: Option<(String, Vec<u8>, bool)>,
+    wait_connack: bool,
 }
 
 struct Live {
@@ -197,7 +198,7 @@ fn spec(rng: &mut Xorshift) -> Spec {
         _ => pick(rng, &["c0", "c1", "c2", "c3", "d1", "", "é-phone"]).to_owned(),
     };
     let will = rng.chance(0.3).then(|| (path(rng), payload(rng.below(8) as u8, 10), rng.chance(0.5)));
-    Spec { who, id, clean: rng.chance(0.6), will }
+    Spec { who, id, clean: rng.chance(0.6), will, wait_connack: rng.chance(0.9) }
 }
 
 fn op(rng: &mut Xorshift, clients: usize) -> Op {
@@ -240,7 +241,10 @@ fn qos(q: u8) -> QoS {
 }
 
 async fn connect(plain: std::net::SocketAddr, spec: &Spec, devices: &[String]) -> Option<RawClient> {
-    let mut c = RawClient::connect_plain(plain).await.ok()?;
+    // Wrong passwords come from another address: the hub slows down an address that fails
+    // logins, and the other clients' logins must go on at full speed.
+    let from = matches!(spec.who, Who::WrongPassword).then(|| std::net::IpAddr::from([127, 0, 0, 2]));
+    let mut c = RawClient::connect_plain_from(plain, from).await.ok()?;
     let login = match spec.who {
         Who::Admin => Some(("fuzz-admin", "admin-password")),
         Who::Resident => Some(("fuzz-resident", "resident-password")),
@@ -255,6 +259,14 @@ async fn connect(plain: std::net::SocketAddr, spec: &Spec, devices: &[String]) -
         retain: *retain,
     });
     c.connect_full(&spec.id, login, 30, spec.clean, will).await;
+    // Most clients wait for their CONNACK before going on; some send at once. Wrong passwords
+    // never wait: their address is soon slowed down to one answer every 30 s.
+    if spec.wait_connack && !matches!(spec.who, Who::WrongPassword) {
+        match c.read(Duration::from_secs(2)).await {
+            Read::Closed => return None,
+            Read::Packet(_) | Read::Silent => {}
+        }
+    }
     Some(c)
 }
 

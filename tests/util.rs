@@ -469,7 +469,19 @@ impl RawClient {
 
     /// Connects over plain TCP (the hub's plain listener).
     pub async fn connect_plain(addr: SocketAddr) -> std::io::Result<RawClient> {
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        Self::connect_plain_from(addr, None).await
+    }
+
+    /// Connects over plain TCP from a given local address, or any.
+    pub async fn connect_plain_from(addr: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<RawClient> {
+        let tcp = match from {
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+            None => tokio::net::TcpStream::connect(addr).await?,
+        };
         tcp.set_nodelay(true)?;
         Ok(RawClient { stream: Box::new(tcp), buf: bytes::BytesMut::new(), cipher: None, last_meta: (0, 0) })
     }
