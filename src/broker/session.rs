@@ -913,6 +913,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_client_id_length_is_read_from_the_start_of_a_connect() {
+        let connect = |id: &str| {
+            let mut buf = BytesMut::new();
+            let c = rumqttd::protocol::Connect { keep_alive: 30, client_id: id.to_owned(), clean_session: true };
+            V4.write(Packet::Connect(c, None, None, None, None), &mut buf).unwrap();
+            buf
+        };
+        assert_eq!(connect_client_id_len(&connect("abc")), Some(3));
+        let long = connect(&"x".repeat(20_000));
+        assert_eq!(connect_client_id_len(&long[..20]), Some(20_000), "the header alone tells");
+        assert_eq!(connect_client_id_len(&long[..5]), None);
+        assert_eq!(connect_client_id_len(&[0x30, 0]), None);
+    }
+
+    #[test]
     fn publish_meta_reads_qos_and_packet_id() {
         let mut buf = BytesMut::new();
         V4.write(Packet::Publish(publish_qos1(&Bytes::from("a/b"), &Bytes::from("x"), false, 513), None), &mut buf)

@@ -21,7 +21,7 @@
 //! Sessions and filters live in memory only, as in the router.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -75,7 +75,7 @@ pub fn router_id(n: u32) -> String {
 /// The registry (see the module docs).
 #[derive(Debug)]
 pub struct Sessions {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     /// Persistent sessions kept in all.
     max_persistent: usize,
     /// Links the router dropped on its own (it disconnected a client, or it died). The guard
@@ -93,6 +93,9 @@ struct Inner {
     next: u32,
     /// Router id → client id, for the entries above.
     by_router: HashMap<u32, String>,
+    /// Claims not yet dropped, per router id: a link may still be open under it, so the pool
+    /// never hands it out (a connection stuck closing keeps its id to itself until it is gone).
+    busy: HashMap<u32, usize>,
     /// Filters the router has been given.
     filters: HashSet<String>,
     /// New filters each identity brought, by [`principal`].
@@ -139,7 +142,21 @@ pub struct Claim {
     /// Cancelled when another connection takes the client id over, or the identity is revoked.
     pub kick: CancellationToken,
     generation: u64,
+    router: u32,
+    registry: Arc<Mutex<Inner>>,
     _done: oneshot::Sender<()>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut inner = self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = inner.busy.get_mut(&self.router) {
+            *n -= 1;
+            if *n == 0 {
+                inner.busy.remove(&self.router);
+            }
+        }
+    }
 }
 
 /// Who an entry belongs to: users and devices share one namespace of names.
@@ -150,7 +167,7 @@ fn principal(identity: &Identity) -> String {
 impl Sessions {
     /// A registry keeping at most `max_persistent` persistent sessions.
     pub fn new(max_persistent: usize) -> Sessions {
-        Sessions { inner: Mutex::default(), max_persistent: max_persistent.max(1), router_drops: Default::default() }
+        Sessions { inner: Arc::default(), max_persistent: max_persistent.max(1), router_drops: Default::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -160,7 +177,7 @@ impl Sessions {
     /// Takes `client_id` for a connection of `identity` asking for clean session `clean`; closes
     /// the connection holding it before (waiting at most [`TAKEOVER_WAIT`]).
     pub async fn claim(&self, client_id: &str, identity: &Identity, clean: bool) -> Result<Claim, ClaimError> {
-        let (claim, previous) = self.lock().claim(client_id, identity, clean, self.max_persistent)?;
+        let (claim, previous) = self.lock().claim(client_id, identity, clean, self.max_persistent, &self.inner)?;
         if let Some(done) = previous {
             // The previous connection drops its claim once its router link is closed.
             if tokio::time::timeout(TAKEOVER_WAIT, done).await.is_err() {
@@ -276,6 +293,7 @@ impl Inner {
         identity: &Identity,
         clean: bool,
         max_persistent: usize,
+        registry: &Arc<Mutex<Inner>>,
     ) -> Result<(Claim, Option<oneshot::Receiver<()>>), ClaimError> {
         self.clock += 1;
         let now = self.clock;
@@ -330,12 +348,16 @@ impl Inner {
         let (done_tx, done_rx) = oneshot::channel();
         let kick = CancellationToken::new();
         entry.live = Some(Live { generation: now, kick: kick.clone(), done: done_rx });
+        let router = entry.router;
+        *self.busy.entry(router).or_default() += 1;
         let claim = Claim {
             client_id: client_id.to_owned(),
-            router_id: router_id(entry.router),
+            router_id: router_id(router),
             purge,
             kick,
             generation: now,
+            router,
+            registry: Arc::clone(registry),
             _done: done_tx,
         };
         Ok((claim, previous))
@@ -344,7 +366,12 @@ impl Inner {
     /// A router id from the pool: for a clean session preferably one that may hold old state (a
     /// clean connect discards it), for a persistent one preferably one that holds none.
     fn free_id(&mut self, clean: bool) -> (u32, bool) {
-        let pick = self.free.iter().rposition(|(_, dirty)| *dirty == clean).or(self.free.len().checked_sub(1));
+        let idle = |id: &u32| !self.busy.contains_key(id);
+        let pick = self
+            .free
+            .iter()
+            .rposition(|(id, dirty)| idle(id) && *dirty == clean)
+            .or_else(|| self.free.iter().rposition(|(id, _)| idle(id)));
         match pick {
             Some(i) => self.free.swap_remove(i),
             None => {
@@ -401,7 +428,7 @@ mod tests {
     }
 
     fn claim_now(s: &Sessions, id: &str, who: &Identity, clean: bool) -> Result<Claim, ClaimError> {
-        let (claim, previous) = s.lock().claim(id, who, clean, s.max_persistent)?;
+        let (claim, previous) = s.lock().claim(id, who, clean, s.max_persistent, &s.inner)?;
         assert!(previous.is_none());
         Ok(claim)
     }
@@ -413,6 +440,7 @@ mod tests {
         for n in 0..1_000 {
             let c = claim_now(&s, &format!("random-{n}"), &alice, true).unwrap();
             s.release(&c);
+            drop(c);
         }
         assert_eq!(s.router_ids(), 1);
         assert_eq!(s.held(), 0);
@@ -449,11 +477,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_previous_connection_that_does_not_let_go_fails_the_takeover() {
+    async fn a_previous_connection_that_does_not_let_go_fails_the_takeover_and_keeps_its_router_id() {
         let s = Sessions::new(10);
         let admin = user("admin", Role::Admin);
-        let _stuck = s.claim("phone", &admin, true).await.unwrap();
+        let stuck = s.claim("phone", &admin, true).await.unwrap();
         assert_eq!(s.claim("phone", &admin, true).await.unwrap_err(), ClaimError::StillClosing);
+        // The id is free for the taking, but its router id is not, while the stuck link may be open.
+        let other = s.claim("tablet", &admin, true).await.unwrap();
+        assert_ne!(other.router_id, stuck.router_id);
+        drop(stuck);
+        let next = s.claim("laptop", &admin, true).await.unwrap();
+        assert_eq!(next.router_id, "~1");
     }
 
     #[test]
@@ -463,12 +497,14 @@ mod tests {
         for n in 0..50 {
             let c = claim_now(&s, &format!("a-{n}"), &alice, false).unwrap();
             s.release(&c);
+            drop(c);
         }
         assert_eq!(s.held(), MAX_PERSISTENT_PER_IDENTITY);
         let bob = user("bob", Role::Admin);
         for n in 0..50 {
             let c = claim_now(&s, &format!("b-{n}"), &bob, false).unwrap();
             s.release(&c);
+            drop(c);
         }
         assert_eq!(s.held(), 12);
         // Ids are reused: at most one per session held, plus the one being purged.
@@ -481,8 +517,10 @@ mod tests {
         let alice = user("alice", Role::Admin);
         let a = claim_now(&s, "a", &alice, false).unwrap();
         s.release(&a);
+        let a_router = a.router_id.clone();
+        drop(a);
         let b = claim_now(&s, "b", &alice, false).unwrap();
-        assert_eq!(b.router_id, a.router_id);
+        assert_eq!(b.router_id, a_router);
         assert!(b.purge);
     }
 
