@@ -661,3 +661,32 @@ fn ten_thousand_fresh_client_ids_leave_the_routers_ids_bounded() {
     hub.signal("TERM");
     hub.wait(TEN_SECONDS);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retained_qos2_message_is_kept_on_disk_only_once_released() {
+    let hub = TestHub::start(&format!("[store]\ncommit_interval_ms = 50\n{DEVICES}")).await;
+    hub.add_user("admin", Role::Admin, "admin-password");
+    let (mut c, _) = raw(&hub, "c", ADMIN, true).await;
+    let stored = |topic: &str| -> bool {
+        hub.db().query_row("SELECT COUNT(*) FROM retained WHERE topic = ?1", [topic], |r| r.get::<_, i64>(0)).unwrap()
+            > 0
+    };
+    let until_stored = |topic: &'static str| async move {
+        let deadline = std::time::Instant::now() + TEN_SECONDS;
+        while !stored(topic) {
+            assert!(std::time::Instant::now() < deadline, "{topic} never stored");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    c.send(raw_publish("keep/me", b"1", 2, 9, true)).await;
+    // A later QoS 1 retained message is stored: the unreleased one is not.
+    c.send(raw_publish("flush/x", b"1", 1, 10, true)).await;
+    until_stored("flush/x").await;
+    assert!(!stored("keep/me"), "a QoS 2 message the client never released was kept");
+    c.send(Packet::PubRel(
+        rumqttd::protocol::PubRel { pkid: 9, reason: rumqttd::protocol::PubRelReason::Success },
+        None,
+    ))
+    .await;
+    until_stored("keep/me").await;
+}

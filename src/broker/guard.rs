@@ -12,15 +12,18 @@
 //!
 //! | router failure | guard | test |
 //! | --- | --- | --- |
-//! | a topic or filter whose first character is multi-byte panics in `protocol::matches` (`topic[..1]`), on a publish, a subscribe, a will or a retained message restored at start | [`topic`], [`filter`]: first character ASCII, everywhere | `attacks::an_accented_topic_…`, `fuzz::…` |
+//! | a topic or filter whose first character is multi-byte panics in `protocol::matches` (`topic[..1]`), on a publish, a subscribe, a will or a retained message restored at start | [`topic`], [`filter`]: first character ASCII, everywhere | `attacks::an_accented_topic_is_refused_…`, `attacks::wills_are_checked_…`, `guard::tests` |
 //! | a persistent session with an unacknowledged delivery through a shared subscription panics at disconnect (`expect("group must exists")`) | [`filter`]: no `$share/…` | `attacks::a_device_with_a_shared_subscription_…` |
 //! | a `$…` filter disconnects the client | [`filter`]: no `$` first | `guard::tests` |
-//! | an acknowledgement out of the router's order (QoS 1 and 2 interleaved), unknown, or repeated disconnects the client; a PUBREL it cannot match disconnects it; a repeated QoS 2 PUBLISH is recorded twice | [`super::acks`]: reordered, answered or dropped | `acks::tests`, `attacks::interleaved_…` |
-//! | a wake-up (`Event::Ready`) for a link the router already removed panics (`scheduler.reschedule`) | the router never removes a link on its own (the rows above), and a router id is opened only once its last link is closed ([`super::sessions`]) | `fuzz::…` |
+//! | an acknowledgement out of the router's order (QoS 1 and 2 interleaved), unknown or repeated disconnects the client; so does a PUBREL it cannot match; a repeated QoS 2 PUBLISH is recorded twice | [`super::acks`]: reordered, answered or dropped | `acks::tests`, `attacks::interleaved_qos1_and_qos2_…`, `attacks::a_repeated_qos2_publish_…` |
+//! | a wake-up (`Event::Ready`) for a link the router already removed panics (`scheduler.reschedule`) | the router never removes a link on its own (the rows above), and a router id is opened only once every link under it is closed ([`super::sessions`]) | `fuzz::random_sequences_never_stop_the_router` (it also fails on any connection the router closes on its own), `sessions::tests::a_previous_connection_that_does_not_let_go_…` |
 //! | persistent sessions are found by client id alone: another identity with that id inherits subscriptions and queue, with no ACL check | router ids qualified by identity ([`super::sessions`]) | `attacks::a_resident_cannot_take_over_…` |
-//! | an entry per client id ever seen is kept forever (`graveyard`), and every filter ever subscribed keeps its log | router ids recycled; [`MAX_SUBSCRIPTIONS`] per connection and a budget of new filters ([`super::sessions`]) | `attacks::fresh_client_ids_…`, `attacks::five_hundred_filters_…` |
-//! | an UNSUBSCRIBE of a filter not subscribed gets no UNSUBACK; one of several gets one per filter | the session answers UNSUBSCRIBE itself | `attacks::unsubscribe_…` |
-//! | a QoS 2 PUBLISH never released stays recorded for the connection's life | at most [`MAX_AWAITING_RELEASE`] per connection | `acks::tests` |
+//! | an entry per client id ever seen is kept forever (`graveyard`), and every filter ever subscribed keeps its log | router ids recycled; [`MAX_SUBSCRIPTIONS`] per connection and a budget of new filters ([`super::sessions`]) | `attacks::ten_thousand_fresh_client_ids_…`, `attacks::five_hundred_filters_…` |
+//! | an UNSUBSCRIBE of a filter not subscribed gets no UNSUBACK; one of several gets one per filter | the session answers UNSUBSCRIBE itself | `attacks::unsubscribe_is_answered_once_…` |
+//! | a QoS 2 PUBLISH never released stays recorded for the connection's life | at most [`MAX_AWAITING_RELEASE`] per connection | `acks::tests::too_many_unreleased_qos2_publishes_overflow` |
+//!
+//! QoS values are the codec's: rumqttd's decoder refuses QoS 3 and packet id 0, and the session
+//! closes the connection on any packet it cannot decode.
 
 use std::fmt;
 

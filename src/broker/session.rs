@@ -171,6 +171,7 @@ where
         acks: Acks::default(),
         pending_subscribes: HashMap::new(),
         to_router: Vec::new(),
+        retained_on_release: HashMap::new(),
     };
     let connack = Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None);
     let end = match session.conn.send(connack).await {
@@ -503,6 +504,8 @@ struct Session<S> {
     pending_subscribes: HashMap<u16, Vec<Option<usize>>>,
     /// Packets for the router gathered while handling one batch.
     to_router: Vec<Packet>,
+    /// Retained QoS 2 publishes awaiting their PUBREL: kept on disk once the router has them.
+    retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -603,6 +606,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sends what the acknowledgement state asks: to the router (gathered) and to the client.
     fn apply(&mut self, sends: Sends) {
         for ack in sends.router {
+            if let Ack::PubRel(pkid) = ack {
+                if let Some((topic, payload)) = self.retained_on_release.remove(&pkid) {
+                    self.shared.retain(topic, payload);
+                }
+            }
             self.to_router.push(ack_packet(ack));
         }
         for ack in sends.client {
@@ -695,7 +703,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
-            self.shared.retain(topic, payload);
+            // The router takes a QoS 2 message only once it is released: so does the disk.
+            match qos {
+                2 => drop(self.retained_on_release.insert(pkid, (topic, payload))),
+                _ => self.shared.retain(topic, payload),
+            }
         }
         // The router delivers at the subscription's QoS; the publish QoS travels with the message
         // (in a field MQTT 3.1.1 never sees) so that the receiving session can lower it.
