@@ -690,3 +690,32 @@ async fn a_retained_qos2_message_is_kept_on_disk_only_once_released() {
     .await;
     until_stored("keep/me").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_to_a_dollar_topic_is_refused_and_the_connection_stays() {
+    let hub = hub().await;
+    let (mut c, _) = raw(&hub, "dollar", ADMIN, true).await;
+    c.send(raw_subscribe(1, &[("#", QoS::AtMostOnce)])).await;
+    suback(&mut c, 1).await;
+    c.send(raw_publish("$SYS/broker/fake", b"1", 1, 3, false)).await;
+    loop {
+        match c.recv(TEN_SECONDS).await {
+            Some(Packet::PubAck(ack, _)) => {
+                assert_eq!(ack.pkid, 3);
+                break;
+            }
+            Some(Packet::Publish(p, _)) => assert_ne!(p.topic, "$SYS/broker/fake", "a $ topic was delivered"),
+            Some(_) => {}
+            None => panic!("the connection was closed"),
+        }
+    }
+    c.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
+    loop {
+        match c.recv(TEN_SECONDS).await {
+            Some(Packet::PingResp(_)) => break,
+            Some(Packet::Publish(p, _)) => assert_ne!(p.topic, "$SYS/broker/fake", "a $ topic was delivered"),
+            Some(_) => {}
+            None => panic!("the connection was closed"),
+        }
+    }
+}

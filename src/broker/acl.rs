@@ -14,6 +14,10 @@ use crate::store::users::Role;
 
 /// Whether `who` may publish on `topic` (a topic name, never a filter).
 pub fn may_publish(who: &Identity, topic: &str) -> bool {
+    // `$…` topics are the server's (MQTT 3.1.1 §4.7.2), and the hub has none to share.
+    if topic.starts_with('$') {
+        return false;
+    }
     match who {
         Identity::User { role: Role::Admin, .. } => true,
         Identity::User { role: Role::Resident, .. } => {
@@ -85,6 +89,7 @@ mod tests {
         resident_deep_set: user(Role::Resident), "dpi/a/b/set" => false;
         resident_outside_dpi: user(Role::Resident), "other/x/set" => false;
         admin_anything: user(Role::Admin), "anything/at/all" => true;
+        admin_dollar_topic: user(Role::Admin), "$SYS/broker/x" => false;
     }
 
     subscribe! {

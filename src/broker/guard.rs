@@ -54,7 +54,7 @@ pub enum Refused {
     Control,
     /// A topic name with `+` or `#`.
     WildcardInTopic,
-    /// A topic or filter starting with `$` (reserved; shared subscriptions are not offered).
+    /// A filter starting with `$` (reserved for the server; shared subscriptions are not offered).
     Reserved,
     /// `#` not alone and last, or `+` not alone in its level.
     BadWildcard,
@@ -78,7 +78,9 @@ impl fmt::Display for Refused {
     }
 }
 
-/// Checks a topic name (PUBLISH, will, retained message) and returns it as text.
+/// Checks a topic name (PUBLISH, will, retained message) and returns it as text. A `$` topic
+/// passes: the router never delivers one (no filter may start with `$`), and the ACL refuses
+/// them all as the server's own.
 pub fn topic(bytes: &[u8]) -> Result<&str, Refused> {
     let topic = std::str::from_utf8(bytes).map_err(|_| Refused::NotUtf8)?;
     common(topic)?;
@@ -91,6 +93,9 @@ pub fn topic(bytes: &[u8]) -> Result<&str, Refused> {
 /// Checks a subscription filter (MQTT 3.1.1 §4.7 wildcards, and the router's limits).
 pub fn filter(filter: &str) -> Result<(), Refused> {
     common(filter)?;
+    if filter.starts_with('$') {
+        return Err(Refused::Reserved);
+    }
     let levels: Vec<&str> = filter.split('/').collect();
     let wildcards_ok = levels.iter().enumerate().all(|(i, level)| match *level {
         "#" => i == levels.len() - 1,
@@ -103,7 +108,7 @@ pub fn filter(filter: &str) -> Result<(), Refused> {
     Ok(())
 }
 
-/// What topics and filters share: not empty, bounded, no NUL, an ASCII start that is not `$`.
+/// What topics and filters share: not empty, bounded, no NUL, an ASCII start.
 fn common(s: &str) -> Result<(), Refused> {
     let first = s.chars().next().ok_or(Refused::Empty)?;
     if s.len() > MAX_TOPIC_BYTES {
@@ -111,9 +116,6 @@ fn common(s: &str) -> Result<(), Refused> {
     }
     if !first.is_ascii() {
         return Err(Refused::NonAsciiStart);
-    }
-    if first == '$' {
-        return Err(Refused::Reserved);
     }
     if s.contains('\0') {
         return Err(Refused::Control);
@@ -167,7 +169,7 @@ mod tests {
         topic_emoji_first: "💡/on" => Err(Refused::NonAsciiStart);
         topic_empty: "" => Err(Refused::Empty);
         topic_empty_levels: "//a//" => Ok(());
-        topic_dollar: "$SYS/x" => Err(Refused::Reserved);
+        topic_dollar: "$SYS/x" => Ok(());
         topic_plus: "a/+/b" => Err(Refused::WildcardInTopic);
         topic_hash: "a/#" => Err(Refused::WildcardInTopic);
         topic_nul: "a\0b" => Err(Refused::Control);
