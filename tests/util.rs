@@ -451,15 +451,7 @@ impl RawClient {
         ca: &Path,
         from: Option<std::net::IpAddr>,
     ) -> std::io::Result<RawClient> {
-        let tcp = match from {
-            Some(ip) => {
-                let socket = tokio::net::TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(ip, 0))?;
-                socket.connect(addr).await?
-            }
-            None => tokio::net::TcpStream::connect(addr).await?,
-        };
-        tcp.set_nodelay(true)?;
+        let tcp = tcp_from(addr, from).await?;
         let connector = tokio_rustls::TlsConnector::from(tls_config(ca));
         let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
         let stream = connector.connect(name, tcp).await?;
@@ -474,15 +466,7 @@ impl RawClient {
 
     /// Connects over plain TCP from a given local address, or any.
     pub async fn connect_plain_from(addr: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<RawClient> {
-        let tcp = match from {
-            Some(ip) => {
-                let socket = tokio::net::TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(ip, 0))?;
-                socket.connect(addr).await?
-            }
-            None => tokio::net::TcpStream::connect(addr).await?,
-        };
-        tcp.set_nodelay(true)?;
+        let tcp = tcp_from(addr, from).await?;
         Ok(RawClient { stream: Box::new(tcp), buf: bytes::BytesMut::new(), cipher: None, last_meta: (0, 0) })
     }
 
@@ -608,6 +592,20 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A TCP connection to `addr`, from a given local address (127.0.0.2, say) or any, with NODELAY.
+async fn tcp_from(addr: SocketAddr, from: Option<std::net::IpAddr>) -> std::io::Result<tokio::net::TcpStream> {
+    let tcp = match from {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+        None => tokio::net::TcpStream::connect(addr).await?,
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
 }
 
 /// A subscription filter for raw packets.

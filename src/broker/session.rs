@@ -399,7 +399,16 @@ enum FirstRead {
 /// The length a CONNECT at the start of `buf` gives its client id, read from its first bytes, so
 /// that an overlong id is answered (CONNACK 2) even when the whole packet is over the size limit.
 fn connect_client_id_len(buf: &[u8]) -> Option<usize> {
-    if buf.first()? >> 4 != 1 {
+    let i = variable_header(buf, 1)?;
+    // Protocol name (length first), level, flags, keepalive; then the client id's length.
+    let name_len = usize::from(u16_at(buf, i)?);
+    Some(usize::from(u16_at(buf, i + 2 + name_len + 4)?))
+}
+
+/// Where the variable header starts in the packet at the start of `buf`, if the packet is of
+/// type `kind` and its fixed header (type byte, then up to four 7-bit length groups) is all there.
+fn variable_header(buf: &[u8], kind: u8) -> Option<usize> {
+    if buf.first()? >> 4 != kind {
         return None;
     }
     let mut i = 1;
@@ -407,13 +416,14 @@ fn connect_client_id_len(buf: &[u8]) -> Option<usize> {
         let b = *buf.get(i)?;
         i += 1;
         if b & 0x80 == 0 || i > 4 {
-            break;
+            return Some(i);
         }
     }
-    // Protocol name (length first), level, flags, keepalive; then the client id's length.
-    let name_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
-    let at = i + 2 + name_len + 4;
-    Some(usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
+}
+
+/// The big-endian `u16` at `at`, if it is all there.
+fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -888,23 +898,10 @@ fn ack_packet(ack: Ack) -> Packet {
 
 /// QoS and packet id of the PUBLISH at the start of `buf`, if it is a complete-enough PUBLISH.
 fn publish_meta(buf: &[u8]) -> Option<(u8, u16)> {
-    let first = *buf.first()?;
-    if first >> 4 != 3 {
-        return None;
-    }
-    let qos = (first >> 1) & 0b11;
-    // Remaining length: up to four 7-bit groups.
-    let mut i = 1;
-    loop {
-        let b = *buf.get(i)?;
-        i += 1;
-        if b & 0x80 == 0 || i > 4 {
-            break;
-        }
-    }
-    let topic_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
-    let at = i + 2 + topic_len;
-    let pkid = if qos > 0 { u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]) } else { 0 };
+    let i = variable_header(buf, 3)?;
+    let qos = (buf[0] >> 1) & 0b11;
+    let topic_len = usize::from(u16_at(buf, i)?);
+    let pkid = if qos > 0 { u16_at(buf, i + 2 + topic_len)? } else { 0 };
     Some((qos, pkid))
 }
 
