@@ -140,15 +140,13 @@ where
     let links = shared.links.clone();
     let (router_id, purge) = (claim.router_id.clone(), claim.purge);
     // Opening a link waits for the router's answer on a blocking channel.
-    let link = tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await;
+    let link = match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
+        Ok(opened) => opened.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     let (link_tx, link_rx, ack) = match link {
-        Ok(Ok(link)) => link,
-        failed => {
-            let error = match failed {
-                Ok(Err(e)) => e.to_string(),
-                Err(e) => e.to_string(),
-                Ok(Ok(_)) => String::new(),
-            };
+        Ok(link) => link,
+        Err(error) => {
             warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
             shared.sessions.release(&claim);
             let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
