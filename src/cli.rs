@@ -508,6 +508,9 @@ fn status(config: &Config) -> anyhow::Result<()> {
                     "clients: {} connected, {} client ids held (persistent sessions included), {} router ids used",
                     s.connected, s.client_ids, s.router_ids
                 );
+                if s.router_drops > 0 {
+                    println!("router: closed {} connections on its own (a client it could not handle)", s.router_drops);
+                }
             }
         }
         Some(r) => match r.stopped_at {

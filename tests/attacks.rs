@@ -659,6 +659,10 @@ fn ten_thousand_fresh_client_ids_leave_the_routers_ids_bounded() {
     eprintln!("10,000 fresh client ids: {stats:?}; hub RSS {before} before, {} after", rss(hub.child.id()));
     assert_eq!(stats.client_ids, 0);
     assert!(stats.router_ids <= 8, "{} router ids for 4 clients at a time", stats.router_ids);
+    assert_eq!(stats.router_drops, 0);
+    let (code, out, _) = run_cli(&["--config", cfg, "status"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("clients: 0 connected, 0 client ids held") && out.contains("router ids used"), "{out}");
     hub.signal("TERM");
     hub.wait(TEN_SECONDS);
 }
