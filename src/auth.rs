@@ -435,31 +435,6 @@ mod tests {
         assert!(!verify("$dpi-sha256$zz$00", &t));
     }
 
-    #[tokio::test]
-    async fn the_argon2_pool_answers() {
-        let h = hash(&Secret::new("pool test"));
-        assert_eq!(verify_async(h.clone(), Secret::new("pool test")).await, Ok(true));
-        assert_eq!(verify_async(h, Secret::new("nope")).await, Ok(false));
-    }
-
-    #[tokio::test]
-    async fn a_full_password_queue_answers_busy_at_once_and_tokens_never_wait() {
-        let h = hash(&Secret::new("queue test"));
-        let waiting: Vec<_> = (0..PASSWORD_QUEUE + ARGON2_THREADS + 8)
-            .map(|_| tokio::spawn(verify_async(h.clone(), Secret::new("queue test"))))
-            .collect();
-        let token = Secret::new("0123456789abcdef0123456789abcdef");
-        assert_eq!(verify_async(hash_token(&token), token).await, Ok(true));
-        let mut busy = 0;
-        for w in waiting {
-            match w.await.unwrap() {
-                Err(CheckError::Busy) => busy += 1,
-                other => assert_eq!(other, Ok(true)),
-            }
-        }
-        assert!(busy > 0, "a queue past {PASSWORD_QUEUE} was accepted");
-    }
-
     #[tokio::test(start_paused = true)]
     async fn one_address_waits_for_its_share_of_checks_and_another_does_not() {
         let t = Throttle::default();
@@ -475,23 +450,49 @@ mod tests {
         let _next = t.begin_check(ip).await;
     }
 
+    /// One test for the process-wide pool's queue: filled at once, or run alongside, the two
+    /// halves would see each other's checks.
     #[tokio::test]
-    async fn a_check_whose_client_left_is_not_run() {
-        let h = hash(&Secret::new("cancel test"));
-        let before = checks_run();
-        // Each check is queued (polled once), then its client leaves (the future is dropped).
-        let mut left = Vec::new();
-        for _ in 0..40 {
-            let mut check = Box::pin(verify_async(h.clone(), Secret::new("cancel test")));
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            assert!(std::future::Future::poll(check.as_mut(), &mut cx).is_pending());
-            left.push(check);
+    async fn the_password_queue_is_bounded_and_forgets_clients_that_left() {
+        // The pool answers.
+        let h = hash(&Secret::new("pool test"));
+        assert_eq!(verify_async(h.clone(), Secret::new("pool test")).await, Ok(true));
+        assert_eq!(verify_async(h, Secret::new("nope")).await, Ok(false));
+        // A full queue answers busy at once, and a token never waits.
+        {
+            let h = hash(&Secret::new("queue test"));
+            let waiting: Vec<_> = (0..PASSWORD_QUEUE + ARGON2_THREADS + 8)
+                .map(|_| tokio::spawn(verify_async(h.clone(), Secret::new("queue test"))))
+                .collect();
+            let token = Secret::new("0123456789abcdef0123456789abcdef");
+            assert_eq!(verify_async(hash_token(&token), token).await, Ok(true));
+            let mut busy = 0;
+            for w in waiting {
+                match w.await.unwrap() {
+                    Err(CheckError::Busy) => busy += 1,
+                    other => assert_eq!(other, Ok(true)),
+                }
+            }
+            assert!(busy > 0, "a queue past {PASSWORD_QUEUE} was accepted");
         }
-        drop(left);
-        assert_eq!(verify_async(h, Secret::new("cancel test")).await, Ok(true));
-        // The few already running when their clients left, this one, and other tests' checks.
-        let run = checks_run() - before;
-        assert!(run < 20, "{run} checks ran for 41 requests, 40 of them abandoned");
+        // A check whose client left is not run.
+        {
+            let h = hash(&Secret::new("cancel test"));
+            let before = checks_run();
+            // Each check is queued (polled once), then its client leaves (the future is dropped).
+            let mut left = Vec::new();
+            for _ in 0..40 {
+                let mut check = Box::pin(verify_async(h.clone(), Secret::new("cancel test")));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                assert!(std::future::Future::poll(check.as_mut(), &mut cx).is_pending());
+                left.push(check);
+            }
+            drop(left);
+            assert_eq!(verify_async(h, Secret::new("cancel test")).await, Ok(true));
+            // The few already running when their clients left, this one, and other tests' checks.
+            let run = checks_run() - before;
+            assert!(run < 20, "{run} checks ran for 41 requests, 40 of them abandoned");
+        }
     }
 
     #[test]
