@@ -15,8 +15,10 @@ use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
@@ -173,9 +175,9 @@ pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckErr
 /// Bounded: at most [`Throttle::MAX_ADDRESSES`] addresses are remembered (the oldest forgotten).
 #[derive(Debug, Default)]
 pub struct Throttle {
-    failures: Mutex<HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>>,
+    failures: Mutex<HashMap<IpAddr, VecDeque<Instant>>>,
     /// Each address's share of the argon2 queue.
-    checks: Mutex<HashMap<std::net::IpAddr, Arc<tokio::sync::Semaphore>>>,
+    checks: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// A password check's place in its address's share of the argon2 queue; given back on drop.
@@ -185,9 +187,9 @@ impl Throttle {
     /// Failures allowed in a window before answers slow down.
     pub const FREE_FAILURES: usize = 5;
     /// The window failures are counted in.
-    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+    pub const WINDOW: Duration = Duration::from_secs(60);
     /// The longest wait before an answer.
-    pub const MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+    pub const MAX_DELAY: Duration = Duration::from_secs(30);
     /// Addresses remembered at most.
     pub const MAX_ADDRESSES: usize = 1024;
     /// Failures remembered per address (enough to reach the longest wait).
@@ -198,7 +200,7 @@ impl Throttle {
     pub const CHECKS_PER_ADDRESS: usize = PASSWORD_QUEUE / 8;
 
     /// Waits for a place for a password check from `ip` in its address's share.
-    pub async fn begin_check(&self, ip: std::net::IpAddr) -> CheckSlot {
+    pub async fn begin_check(&self, ip: IpAddr) -> CheckSlot {
         let share = {
             let mut checks = self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if checks.len() >= Self::MAX_ADDRESSES && !checks.contains_key(&ip) {
@@ -216,24 +218,22 @@ impl Throttle {
         }
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<std::net::IpAddr, std::collections::VecDeque<std::time::Instant>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, VecDeque<Instant>>> {
         self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How long `ip` waits before its next answer, at `now`.
-    pub fn delay(&self, ip: std::net::IpAddr, now: std::time::Instant) -> std::time::Duration {
+    pub fn delay(&self, ip: IpAddr, now: Instant) -> Duration {
         let recent =
             self.lock().get(&ip).map_or(0, |f| f.iter().filter(|t| now.duration_since(**t) < Self::WINDOW).count());
         match recent.checked_sub(Self::FREE_FAILURES) {
-            None => std::time::Duration::ZERO,
-            Some(over) => std::time::Duration::from_secs(1u64 << over.min(5)).min(Self::MAX_DELAY),
+            None => Duration::ZERO,
+            Some(over) => Duration::from_secs(1u64 << over.min(5)).min(Self::MAX_DELAY),
         }
     }
 
     /// Records a failed login from `ip` at `now`.
-    pub fn failed(&self, ip: std::net::IpAddr, now: std::time::Instant) {
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
         let mut failures = self.lock();
         if !failures.contains_key(&ip) && failures.len() >= Self::MAX_ADDRESSES {
             failures.retain(|_, f| f.back().is_some_and(|t| now.duration_since(*t) < Self::WINDOW));
@@ -438,12 +438,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_address_waits_for_its_share_of_checks_and_another_does_not() {
         let t = Throttle::default();
-        let (ip, other): (std::net::IpAddr, std::net::IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
+        let (ip, other): (IpAddr, IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
         let mut held = Vec::new();
         for _ in 0..Throttle::CHECKS_PER_ADDRESS {
             held.push(t.begin_check(ip).await);
         }
-        let waits = tokio::time::timeout(std::time::Duration::from_secs(1), t.begin_check(ip)).await;
+        let waits = tokio::time::timeout(Duration::from_secs(1), t.begin_check(ip)).await;
         assert!(waits.is_err(), "a ninth check from one address did not wait");
         let _other = t.begin_check(other).await;
         held.pop();
@@ -498,21 +498,21 @@ mod tests {
     #[test]
     fn failed_logins_slow_an_address_down_doubling_up_to_thirty_seconds() {
         let t = Throttle::default();
-        let (ip, other): (std::net::IpAddr, std::net::IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
-        let start = std::time::Instant::now();
+        let (ip, other): (IpAddr, IpAddr) = ([10, 0, 0, 9].into(), [10, 0, 0, 8].into());
+        let start = Instant::now();
         let mut delays = Vec::new();
         for n in 0..12 {
-            let now = start + std::time::Duration::from_secs(n);
+            let now = start + Duration::from_secs(n);
             delays.push(t.delay(ip, now).as_secs());
             t.failed(ip, now);
         }
         assert_eq!(delays, [0, 0, 0, 0, 0, 1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(t.delay(other, start), std::time::Duration::ZERO);
+        assert_eq!(t.delay(other, start), Duration::ZERO);
         // A minute after the last failure, the address is forgiven.
-        assert_eq!(t.delay(ip, start + std::time::Duration::from_secs(72)), std::time::Duration::ZERO);
+        assert_eq!(t.delay(ip, start + Duration::from_secs(72)), Duration::ZERO);
         // Memory stays bounded whatever the number of addresses.
         for n in 0..(Throttle::MAX_ADDRESSES as u32 * 3) {
-            t.failed(std::net::IpAddr::from(n.to_be_bytes()), start);
+            t.failed(IpAddr::from(n.to_be_bytes()), start);
         }
         assert!(t.lock().len() <= Throttle::MAX_ADDRESSES);
     }

@@ -11,7 +11,7 @@
 //! → {"request":"alarm","command":{"action":"disarm","code":"1234"}}
 //! ← {"ok":true,"alarm":{…},"events":[{"event":"disarmed","device":null,"reason":"…","at":"…","user":"alice"}]}
 //! → {"request":"stats"}
-//! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598,"connected":12,"client_ids":14,"router_ids":15},"events":[]}
+//! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598,"connected":12,"client_ids":14,"router_ids":15,"router_drops":0},"events":[]}
 //! → {"request":"close_device","id":"hall-motion"}   (after `device revoke` or `device creds`)
 //! ← {"ok":true,"events":[]}
 //! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)

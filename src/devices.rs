@@ -90,51 +90,56 @@ impl Pipeline {
 
     /// What [`Pipeline::check`] would say of a PUBLISH, without acting on it (for a will at CONNECT).
     pub fn validate(&self, topic: &str, payload: &[u8]) -> Verdict {
-        let Some((id, leaf)) = decode::topic_parts(topic) else {
-            return Verdict::Accept;
-        };
-        let Some(kind) = self.kinds.get(id) else {
-            return Verdict::Reject(format!("{id:?} is not a declared device"));
-        };
-        let valid = match leaf {
-            Leaf::Set => Ok(()),
-            Leaf::State if payload.is_empty() => Ok(()),
-            Leaf::State => decode::decode_state(*kind, payload, self.max_payload).map(drop).map_err(|e| e.to_string()),
-            Leaf::Availability => decode::decode_availability(payload).map(drop).map_err(|e| e.to_string()),
-        };
-        valid.map_or_else(Verdict::Reject, |()| Verdict::Accept)
+        match self.judge(topic, payload) {
+            Judged::Other | Judged::State(..) | Judged::Availability(..) => Verdict::Accept,
+            Judged::Undeclared(id) => Verdict::Reject(format!("{id:?} is not a declared device")),
+            Judged::Invalid(reason) => Verdict::Reject(reason),
+        }
     }
 
     /// Checks a PUBLISH on `topic`; a valid device state or availability goes to the pipeline.
     pub fn check(&self, topic: &str, payload: &[u8]) -> Verdict {
+        match self.judge(topic, payload) {
+            Judged::Other => Verdict::Accept,
+            Judged::Undeclared(id) => {
+                let _ = self.events.send(DeviceEvent::Rejected { id: id.to_owned() });
+                Verdict::Reject(format!("{id:?} is not a declared device"))
+            }
+            Judged::Invalid(reason) => Verdict::Reject(reason),
+            Judged::State(id, state) => {
+                let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+                self.alarm.device_state(id, &state, first);
+                self.lights.device_state(id, &state);
+                let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
+                Verdict::Accept
+            }
+            Judged::Availability(id, online) => {
+                self.connection(id, online);
+                let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
+                Verdict::Accept
+            }
+        }
+    }
+
+    /// What a PUBLISH is, as far as devices are concerned; acts on nothing.
+    fn judge<'a>(&self, topic: &'a str, payload: &[u8]) -> Judged<'a> {
         let Some((id, leaf)) = decode::topic_parts(topic) else {
-            return Verdict::Accept;
+            return Judged::Other;
         };
         let Some(kind) = self.kinds.get(id) else {
-            let _ = self.events.send(DeviceEvent::Rejected { id: id.to_owned() });
-            return Verdict::Reject(format!("{id:?} is not a declared device"));
+            return Judged::Undeclared(id);
         };
         match leaf {
-            Leaf::Set => Verdict::Accept,
+            Leaf::Set => Judged::Other,
             // An empty payload clears a retained message; it is no state.
-            Leaf::State if payload.is_empty() => Verdict::Accept,
+            Leaf::State if payload.is_empty() => Judged::Other,
             Leaf::State => match decode::decode_state(*kind, payload, self.max_payload) {
-                Ok(state) => {
-                    let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
-                    self.alarm.device_state(id, &state, first);
-                    self.lights.device_state(id, &state);
-                    let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
-                    Verdict::Accept
-                }
-                Err(e) => Verdict::Reject(e.to_string()),
+                Ok(state) => Judged::State(id, state),
+                Err(e) => Judged::Invalid(e.to_string()),
             },
             Leaf::Availability => match decode::decode_availability(payload) {
-                Ok(online) => {
-                    self.connection(id, online);
-                    let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
-                    Verdict::Accept
-                }
-                Err(e) => Verdict::Reject(e.to_string()),
+                Ok(online) => Judged::Availability(id, online),
+                Err(e) => Judged::Invalid(e.to_string()),
             },
         }
     }
@@ -144,6 +149,20 @@ impl Pipeline {
         self.connection(id, online);
         let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
     }
+}
+
+/// A PUBLISH as the pipeline sees it.
+enum Judged<'a> {
+    /// Not a device's state or availability (or an empty state, which clears a retained one).
+    Other,
+    /// About a device the config does not declare.
+    Undeclared(&'a str),
+    /// Not valid for the device's kind, for this reason.
+    Invalid(String),
+    /// A valid state of a declared device.
+    State(&'a str, DeviceState),
+    /// A valid availability of a declared device.
+    Availability(&'a str, bool),
 }
 
 /// What the pipeline remembers of a device between writes.
@@ -389,6 +408,15 @@ mod tests {
         assert_eq!(p.check("dpi/door/set", b"{}"), Verdict::Accept);
         assert_eq!(p.check("dpi/door/state", b""), Verdict::Accept);
         assert!(matches!(p.check("dpi/door/availability", b"maybe"), Verdict::Reject(_)));
+    }
+
+    #[test]
+    fn validating_a_will_acts_on_nothing() {
+        let (p, mut rx) = pipeline();
+        assert!(matches!(p.validate("dpi/ghost/state", b"OPEN"), Verdict::Reject(_)));
+        assert!(matches!(p.validate("dpi/door/state", b"maybe"), Verdict::Reject(_)));
+        assert_eq!(p.validate("dpi/door/state", b"OPEN"), Verdict::Accept);
+        assert!(rx.try_recv().is_err(), "validate counted or recorded something");
     }
 
     #[test]
