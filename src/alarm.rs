@@ -49,22 +49,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::auth::{self, Identity};
-use crate::broker::{HubLink, ERROR_TOPIC};
+use crate::broker::dispatch::Outbox;
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::{self, Contact, DeviceState, Main};
 use crate::secret::Secret;
 use crate::store::{self, Store};
-
-/// Where residents and keypads send alarm commands.
-pub const SET_TOPIC: &str = "dpi/alarm/set";
-/// The alarm's state, retained.
-pub const STATE_TOPIC: &str = "dpi/alarm/state";
-/// One message per alarm event.
-pub const EVENT_TOPIC: &str = "dpi/alarm/event";
+use crate::topics::{self, Leaf, Topic};
 
 /// Commands waiting for their code to be checked; more are refused (a flood cannot queue argon2 work).
 const MAX_QUEUED_COMMANDS: usize = 32;
@@ -271,6 +264,8 @@ enum Input {
     Command(Queued),
     /// The control socket asks for the status.
     Status { reply: oneshot::Sender<Status> },
+    /// The config was reloaded.
+    Reconfigure(Arc<Config>),
 }
 
 /// A command waiting for its turn.
@@ -288,36 +283,40 @@ struct Queued {
 pub struct AlarmHandle {
     /// To the driver task.
     inputs: mpsc::UnboundedSender<Input>,
-    /// Devices whose state or availability the alarm uses; others are not sent at all.
-    watched: Arc<HashSet<String>>,
 }
 
 /// The driver's end of the channel, for [`run`].
 #[derive(Debug)]
 pub struct Inbox(mpsc::UnboundedReceiver<Input>);
 
-/// A handle for the driver of `config`'s alarm and the inbox to give [`run`].
-pub fn channel(config: &Config) -> (AlarmHandle, Inbox) {
-    let alarm = alarm_config(config);
-    let watched = alarm.sensors.iter().map(|s| s.id.clone()).chain(alarm.sirens.iter().cloned()).collect();
+/// A handle for the alarm driver and the inbox to give [`run`].
+pub fn channel() -> (AlarmHandle, Inbox) {
     let (inputs, rx) = mpsc::unbounded_channel();
-    (AlarmHandle { inputs, watched: Arc::new(watched) }, Inbox(rx))
+    (AlarmHandle { inputs }, Inbox(rx))
+}
+
+/// The devices whose state or availability the alarm of `config` uses: its sensors and sirens.
+pub fn watched(config: &Config) -> HashSet<String> {
+    let alarm = alarm_config(config);
+    alarm.sensors.into_iter().map(|s| s.id).chain(alarm.sirens).collect()
 }
 
 impl AlarmHandle {
-    /// Passes a device's decoded state on, if the alarm watches it.
+    /// Passes on the decoded state of a device the alarm watches (see [`watched`]).
     pub fn device_state(&self, id: &str, state: &DeviceState, first_after_connect: bool) {
-        if self.watched.contains(id) {
-            let (tripped, tamper) = reading(state);
-            let _ = self.inputs.send(Input::Sensor { device: id.to_owned(), tripped, tamper, first_after_connect });
-        }
+        let (tripped, tamper) = reading(state);
+        let _ = self.inputs.send(Input::Sensor { device: id.to_owned(), tripped, tamper, first_after_connect });
     }
 
-    /// Passes a device's availability on, if the alarm watches it.
+    /// Passes on the availability of a device the alarm watches.
     pub fn availability(&self, id: &str, online: bool) {
-        if self.watched.contains(id) {
-            let _ = self.inputs.send(Input::Availability { device: id.to_owned(), online });
-        }
+        let _ = self.inputs.send(Input::Availability { device: id.to_owned(), online });
+    }
+
+    /// Applies a reloaded config: sensors, sirens, delays and options change; the state, a running
+    /// delay and the lockout do not.
+    pub fn reconfigure(&self, config: Arc<Config>) {
+        let _ = self.inputs.send(Input::Reconfigure(config));
     }
 
     /// Hands over a `dpi/alarm/set` that passed the ACL, sent by `source` on connection `client`.
@@ -401,16 +400,6 @@ impl Stored {
     }
 }
 
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
-/// Publishes on `dpi/hub/error` as [`crate::broker::Shared::report_error`] does.
-fn report_error(hub: &HubLink, topic: &str, client: &str, error: &str) {
-    let body = serde_json::json!({ "topic": topic, "client": client, "error": error });
-    hub.publish(ERROR_TOPIC, body.to_string(), false);
-}
-
 /// Reads the stored snapshot, retrying a few times: giving up starts the alarm disarmed and
 /// overwrites what was stored, so a passing error (a CLI holding the database) must not do that.
 async fn load_snapshot(store: &Store) -> Option<String> {
@@ -433,18 +422,26 @@ async fn load_snapshot(store: &Store) -> Option<String> {
 /// A code being checked, and the command it came with.
 type Verifying = (Queued, JoinHandle<Result<CodeCheck, AlarmError>>);
 
-/// Runs the alarm until `shutdown` is cancelled or every handle is gone.
-pub async fn run(
-    config: Config,
-    store: Store,
-    hub: HubLink,
-    inbox: Inbox,
-    lights: crate::lights::LightsHandle,
-    checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
-    shutdown: CancellationToken,
-) {
+/// What the alarm driver works with.
+#[derive(Debug)]
+pub struct Parts {
+    /// Snapshots, codes and the event log.
+    pub store: Store,
+    /// The state, events and commands to sirens.
+    pub outbox: Outbox,
+    /// The light rules, for `lights_on_trigger`.
+    pub lights: crate::lights::LightsHandle,
+    /// Checkpoints during delays, for the periodic writer.
+    pub checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
+}
+
+/// Runs the alarm until every handle on it is gone (at shutdown, once the sessions and the
+/// control socket have ended).
+pub async fn run(config: Arc<Config>, parts: Parts, inbox: Inbox) {
     let mut inbox = inbox.0;
-    let mut driver = Driver::start(&config, store, hub, lights, checkpoints).await;
+    let Parts { store, outbox, lights, checkpoints } = parts;
+    let mut driver = Driver::start(&config, store, outbox, lights, checkpoints).await;
+    drop(config);
     driver.carry_out().await;
     driver.replay_retained().await;
     let mut queue: VecDeque<Queued> = VecDeque::new();
@@ -457,7 +454,6 @@ pub async fn run(
         }
         let wake = driver.next_wake();
         tokio::select! {
-            () = shutdown.cancelled() => break,
             input = inbox.recv() => match input {
                 Some(Input::Command(queued)) if queue.len() >= MAX_QUEUED_COMMANDS => driver.refuse_busy(queued),
                 Some(Input::Command(queued)) => queue.push_back(queued),
@@ -469,6 +465,7 @@ pub async fn run(
                 Some(Input::Status { reply }) => {
                     let _ = reply.send(driver.status());
                 }
+                Some(Input::Reconfigure(config)) => driver.reconfigure(&config),
                 None => break,
             },
             verdict = async {
@@ -499,7 +496,7 @@ struct Driver {
     /// For snapshots, codes and the event log.
     store: Store,
     /// For the state, events and commands to sirens.
-    hub: HubLink,
+    outbox: Outbox,
     /// Each declared device's kind, to decode stored states.
     kinds: HashMap<String, DeviceKind>,
     /// The sirens, to know whose coming online deserves a second command.
@@ -533,7 +530,7 @@ impl Driver {
     async fn start(
         config: &Config,
         store: Store,
-        hub: HubLink,
+        outbox: Outbox,
         lights: crate::lights::LightsHandle,
         checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
     ) -> Driver {
@@ -586,13 +583,13 @@ impl Driver {
             alarm,
             origin,
             store,
-            hub,
+            outbox,
             kinds,
             sirens: ids_of(config, DeviceKind::Siren).into_iter().collect(),
             lights,
             last,
             seen_online: HashSet::new(),
-            since: rfc3339(time::OffsetDateTime::now_utc()),
+            since: store::rfc3339(time::OffsetDateTime::now_utc()),
             restored_since,
             last_write: origin,
             checkpoints,
@@ -601,6 +598,16 @@ impl Driver {
             resend: Vec::new(),
             persist_failing: false,
         }
+    }
+
+    /// Applies a reloaded config to the machine and to what the driver keeps per device.
+    fn reconfigure(&mut self, config: &Config) {
+        self.alarm.reconfigure(alarm_config(config));
+        self.kinds = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        self.sirens = ids_of(config, DeviceKind::Siren).into_iter().collect();
+        self.last.retain(|id, _| self.kinds.contains_key(id));
+        self.resend.retain(|(_, id)| self.kinds.contains_key(id));
+        info!(state = %self.alarm.state(), "alarm reconfigured; its state and any running delay are kept");
     }
 
     /// Feeds the retained device states replayed at start as first-after-connect reports.
@@ -614,7 +621,7 @@ impl Driver {
         };
         for (topic, payload) in retained {
             let Ok(topic) = std::str::from_utf8(&topic) else { continue };
-            let Some((id, decode::Leaf::State)) = decode::topic_parts(topic) else { continue };
+            let Some(Topic::Device { id, leaf: Leaf::State }) = topics::parse(topic) else { continue };
             let Some(kind) = self.kinds.get(id) else { continue };
             let Ok(state) = decode::decode_state(*kind, &payload, usize::MAX) else { continue };
             let (tripped, tamper) = reading(&state);
@@ -645,7 +652,7 @@ impl Driver {
     fn wall(&self, t: Instant) -> String {
         let ago = self.now().saturating_duration_since(t);
         let now = time::OffsetDateTime::now_utc();
-        rfc3339(time::Duration::try_from(ago).ok().and_then(|d| now.checked_sub(d)).unwrap_or(now))
+        store::rfc3339(time::Duration::try_from(ago).ok().and_then(|d| now.checked_sub(d)).unwrap_or(now))
     }
 
     fn status(&self) -> Status {
@@ -721,7 +728,7 @@ impl Driver {
                     Some(reply) => {
                         let _ = reply.send(Err(e));
                     }
-                    None => report_error(&self.hub, SET_TOPIC, &client, &e.to_string()),
+                    None => self.outbox.report_error(topics::ALARM_SET, &client, &e.to_string()),
                 }
                 return;
             }
@@ -742,7 +749,7 @@ impl Driver {
             Some(reply) => {
                 let _ = reply.send(Err(AlarmError::Busy));
             }
-            None => report_error(&self.hub, SET_TOPIC, &queued.client, &AlarmError::Busy.to_string()),
+            None => self.outbox.report_error(topics::ALARM_SET, &queued.client, &AlarmError::Busy.to_string()),
         }
     }
 
@@ -790,7 +797,7 @@ impl Driver {
                     self.since = self.since_of(*since);
                     self.restored_since = None;
                     let body = serde_json::json!({ "state": state.as_str(), "since": self.since, "by": by });
-                    self.hub.publish(STATE_TOPIC, body.to_string(), true);
+                    self.outbox.publish(topics::ALARM_STATE, body.to_string(), true);
                     info!(state = %state, %by, "alarm state");
                 }
                 Action::Event { kind, device, reason, user } => {
@@ -863,7 +870,7 @@ impl Driver {
     /// Publishes one event, logs it and records it in the event log.
     async fn event(&self, record: &EventRecord) {
         match serde_json::to_string(record) {
-            Ok(body) => self.hub.publish(EVENT_TOPIC, body, false),
+            Ok(body) => self.outbox.publish(topics::ALARM_EVENT, body, false),
             Err(e) => warn!(error = %e, "could not encode an alarm event"),
         }
         let device = record.device.as_deref().unwrap_or("-");
@@ -882,7 +889,11 @@ impl Driver {
     }
 
     fn siren(&self, device: &str, on: bool) {
-        self.hub.publish(format!("dpi/{device}/set"), if on { r#"{"on":true}"# } else { r#"{"on":false}"# }, false);
+        self.outbox.publish(
+            topics::device(device, Leaf::Set),
+            if on { r#"{"on":true}"# } else { r#"{"on":false}"# },
+            false,
+        );
         info!(%device, on, "siren");
     }
 }

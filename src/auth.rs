@@ -323,17 +323,20 @@ impl Presented {
     /// Whether checking these credentials takes an argon2 check (a user's password, or a name
     /// nobody has), rather than a certificate or a device token, which cost microseconds.
     pub fn is_password(&self, auth: &Authenticator) -> bool {
-        self.cert.is_none() && self.username.as_ref().is_some_and(|name| !auth.devices.contains_key(name))
+        self.cert.is_none() && self.username.as_ref().is_some_and(|name| (auth.devices)(name).is_none())
     }
 }
 
+/// The kind of a declared device, by id; `None` for any other name.
+pub type DeviceLookup = Arc<dyn Fn(&str) -> Option<DeviceKind> + Send + Sync>;
+
 /// Checks the credentials of a connecting client against the config and the database.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Authenticator {
     /// Where users and device passwords live.
     store: Store,
-    /// Declared devices and their kinds.
-    devices: HashMap<String, DeviceKind>,
+    /// The kind of a device declared now (the config may be reloaded while the hub runs).
+    devices: DeviceLookup,
     /// Devices must authenticate with a client certificate.
     require_client_cert: bool,
     /// A valid hash to verify against when the name is unknown, so that a wrong name takes as
@@ -343,9 +346,15 @@ pub struct Authenticator {
     dummy_token: String,
 }
 
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").field("require_client_cert", &self.require_client_cert).finish_non_exhaustive()
+    }
+}
+
 impl Authenticator {
-    /// An authenticator for the declared `devices`, reading secrets from `store`.
-    pub fn new(store: Store, devices: HashMap<String, DeviceKind>, require_client_cert: bool) -> Authenticator {
+    /// An authenticator for the devices `devices` finds, reading secrets from `store`.
+    pub fn new(store: Store, devices: DeviceLookup, require_client_cert: bool) -> Authenticator {
         Authenticator {
             store,
             devices,
@@ -361,7 +370,7 @@ impl Authenticator {
         // hub accepts only the last one it issued for that device.
         if let Some(cert) = &p.cert {
             let cn = &cert.cn;
-            let Some(kind) = self.devices.get(cn).copied() else {
+            let Some(kind) = (self.devices)(cn) else {
                 return Err(Refusal::UnknownCertificate(cn.clone()));
             };
             let id = cn.clone();
@@ -377,7 +386,7 @@ impl Authenticator {
         let (Some(name), Some(password)) = (p.username, p.password) else {
             return Err(Refusal::Anonymous);
         };
-        if let Some(kind) = self.devices.get(&name).copied() {
+        if let Some(kind) = (self.devices)(&name) {
             if self.require_client_cert {
                 return Err(Refusal::CertificateRequired);
             }
@@ -396,7 +405,7 @@ impl Authenticator {
         let known = creds.is_some();
         self.verify(creds.map_or_else(|| self.dummy_hash.clone(), |c| c.password_hash), known, password).await?;
         match role {
-            Some(role) if !self.devices.contains_key(&p.client_id) => Ok(Identity::User { name, role }),
+            Some(role) if (self.devices)(&p.client_id).is_none() => Ok(Identity::User { name, role }),
             Some(_) => Err(Refusal::ClientId(format!("{:?} is a device's id; users may not take it", p.client_id))),
             None => Err(Refusal::BadCredentials),
         }

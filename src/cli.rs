@@ -46,6 +46,9 @@ pub enum Command {
     Init,
     /// Validate the config file; print every error with line and column; exit 1 on any.
     CheckConfig,
+    /// Apply the config file to the running hub without dropping connections (as SIGHUP does);
+    /// print what changed and what needs a restart, or every error (exit 1; the running config stays).
+    Reload,
     /// Certificates of the hub.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -200,6 +203,7 @@ pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     };
     if let Some(dir) = &cli.data_dir {
         config.data_dir.clone_from(dir);
+        config.data_dir_given = true;
     }
     Ok(config)
 }
@@ -215,6 +219,7 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            check_user_names(config)?;
             let source =
                 config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
             println!(
@@ -226,6 +231,7 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Reload => reload(config),
         Command::Certs(CertsCommand::Show) => certs_show(config),
         Command::User(cmd) => user(cmd, config),
         Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
@@ -244,6 +250,45 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Refuses device ids that are users' names, when the database exists and can be read.
+fn check_user_names(config: &Config) -> anyhow::Result<()> {
+    let db = hub::db_path(&config.data_dir);
+    if !db.exists() {
+        return Ok(());
+    }
+    let users = match store::open(&db).and_then(|c| store::users::list(&c)) {
+        Ok(users) => users,
+        Err(e) => {
+            eprintln!("note: device ids not checked against users' names ({e})");
+            return Ok(());
+        }
+    };
+    config.check_user_names(|id| users.iter().any(|u| u.name == id))?;
+    Ok(())
+}
+
+/// `reload`: asks the running hub to apply its config file and prints the outcome.
+fn reload(config: &Config) -> anyhow::Result<()> {
+    let response = crate::control::request(&config.data_dir, &crate::control::Request::Reload)?;
+    if !response.ok {
+        bail!("{}", response.error.as_deref().unwrap_or("the hub refused the request"));
+    }
+    let report = response.reload.unwrap_or_default();
+    if report.applied.is_empty() && report.restart.is_empty() {
+        println!("reloaded: no change");
+    }
+    for line in &report.applied {
+        println!("applied: {line}");
+    }
+    for id in &report.closed {
+        println!("closed: the connection of device {id}");
+    }
+    for key in &report.restart {
+        println!("needs a restart: {key} changed; the running hub keeps the old value");
+    }
+    Ok(())
 }
 
 /// Opens the database of an initialised data dir, creating it if needed.
@@ -398,7 +443,7 @@ fn check_user_name(name: &str, config: &Config) -> anyhow::Result<()> {
     if config.device(name).is_some() {
         bail!("{name:?} is a device id in {}; users and devices share one namespace", config_name(config));
     }
-    if config::RESERVED_IDS.contains(&name) {
+    if crate::topics::RESERVED_IDS.contains(&name) {
         bail!("{name:?} is reserved for the hub's own topics");
     }
     Ok(())

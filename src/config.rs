@@ -54,6 +54,8 @@ pub struct Config {
     pub source: Option<PathBuf>,
     /// Where the database and certificates live.
     pub data_dir: PathBuf,
+    /// `data_dir` was given on the command line, over the file's.
+    pub data_dir_given: bool,
     /// Default log filter when `RUST_LOG` is not set.
     pub log_level: String,
     /// The house: name, coordinates and time zone.
@@ -202,6 +204,8 @@ pub struct Device {
     pub room: Option<String>,
     /// Its alarm zone.
     pub zone: Zone,
+    /// Line and column of its id in the file, for errors found after validation.
+    pub at: (usize, usize),
 }
 
 /// Alarm options.
@@ -498,9 +502,6 @@ pub fn is_valid_id(id: &str) -> bool {
     (1..=32).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-/// Ids the hub uses in its own topics; no device may take them.
-pub const RESERVED_IDS: &[&str] = &["alarm", "scene", "hub", "bridge"];
-
 impl Default for Config {
     fn default() -> Self {
         // The built-in defaults are an empty file; it cannot fail to validate.
@@ -539,6 +540,28 @@ impl Config {
     /// The device with this id.
     pub fn device(&self, id: &str) -> Option<&Device> {
         self.devices.iter().find(|d| d.id == id)
+    }
+
+    /// Refuses device ids that are users' names in the database (SPEC §6: users and devices share
+    /// one namespace), each with its line and column.
+    pub fn check_user_names(&self, is_user: impl Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let diagnostics: Vec<Diagnostic> = self
+            .devices
+            .iter()
+            .filter(|d| is_user(&d.id))
+            .map(|d| Diagnostic {
+                line: d.at.0,
+                column: d.at.1,
+                message: format!(
+                    "device id {:?} is a user's name in the database; users and devices share one namespace",
+                    d.id
+                ),
+            })
+            .collect();
+        match diagnostics.is_empty() {
+            true => Ok(()),
+            false => Err(ConfigError::Invalid { path: self.source.clone(), diagnostics }),
+        }
     }
 }
 
@@ -590,7 +613,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
         let id = device.id.get_ref().clone();
         if !is_valid_id(&id) {
             c.error(device.id.span(), format!("device id {id:?} must be 1 to 32 of a-z, 0-9 and -"));
-        } else if RESERVED_IDS.contains(&id.as_str()) {
+        } else if crate::topics::RESERVED_IDS.contains(&id.as_str()) {
             c.error(device.id.span(), format!("device id {id:?} is reserved for the hub's own topics"));
         } else if kinds.insert(id.clone(), device.kind).is_some() {
             c.error(device.id.span(), format!("duplicate device id {id:?}"));
@@ -600,7 +623,14 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
                 c.error(room.span(), format!("device {id:?} is in room {:?}, which is not declared", room.get_ref()));
             }
         }
-        devices.push(Device { id, kind: device.kind, room: device.room.map(Spanned::into_inner), zone: device.zone });
+        let at = line_column(c.source, device.id.span().start);
+        devices.push(Device {
+            id,
+            kind: device.kind,
+            room: device.room.map(Spanned::into_inner),
+            zone: device.zone,
+            at,
+        });
     }
 
     let alarm = Alarm {
@@ -620,6 +650,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
     Config {
         source: path.map(Path::to_owned),
         data_dir,
+        data_dir_given: false,
         log_level,
         house,
         broker,

@@ -88,6 +88,8 @@ pub struct Handles {
     pub sessions: std::sync::Arc<crate::broker::sessions::Sessions>,
     /// When the hub started, for `stats`.
     pub started: std::time::Instant,
+    /// Applies the config file again, for `reload`.
+    pub reloader: std::sync::Arc<crate::reload::Reloader>,
 }
 
 /// Figures of the running hub, for `domoticpi status`.
@@ -124,6 +126,8 @@ pub enum Request {
         /// The device id (its client id).
         id: String,
     },
+    /// Apply the config file to the running hub (as SIGHUP does).
+    Reload,
     /// An alarm command: a `dpi/alarm/set` payload (kept as JSON so that the code is parsed into a
     /// redacted type in one place, [`alarm::parse_set`]).
     Alarm {
@@ -137,6 +141,7 @@ impl std::fmt::Debug for Request {
         match self {
             Request::AlarmStatus => f.write_str("AlarmStatus"),
             Request::Stats => f.write_str("Stats"),
+            Request::Reload => f.write_str("Reload"),
             Request::CloseDevice { id } => f.debug_struct("CloseDevice").field("id", id).finish(),
             Request::Alarm { command } => {
                 f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
@@ -162,11 +167,22 @@ pub struct Response {
     /// The hub's figures, for `stats`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Stats>,
+    /// What a `reload` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<crate::reload::Report>,
 }
 
 impl Response {
     fn error(error: impl Into<String>) -> Response {
-        Response { ok: false, error: Some(error.into()), alarm: None, events: Vec::new(), stats: None }
+        Response { error: Some(error.into()), ..Response::ok() }.failed()
+    }
+
+    fn ok() -> Response {
+        Response { ok: true, error: None, alarm: None, events: Vec::new(), stats: None, reload: None }
+    }
+
+    fn failed(self) -> Response {
+        Response { ok: false, ..self }
     }
 }
 
@@ -248,8 +264,12 @@ async fn connection(stream: UnixStream, handles: Handles) {
 /// Carries out one request.
 async fn answer(request: Request, handles: &Handles) -> Response {
     let alarm = &handles.alarm;
-    let ok = Response { ok: true, error: None, alarm: None, events: Vec::new(), stats: None };
+    let ok = Response::ok();
     match request {
+        Request::Reload => match handles.reloader.reload().await {
+            Ok(report) => Response { reload: Some(report), ..ok },
+            Err(e) => Response::error(e.to_string()),
+        },
         Request::Stats => Response {
             stats: Some(Stats {
                 uptime_s: handles.started.elapsed().as_secs(),

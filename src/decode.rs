@@ -1,5 +1,5 @@
 //! What devices publish, turned into typed values: the payload of `dpi/ID/state` per device kind, the
-//! `online`/`offline` of `dpi/ID/availability`, and which device and leaf a topic names (SPEC §5).
+//! `online`/`offline` of `dpi/ID/availability` (SPEC §5; the topics themselves are [`crate::topics`]').
 //!
 //! This module owns the payload grammar: which JSON fields each kind must or may carry, their types and
 //! ranges, and the bare words tiny sketches may send instead of JSON. It is pure: no I/O, no tokio, no
@@ -27,9 +27,6 @@ use crate::config::DeviceKind;
 
 /// Longest bare word quoted back in an error, in characters; the rest is elided.
 const MAX_QUOTED_WORD: usize = 32;
-
-/// Device ids that are the hub's own topics (`dpi/alarm/…`, `dpi/scene/…`, `dpi/hub/…`), never a device's.
-const RESERVED_IDS: [&str; 3] = ["alarm", "scene", "hub"];
 
 /// Reads a payload that must be one JSON object (commands such as `dpi/alarm/set` and
 /// `dpi/scene/set`): UTF-8, valid JSON, an object. Errors name no part of the payload.
@@ -148,34 +145,6 @@ impl DeviceState {
             Err(e) => unreachable!("serialising a JSON object failed: {e}"),
         }
     }
-}
-
-/// The last segment of a device topic `dpi/ID/LEAF`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Leaf {
-    /// `dpi/ID/state`: the device's state, retained.
-    State,
-    /// `dpi/ID/availability`: `online` / `offline`, retained.
-    Availability,
-    /// `dpi/ID/set`: a command to the device.
-    Set,
-}
-
-/// Splits a device topic `dpi/ID/state|availability|set` into its id and leaf; `None` for any other
-/// topic, including the hub's own (`dpi/alarm/…`, `dpi/scene/…`, `dpi/hub/…`). The id is not looked up.
-pub fn topic_parts(topic: &str) -> Option<(&str, Leaf)> {
-    let mut parts = topic.split('/');
-    let (prefix, id, leaf) = (parts.next()?, parts.next()?, parts.next()?);
-    if prefix != "dpi" || parts.next().is_some() || id.is_empty() || RESERVED_IDS.contains(&id) {
-        return None;
-    }
-    let leaf = match leaf {
-        "state" => Leaf::State,
-        "availability" => Leaf::Availability,
-        "set" => Leaf::Set,
-        _ => return None,
-    };
-    Some((id, leaf))
 }
 
 /// Decodes a `dpi/ID/availability` payload: `online` → true, `offline` → false (trimmed, any case, or
@@ -447,16 +416,6 @@ mod tests {
         };
     }
 
-    /// `topic!(name, topic, parts)`: `topic_parts` of the topic.
-    macro_rules! topic {
-        ($name:ident, $topic:expr, $parts:expr) => {
-            #[test]
-            fn $name() {
-                assert_eq!(topic_parts($topic), $parts);
-            }
-        };
-    }
-
     fn wrong(field: &'static str, expected: &'static str) -> DecodeError {
         DecodeError::WrongType { field, expected }
     }
@@ -679,19 +638,4 @@ mod tests {
     avail!(avail_not_utf8, b"\xfe\xff", Err(DecodeError::NotUtf8));
 
     // Topics.
-    topic!(topic_state, "dpi/front-door/state", Some(("front-door", Leaf::State)));
-    topic!(topic_availability, "dpi/hall-motion/availability", Some(("hall-motion", Leaf::Availability)));
-    topic!(topic_set, "dpi/hall-light/set", Some(("hall-light", Leaf::Set)));
-    topic!(topic_alarm, "dpi/alarm/state", None);
-    topic!(topic_alarm_set, "dpi/alarm/set", None);
-    topic!(topic_scene, "dpi/scene/set", None);
-    topic!(topic_hub, "dpi/hub/status", None);
-    topic!(topic_hub_availability, "dpi/hub/availability", None);
-    topic!(topic_unknown_leaf, "dpi/front-door/event", None);
-    topic!(topic_too_deep, "dpi/front-door/state/extra", None);
-    topic!(topic_too_short, "dpi/front-door", None);
-    topic!(topic_empty_id, "dpi//state", None);
-    topic!(topic_other_prefix, "zigbee2mqtt/front-door/state", None);
-    topic!(topic_leading_slash, "/dpi/front-door/state", None);
-    topic!(topic_trailing_slash, "dpi/front-door/state/", None);
 }

@@ -8,9 +8,9 @@
 //! the session reports it on `dpi/hub/error`. A state equal to the one stored is not a change
 //! (a sensor that reconnects, or a retained message replayed, does not count twice).
 //!
-//! Valid states and availability of the devices the alarm watches are also handed to the alarm
-//! driver as they arrive, each state flagged when it is the first since the device (re)connected;
-//! valid states of the devices the light rules use go to the lights driver the same way.
+//! What a message means for the alarm and the light rules is not decided here: the house's
+//! dispatcher ([`crate::dispatcher`]) judges each message with [`judge`], hands valid states on, and
+//! records them here.
 //!
 //! This module must not decode payload grammar (that is [`crate::decode`]) nor run rules.
 
@@ -18,12 +18,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::DeviceKind;
-use crate::decode::{self, DeviceState, Leaf};
+use crate::decode::{self, DeviceState};
 use crate::store::{self, device_state::Change, Store};
+use crate::topics::{self, Leaf, Topic};
 
 /// What the pipeline learns from a session.
 #[derive(Debug, Clone)]
@@ -36,48 +37,25 @@ pub enum DeviceEvent {
     Rejected { id: String },
 }
 
-/// What a session should do with a PUBLISH, as far as devices are concerned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Not a device's state or availability topic, or a valid one: route it.
-    Accept,
-    /// Reject it, for this reason.
-    Reject(String),
-}
-
-/// The sessions' handle on the pipeline.
+/// The dispatcher's handle on the pipeline: what it records goes to the writer.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
-    /// To the pipeline task.
+    /// To the writer.
     events: mpsc::UnboundedSender<DeviceEvent>,
-    /// Declared devices and their kinds.
-    kinds: Arc<HashMap<String, DeviceKind>>,
-    /// Largest payload accepted.
-    max_payload: usize,
-    /// Gets the states and availability of the devices the alarm watches.
-    alarm: crate::alarm::AlarmHandle,
-    /// Gets the states of the devices the light rules use.
-    lights: crate::lights::LightsHandle,
     /// Devices that came online and have not reported a state since: their next one is the first
     /// after connecting (SPEC §7: a sensor that reconnects is not a trip).
     reconnected: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Pipeline {
-    /// A pipeline for the declared devices; returns the handle and the task's input.
-    pub fn new(
-        kinds: HashMap<String, DeviceKind>,
-        max_payload: usize,
-        alarm: crate::alarm::AlarmHandle,
-        lights: crate::lights::LightsHandle,
-    ) -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
+    /// A pipeline; returns the handle and the writer's input.
+    pub fn new() -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
         let (events, rx) = mpsc::unbounded_channel();
-        let reconnected = Arc::default();
-        (Pipeline { events, kinds: Arc::new(kinds), max_payload, alarm, lights, reconnected }, rx)
+        (Pipeline { events, reconnected: Arc::default() }, rx)
     }
 
-    /// Notes a device coming online or going offline, and tells the alarm.
-    fn connection(&self, id: &str, online: bool) {
+    /// Records a declared device coming online or going offline.
+    pub fn availability(&self, id: &str, online: bool) {
         let mut reconnected = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if online {
             reconnected.insert(id.to_owned());
@@ -85,74 +63,54 @@ impl Pipeline {
             reconnected.remove(id);
         }
         drop(reconnected);
-        self.alarm.availability(id, online);
-    }
-
-    /// What [`Pipeline::check`] would say of a PUBLISH, without acting on it (for a will at CONNECT).
-    pub fn validate(&self, topic: &str, payload: &[u8]) -> Verdict {
-        match self.judge(topic, payload) {
-            Judged::Other | Judged::State(..) | Judged::Availability(..) => Verdict::Accept,
-            Judged::Undeclared(id) => Verdict::Reject(format!("{id:?} is not a declared device")),
-            Judged::Invalid(reason) => Verdict::Reject(reason),
-        }
-    }
-
-    /// Checks a PUBLISH on `topic`; a valid device state or availability goes to the pipeline.
-    pub fn check(&self, topic: &str, payload: &[u8]) -> Verdict {
-        match self.judge(topic, payload) {
-            Judged::Other => Verdict::Accept,
-            Judged::Undeclared(id) => {
-                let _ = self.events.send(DeviceEvent::Rejected { id: id.to_owned() });
-                Verdict::Reject(format!("{id:?} is not a declared device"))
-            }
-            Judged::Invalid(reason) => Verdict::Reject(reason),
-            Judged::State(id, state) => {
-                let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
-                self.alarm.device_state(id, &state, first);
-                self.lights.device_state(id, &state);
-                let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
-                Verdict::Accept
-            }
-            Judged::Availability(id, online) => {
-                self.connection(id, online);
-                let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
-                Verdict::Accept
-            }
-        }
-    }
-
-    /// What a PUBLISH is, as far as devices are concerned; acts on nothing.
-    fn judge<'a>(&self, topic: &'a str, payload: &[u8]) -> Judged<'a> {
-        let Some((id, leaf)) = decode::topic_parts(topic) else {
-            return Judged::Other;
-        };
-        let Some(kind) = self.kinds.get(id) else {
-            return Judged::Undeclared(id);
-        };
-        match leaf {
-            Leaf::Set => Judged::Other,
-            // An empty payload clears a retained message; it is no state.
-            Leaf::State if payload.is_empty() => Judged::Other,
-            Leaf::State => match decode::decode_state(*kind, payload, self.max_payload) {
-                Ok(state) => Judged::State(id, state),
-                Err(e) => Judged::Invalid(e.to_string()),
-            },
-            Leaf::Availability => match decode::decode_availability(payload) {
-                Ok(online) => Judged::Availability(id, online),
-                Err(e) => Judged::Invalid(e.to_string()),
-            },
-        }
-    }
-
-    /// Records a device's connection coming up or going down (the hub announces these itself).
-    pub fn availability(&self, id: &str, online: bool) {
-        self.connection(id, online);
         let _ = self.events.send(DeviceEvent::Availability { id: id.to_owned(), online });
+    }
+
+    /// Records a declared device's valid state; true when it is the first since it (re)connected.
+    pub fn state(&self, id: &str, state: DeviceState) -> bool {
+        let first = self.reconnected.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(id);
+        let _ = self.events.send(DeviceEvent::State { id: id.to_owned(), state });
+        first
+    }
+
+    /// Counts a message about an undeclared device.
+    pub fn rejected(&self, id: &str) {
+        let _ = self.events.send(DeviceEvent::Rejected { id: id.to_owned() });
+    }
+}
+
+/// What a PUBLISH on `topic` is, as far as devices are concerned: `kinds` are the declared
+/// devices, `max_payload` the largest state accepted. Acts on nothing.
+pub fn judge<'a>(
+    kinds: &HashMap<String, DeviceKind>,
+    max_payload: usize,
+    topic: &'a str,
+    payload: &[u8],
+) -> Judged<'a> {
+    let Some(Topic::Device { id, leaf }) = topics::parse(topic) else {
+        return Judged::Other;
+    };
+    let Some(kind) = kinds.get(id) else {
+        return Judged::Undeclared(id);
+    };
+    match leaf {
+        Leaf::Set => Judged::Other,
+        // An empty payload clears a retained message; it is no state.
+        Leaf::State if payload.is_empty() => Judged::Other,
+        Leaf::State => match decode::decode_state(*kind, payload, max_payload) {
+            Ok(state) => Judged::State(id, state),
+            Err(e) => Judged::Invalid(e.to_string()),
+        },
+        Leaf::Availability => match decode::decode_availability(payload) {
+            Ok(online) => Judged::Availability(id, online),
+            Err(e) => Judged::Invalid(e.to_string()),
+        },
     }
 }
 
 /// A PUBLISH as the pipeline sees it.
-enum Judged<'a> {
+#[derive(Debug)]
+pub enum Judged<'a> {
     /// Not a device's state or availability (or an empty state, which clears a retained one).
     Other,
     /// About a device the config does not declare.
@@ -238,8 +196,9 @@ impl Inputs {
 /// and the alarm's checkpoint changed during an interval go to SQLite together, in one
 /// transaction, so the SD card sees at most one commit per `interval` whatever the load (history
 /// is pruned in that same transaction, hourly). A write that fails (a full disk) is kept in
-/// memory, bounded, and retried an interval later.
-pub async fn run(store: Store, inputs: WriterInputs, interval: Duration, history_days: u32) {
+/// memory, bounded, and retried an interval later. `settings` (`[store]`) may change at a reload:
+/// each interval reads them afresh.
+pub async fn run(store: Store, inputs: WriterInputs, settings: watch::Receiver<crate::config::Store>) {
     let mut known: HashMap<String, Known> = match store.call(|c| store::device_state::all(c)).await {
         Ok(rows) => rows.into_iter().map(|r| (r.id, Known { state: r.state, online: r.online })).collect(),
         Err(e) => {
@@ -258,14 +217,15 @@ pub async fn run(store: Store, inputs: WriterInputs, interval: Duration, history
             let next = inputs.next(None).await;
             pending.take(next, &mut known);
         }
-        let deadline = tokio::time::Instant::now() + interval;
+        let crate::config::Store { commit_interval, history_days } = settings.borrow().clone();
+        let deadline = tokio::time::Instant::now() + commit_interval;
         while pending.take(inputs.next(Some(deadline)).await, &mut known) {}
         if pending.is_empty() {
             continue;
         }
         let prune_before = (last_prune.elapsed() > Duration::from_secs(3600)).then(|| {
             let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
-            before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+            store::rfc3339(before)
         });
         let batch = store::Batch {
             states: std::mem::take(&mut pending.states),
@@ -387,45 +347,40 @@ fn compact(changes: Vec<Change>) -> Vec<Change> {
 mod tests {
     use super::*;
 
-    fn pipeline() -> (Pipeline, mpsc::UnboundedReceiver<DeviceEvent>) {
-        let config = crate::config::Config::from_toml("[[device]]\nid = \"door\"\nkind = \"contact\"\n", None).unwrap();
-        let (alarm, _inbox) = crate::alarm::channel(&config);
-        let (lights, _inbox) = crate::lights::channel(&config);
-        Pipeline::new(HashMap::from([("door".to_owned(), DeviceKind::Contact)]), 1024, alarm, lights)
+    fn kinds() -> HashMap<String, DeviceKind> {
+        HashMap::from([("door".to_owned(), DeviceKind::Contact)])
     }
 
     #[test]
-    fn checks_device_topics_and_passes_others() {
-        let (p, mut rx) = pipeline();
-        assert_eq!(p.check("house/note", b"anything"), Verdict::Accept);
-        assert_eq!(p.check("dpi/door/state", b"OPEN"), Verdict::Accept);
-        assert!(matches!(rx.try_recv(), Ok(DeviceEvent::State { .. })));
-        assert!(matches!(p.check("dpi/door/state", b"{\"on\":true}"), Verdict::Reject(_)));
-        assert!(
-            matches!(p.check("dpi/ghost/state", b"OPEN"), Verdict::Reject(r) if r.contains("not a declared device"))
-        );
-        assert!(matches!(rx.try_recv(), Ok(DeviceEvent::Rejected { id }) if id == "ghost"));
-        assert_eq!(p.check("dpi/door/set", b"{}"), Verdict::Accept);
-        assert_eq!(p.check("dpi/door/state", b""), Verdict::Accept);
-        assert!(matches!(p.check("dpi/door/availability", b"maybe"), Verdict::Reject(_)));
+    fn judges_device_topics_and_passes_others() {
+        let k = kinds();
+        let judge = |topic, payload: &[u8]| judge(&k, 1024, topic, payload);
+        assert!(matches!(judge("house/note", b"anything"), Judged::Other));
+        assert!(matches!(judge("dpi/door/state", b"OPEN"), Judged::State("door", _)));
+        assert!(matches!(judge("dpi/door/state", b"{\"on\":true}"), Judged::Invalid(_)));
+        assert!(matches!(judge("dpi/ghost/state", b"OPEN"), Judged::Undeclared("ghost")));
+        assert!(matches!(judge("dpi/door/set", b"{}"), Judged::Other));
+        assert!(matches!(judge("dpi/door/state", b""), Judged::Other));
+        assert!(matches!(judge("dpi/door/availability", b"maybe"), Judged::Invalid(_)));
+        assert!(matches!(judge("dpi/door/availability", b"online"), Judged::Availability("door", true)));
     }
 
     #[test]
-    fn validating_a_will_acts_on_nothing() {
-        let (p, mut rx) = pipeline();
-        assert!(matches!(p.validate("dpi/ghost/state", b"OPEN"), Verdict::Reject(_)));
-        assert!(matches!(p.validate("dpi/door/state", b"maybe"), Verdict::Reject(_)));
-        assert_eq!(p.validate("dpi/door/state", b"OPEN"), Verdict::Accept);
-        assert!(rx.try_recv().is_err(), "validate counted or recorded something");
+    fn the_first_state_after_a_reconnect_is_flagged_once() {
+        let (p, _rx) = Pipeline::new();
+        let state = || decode::decode_state(DeviceKind::Contact, b"OPEN", 64).unwrap();
+        p.availability("door", true);
+        assert!(p.state("door", state()));
+        assert!(!p.state("door", state()));
     }
 
     #[test]
     fn an_unchanged_state_is_not_written_again() {
-        let (p, mut rx) = pipeline();
+        let (p, mut rx) = Pipeline::new();
         let mut known = HashMap::new();
         let mut pending = Vec::new();
         for payload in [&b"OPEN"[..], b"{\"contact\":\"open\"}", b"CLOSED"] {
-            p.check("dpi/door/state", payload);
+            p.state("door", decode::decode_state(DeviceKind::Contact, payload, 64).unwrap());
             absorb(rx.try_recv().unwrap(), &mut known, &mut pending);
         }
         assert_eq!(pending.len(), 2, "{pending:?}");

@@ -34,16 +34,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::auth::Authenticator;
+use crate::broker::dispatch::Outbox;
 use crate::broker::{self, HubLink, Limits, Shared};
 use crate::certs::{self, CertPaths};
 use crate::config::Config;
+use crate::dispatcher::{Dispatcher, Drivers, House};
+use crate::reload::Reloader;
 use crate::store::{self, Store};
+use crate::topics;
 
-/// Topic of the hub's own retained `online`/`offline` status.
-pub const STATUS_TOPIC: &str = "dpi/hub/status";
-
-/// How long shutdown may take before the hub gives up waiting for sessions (SPEC: exit within 5 s).
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long shutdown waits for sessions, drivers and the writer (SPEC: exit within 5 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Why the hub could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -114,200 +115,188 @@ pub fn db_path(data_dir: &Path) -> std::path::PathBuf {
 /// Runs the hub until `shutdown` is cancelled (or the router dies, which is an error).
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), HubError> {
     init(&config)?;
-    let paths = CertPaths::new(&config.data_dir);
-    let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
-    let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
-
-    let router = broker::start_router(config.broker.max_connections);
-    let links = router.links;
-    let (retained_tx, retained_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (hub, mut messages, reader) = HubLink::connect(&links, retained_tx.clone())?;
-    let mut router_task = tokio::spawn(reader.run());
-    let background = TaskTracker::new();
-    let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
-    let lag = broker::lag::skipped_clients()
-        .map(|skipped| tokio::spawn(record_lag(store.clone(), skipped, Arc::clone(&sessions))));
-
-    // Retained messages from the last run, then every device offline until it connects.
-    restore_retained(&store, &hub).await?;
-    let kinds: HashMap<_, _> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
-    // The alarm driver starts after the retained replay above, so its state is published last.
-    let (lights, lights_inbox) = crate::lights::channel(&config);
-    let lights_stop = CancellationToken::new();
-    let lights_task =
-        tokio::spawn(crate::lights::run(config.clone(), store.clone(), hub.clone(), lights_inbox, lights_stop.clone()));
-    let (alarm, alarm_inbox) = crate::alarm::channel(&config);
-    let (checkpoints, checkpoints_rx) = tokio::sync::mpsc::unbounded_channel();
-    let alarm_stop = CancellationToken::new();
-    let alarm_task = tokio::spawn(crate::alarm::run(
-        config.clone(),
-        store.clone(),
-        hub.clone(),
-        alarm_inbox,
-        lights.clone(),
-        checkpoints,
-        alarm_stop.clone(),
-    ));
-    let (devices, device_events) =
-        crate::devices::Pipeline::new(kinds.clone(), config.broker.max_payload_bytes, alarm.clone(), lights.clone());
-    let writer_inputs =
-        crate::devices::WriterInputs { events: device_events, retained: retained_rx, alarm: checkpoints_rx };
-    background.spawn(crate::devices::run(
-        store.clone(),
-        writer_inputs,
-        config.store.commit_interval,
-        config.store.history_days,
-    ));
-    for device in &config.devices {
-        hub.publish(format!("dpi/{}/availability", device.id), "offline", true);
-        devices.availability(&device.id, false);
-    }
-
-    let closing = CancellationToken::new();
-    let shared = Arc::new(Shared {
-        links,
-        backlog: router.backlog,
-        auth: Authenticator::new(store.clone(), kinds, config.broker.require_client_cert),
-        throttle: Arc::default(),
-        admission: broker::admission::Admission::new(config.broker.max_connections),
-        sessions: Arc::clone(&sessions),
-        limits: Limits {
-            max_connections: config.broker.max_connections,
-            max_payload_bytes: config.broker.max_payload_bytes,
-        },
-        ended: AtomicUsize::new(0),
-        hub: hub.clone(),
-        closing: closing.clone(),
-        retained: retained_tx,
-        devices: devices.clone(),
-        alarm: alarm.clone(),
-        lights,
-    });
-    drop(devices);
-    let control_stop = CancellationToken::new();
-    let control = match crate::control::bind(&config.data_dir) {
-        Ok((listener, path)) => {
-            let handles = crate::control::Handles {
-                alarm,
-                store: store.clone(),
-                sessions: Arc::clone(&sessions),
-                started: std::time::Instant::now(),
-            };
-            Some(tokio::spawn(crate::control::serve(listener, path, handles, control_stop.clone())))
-        }
-        Err(e) => {
-            warn!(error = %e, "no control socket: `domoticpi alarm` cannot reach this hub");
-            None
-        }
-    };
-
-    let tls_addr = local_addr(&listeners.tls);
-    let plain_addr = listeners.plain.as_ref().map(local_addr);
-    let tracker = TaskTracker::new();
-    let accepting = CancellationToken::new();
-    tracker.spawn(broker::serve(listeners.tls, Some(acceptor), shared.clone(), tracker.clone(), accepting.clone()));
-    if let Some(plain) = listeners.plain {
-        tracker.spawn(broker::serve(plain, None, shared.clone(), tracker.clone(), accepting.clone()));
-    }
-
-    hub.subscribe(STATUS_TOPIC);
-    hub.publish(STATUS_TOPIC, "online", true);
-    // Ready means the retained `online` is in place: wait for the router to route it back.
-    let online = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(m) = messages.recv().await {
-            if m.topic == STATUS_TOPIC && &m.payload[..] == b"online" {
-                return;
-            }
-        }
-    })
-    .await;
-    if online.is_err() {
-        warn!("online status not confirmed by the router");
-    }
-    let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
-    store
-        .call(move |c| {
-            store::runtime::started(c, &tls_text, plain_text.as_deref())?;
-            store::events::record(c, "hub", "started")
-        })
-        .await?;
-    info!(tls = %tls_addr, plain = %plain_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), "hub ready: listeners accepting");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let watchdog = spawn_watchdog();
-    let sessions = Arc::clone(&shared);
-    let trimmer =
-        tokio::spawn(trim_memory(move || sessions.ended.load(Ordering::Relaxed), TRIM_EVERY, release_free_memory));
-
+    let mut hub = Hub::start(config, listeners).await?;
     let failure = tokio::select! {
         () = shutdown.cancelled() => None,
-        ended = &mut router_task => {
+        ended = &mut hub.router => {
             let reason = ended.map_or_else(|e| e.to_string(), |e| e.to_string());
             error!(%reason, "the MQTT router stopped; exiting so that the service manager restarts the hub");
             Some(HubError::Broker(broker::BrokerError::RouterGone))
         }
     };
-
-    info!("hub stopping");
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    accepting.cancel();
-    hub.publish(STATUS_TOPIC, "offline", true);
-    // The hub's link gets its own publish back once the router has routed it to every subscriber.
-    let echoed = tokio::time::timeout(Duration::from_millis(500), async {
-        while let Some(m) = messages.recv().await {
-            if m.topic == STATUS_TOPIC && &m.payload[..] == b"offline" {
-                return;
-            }
-        }
-    })
-    .await;
-    if echoed.is_err() {
-        warn!("offline status not confirmed by the router");
-    }
-    closing.cancel();
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        warn!(sessions = shared.connected(), "some client sessions did not close in time");
-    }
-    for task in [watchdog, lag].into_iter().flatten() {
-        task.abort();
-    }
-    // The trimmer holds the shared state, whose senders the writer waits on: let it go now.
-    trimmer.abort();
-    let _ = trimmer.await;
-    // The alarm's last actions reach the store and the router before they close.
-    control_stop.cancel();
-    alarm_stop.cancel();
-    lights_stop.cancel();
-    // One deadline for all: together they may take 1 s, so that shutdown stays within 5 s.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    for (what, task) in [("control socket", control), ("alarm", Some(alarm_task)), ("light rules", Some(lights_task))] {
-        if let Some(task) = task {
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                warn!(what, "did not stop in time");
-            }
-        }
-    }
-    let recorded = store
-        .call(|c| {
-            store::runtime::stopped(c)?;
-            store::events::record(c, "hub", "stopped")
-        })
-        .await;
-    if let Err(e) = recorded {
-        warn!(error = %e, "could not record the stop");
-    }
-    drop(shared);
-    drop(hub);
-    // The writer (device states and retained messages) ends once every sender is gone, after a last write.
-    background.close();
-    if tokio::time::timeout(Duration::from_secs(1), background.wait()).await.is_err() {
-        warn!("device states and retained messages not all written at shutdown");
-    }
-    let commits = store.commits();
-    drop(store);
-    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    info!(store_commits = commits, "hub stopped");
+    hub.stop().await;
     failure.map_or(Ok(()), Err)
+}
+
+/// The running hub, as the supervisor holds it: what it needs to stop, and nothing that keeps the
+/// house running (the drivers end when every handle on them is gone).
+struct Hub {
+    /// Cancelled to stop: listeners, sessions, the control socket, the background loops.
+    closing: CancellationToken,
+    /// Every task of the hub but the link reader.
+    tasks: TaskTracker,
+    /// Reads what the router sends the hub's link; it ends only if the router dies.
+    router: tokio::task::JoinHandle<broker::BrokerError>,
+    /// The hub's own link, for its status.
+    link: Option<HubLink>,
+    /// What the router routes back to the hub's link: its own status, to know it was routed.
+    echo: tokio::sync::mpsc::UnboundedReceiver<broker::Message>,
+    /// Client ids and connections, for the shutdown log.
+    sessions: Arc<broker::sessions::Sessions>,
+    /// The database, and the thread to join once every handle is gone.
+    store: Option<(Store, store::StoreThread)>,
+}
+
+impl Hub {
+    /// Starts everything in the order of the module doc; returns once the hub is ready.
+    async fn start(config: Config, listeners: Listeners) -> Result<Hub, HubError> {
+        let paths = CertPaths::new(&config.data_dir);
+        let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
+        let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
+        let (closing, tasks) = (CancellationToken::new(), TaskTracker::new());
+
+        let router = broker::start_router(config.broker.max_connections);
+        let (retained, retained_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (link, echo, reader) = HubLink::connect(&router.links, retained.clone())?;
+        let router_task = tokio::spawn(reader.run());
+        let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
+        if let Some(skipped) = broker::lag::skipped_clients() {
+            tasks.spawn(closing.clone().run_until_cancelled_owned(record_lag(
+                store.clone(),
+                skipped,
+                Arc::clone(&sessions),
+            )));
+        }
+        restore_retained(&store, &link).await?;
+
+        // The house side: the drivers, the writer and the dispatcher in front of them. The alarm
+        // starts after the retained replay above, so that its state is published last.
+        let house = House::new(config);
+        let config = Arc::clone(&house.config);
+        let outbox = Outbox::new(link.clone());
+        let ((lights, lights_inbox), (alarm, alarm_inbox)) = (crate::lights::channel(), crate::alarm::channel());
+        let (checkpoints, checkpoints_rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.spawn(crate::lights::run(Arc::clone(&config), store.clone(), outbox.clone(), lights_inbox));
+        let alarm_parts =
+            crate::alarm::Parts { store: store.clone(), outbox: outbox.clone(), lights: lights.clone(), checkpoints };
+        tasks.spawn(crate::alarm::run(Arc::clone(&config), alarm_parts, alarm_inbox));
+        let (pipeline, device_events) = crate::devices::Pipeline::new();
+        let (settings, settings_rx) = tokio::sync::watch::channel(config.store.clone());
+        let inputs =
+            crate::devices::WriterInputs { events: device_events, retained: retained_rx, alarm: checkpoints_rx };
+        tasks.spawn(crate::devices::run(store.clone(), inputs, settings_rx));
+        let drivers = Drivers { pipeline, alarm: alarm.clone(), lights };
+        let dispatcher = Dispatcher::new(house, drivers, outbox);
+        dispatcher.all_offline();
+
+        let reloader = Arc::new(Reloader::new(dispatcher.clone(), Arc::clone(&sessions), store.clone(), settings));
+        match crate::control::bind(&config.data_dir) {
+            Ok((listener, path)) => {
+                let started = std::time::Instant::now();
+                let sessions = Arc::clone(&sessions);
+                let handles = crate::control::Handles { alarm, store: store.clone(), sessions, started, reloader };
+                tasks.spawn(crate::control::serve(listener, path, handles, closing.clone()));
+            }
+            Err(e) => warn!(error = %e, "no control socket: `domoticpi alarm` and `reload` cannot reach this hub"),
+        }
+
+        let lookup = dispatcher.clone();
+        let devices: crate::auth::DeviceLookup = Arc::new(move |id| lookup.kind_of(id));
+        let shared = Arc::new(Shared {
+            router,
+            auth: Authenticator::new(store.clone(), devices, config.broker.require_client_cert),
+            throttle: Arc::default(),
+            admission: broker::admission::Admission::new(config.broker.max_connections),
+            sessions: Arc::clone(&sessions),
+            limits: Limits {
+                max_connections: config.broker.max_connections,
+                max_payload_bytes: config.broker.max_payload_bytes,
+            },
+            ended: AtomicUsize::new(0),
+            hub: link.clone(),
+            closing: closing.clone(),
+            retained,
+            house: Arc::new(dispatcher),
+        });
+        let tls_addr = local_addr(&listeners.tls);
+        let plain_addr = listeners.plain.as_ref().map(local_addr);
+        tasks.spawn(broker::serve(listeners.tls, Some(acceptor), Arc::clone(&shared), tasks.clone(), closing.clone()));
+        if let Some(plain) = listeners.plain {
+            tasks.spawn(broker::serve(plain, None, Arc::clone(&shared), tasks.clone(), closing.clone()));
+        }
+        let ended = move || shared.ended.load(Ordering::Relaxed);
+        tasks.spawn(closing.clone().run_until_cancelled_owned(trim_memory(ended, TRIM_EVERY, release_free_memory)));
+
+        let mut hub = Hub { closing, tasks, router: router_task, link: Some(link), echo, sessions, store: None };
+        hub.announce("online", Duration::from_secs(1)).await;
+        let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
+        store
+            .call(move |c| {
+                store::runtime::started(c, &tls_text, plain_text.as_deref())?;
+                store::events::record(c, "hub", "started")
+            })
+            .await?;
+        hub.store = Some((store, store_thread));
+        info!(tls = %tls_addr, plain = %plain_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), "hub ready: listeners accepting");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        if let Some(watchdog) = watchdog() {
+            hub.tasks.spawn(hub.closing.clone().run_until_cancelled_owned(watchdog));
+        }
+        Ok(hub)
+    }
+
+    /// Publishes the hub's status (retained) and waits, at most `wait`, for the router to route it
+    /// back to the hub's own link: it is then in place for every subscriber.
+    async fn announce(&mut self, status: &'static str, wait: Duration) {
+        let Some(link) = &self.link else { return };
+        link.subscribe(topics::HUB_STATUS);
+        link.publish(topics::HUB_STATUS, status, true);
+        let echo = &mut self.echo;
+        let routed = tokio::time::timeout(wait, async {
+            while let Some(m) = echo.recv().await {
+                if m.topic == topics::HUB_STATUS && m.payload == status.as_bytes() {
+                    return;
+                }
+            }
+        });
+        if routed.await.is_err() {
+            warn!(status, "hub status not confirmed by the router");
+        }
+    }
+
+    /// Stops in the order of the module doc, within [`SHUTDOWN_GRACE`] and a little more.
+    async fn stop(mut self) {
+        info!("hub stopping");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        self.announce("offline", Duration::from_millis(500)).await;
+        self.closing.cancel();
+        // The drivers and the writer end once the sessions, the control socket and this link,
+        // which hold the last handles on them, are gone.
+        self.link = None;
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
+            warn!(sessions = self.sessions.connected(), "the hub's tasks did not all stop in time");
+        }
+        self.router.abort();
+        let Some((store, thread)) = self.store.take() else { return };
+        let recorded = store
+            .call(|c| {
+                store::runtime::stopped(c)?;
+                store::events::record(c, "hub", "stopped")
+            })
+            .await;
+        if let Err(e) = recorded {
+            warn!(error = %e, "could not record the stop");
+        }
+        let commits = store.commits();
+        drop(store);
+        // The store thread runs the jobs still queued and checkpoints the WAL once the last handle is gone.
+        let joined = tokio::time::timeout(Duration::from_secs(1), tokio::task::spawn_blocking(move || thread.join()));
+        if joined.await.is_err() {
+            warn!("the store did not close in time");
+        }
+        info!(store_commits = commits, "hub stopped");
+    }
 }
 
 /// Republishes the retained messages stored by the last run. Each goes through the router
@@ -414,19 +403,19 @@ fn resident_kib() -> u64 {
 }
 
 /// Pings systemd's watchdog at half its interval, when the service has one.
-fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+fn watchdog() -> Option<impl std::future::Future<Output = ()>> {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return None;
     }
     let period = Duration::from_micros(usec / 2);
-    Some(tokio::spawn(async move {
+    Some(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
         }
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -28,16 +28,13 @@ use domoticpi_rules::Instant;
 use jiff::civil::Weekday;
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::{HubLink, ERROR_TOPIC};
+use crate::broker::dispatch::Outbox;
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::{self, DeviceState, Main};
 use crate::store::{self, Store};
-
-/// Where residents ask for a scene: `{"scene": "ID"}`.
-pub const SCENE_TOPIC: &str = "dpi/scene/set";
+use crate::topics::{self, Leaf};
 
 /// Longest scene id quoted back in an error.
 const MAX_QUOTED: usize = 32;
@@ -62,6 +59,14 @@ pub fn parse_scene(payload: &[u8]) -> Result<String, SceneError> {
     match fields.get("scene") {
         Some(Value::String(id)) if !id.is_empty() => Ok(id.clone()),
         _ => Err(SceneError::MissingScene),
+    }
+}
+
+/// Whether `id` is one of the declared `scenes`; an unknown one is refused before it is routed.
+pub fn check_scene(scenes: &HashSet<String>, id: &str) -> Result<(), SceneError> {
+    match scenes.contains(id) {
+        true => Ok(()),
+        false => Err(SceneError::UnknownScene(id.chars().take(MAX_QUOTED).collect())),
     }
 }
 
@@ -179,6 +184,8 @@ enum Input {
     Event(Event),
     /// A resident asked for a scene on connection `client`.
     Scene { id: String, client: String },
+    /// The config was reloaded.
+    Reconfigure(Arc<Config>),
 }
 
 /// The rest of the hub's handle on the driver; cheap to clone.
@@ -186,25 +193,21 @@ enum Input {
 pub struct LightsHandle {
     /// To the driver task.
     inputs: mpsc::UnboundedSender<Input>,
-    /// Devices whose states the rules use; others are not sent at all.
-    watched: Arc<HashSet<String>>,
-    /// The configured scene ids, to refuse unknown ones at ingress.
-    scenes: Arc<HashSet<String>>,
 }
 
 /// The driver's end of the channel, for [`run`].
 #[derive(Debug)]
 pub struct Inbox(mpsc::UnboundedReceiver<Input>);
 
-/// A handle for the driver of `config`'s light rules and the inbox to give [`run`].
-pub fn channel(config: &Config) -> (LightsHandle, Inbox) {
-    let (watched, scenes) = interests(&lights_config(config));
+/// A handle for the light rules' driver and the inbox to give [`run`].
+pub fn channel() -> (LightsHandle, Inbox) {
     let (inputs, rx) = mpsc::unbounded_channel();
-    (LightsHandle { inputs, watched: Arc::new(watched), scenes: Arc::new(scenes) }, Inbox(rx))
+    (LightsHandle { inputs }, Inbox(rx))
 }
 
-/// The devices the rules use and the scene ids.
-fn interests(lights: &LightsConfig) -> (HashSet<String>, HashSet<String>) {
+/// The devices the rules of `config` use, and its scene ids.
+pub fn interests(config: &Config) -> (HashSet<String>, HashSet<String>) {
+    let lights = lights_config(config);
     let mut watched: HashSet<String> = lights.lights.iter().cloned().collect();
     for rule in &lights.motion_lights {
         watched.extend(rule.sensors.iter().chain(&rule.lights).cloned());
@@ -224,29 +227,22 @@ fn interests(lights: &LightsConfig) -> (HashSet<String>, HashSet<String>) {
 }
 
 impl LightsHandle {
-    /// Passes a device's decoded state on, if the rules use the device and the state says something.
+    /// Passes on the decoded state of a device the rules use (see [`interests`]), if it says something.
     pub fn device_state(&self, id: &str, state: &DeviceState) {
-        if self.watched.contains(id) {
-            if let Some(event) = event_of(id, state) {
-                let _ = self.inputs.send(Input::Event(event));
-            }
+        if let Some(event) = event_of(id, state) {
+            let _ = self.inputs.send(Input::Event(event));
         }
     }
 
-    /// Hands over a `dpi/scene/set` for scene `id` from connection `client`; an unknown scene is
-    /// refused here, before it is routed.
-    pub fn scene(&self, id: String, client: &str) -> Result<(), SceneError> {
-        self.check_scene(&id)?;
+    /// Hands over a `dpi/scene/set` for a declared scene `id` from connection `client`.
+    pub fn scene(&self, id: String, client: &str) {
         let _ = self.inputs.send(Input::Scene { id, client: client.to_owned() });
-        Ok(())
     }
 
-    /// Whether `id` is a declared scene.
-    pub fn check_scene(&self, id: &str) -> Result<(), SceneError> {
-        if !self.scenes.contains(id) {
-            return Err(SceneError::UnknownScene(id.chars().take(MAX_QUOTED).collect()));
-        }
-        Ok(())
+    /// Applies a reloaded config: timers of rules that still exist keep running, changed rules act
+    /// from their next event.
+    pub fn reconfigure(&self, config: Arc<Config>) {
+        let _ = self.inputs.send(Input::Reconfigure(config));
     }
 
     /// The alarm triggered with `lights_on_trigger` set: every light goes on.
@@ -255,18 +251,20 @@ impl LightsHandle {
     }
 }
 
-/// Runs the light rules until `shutdown` is cancelled or every handle is gone.
-pub async fn run(config: Config, store: Store, hub: HubLink, inbox: Inbox, shutdown: CancellationToken) {
+/// Runs the light rules until every handle on them is gone (at shutdown, once the dispatcher and
+/// the alarm driver have ended).
+pub async fn run(config: Arc<Config>, store: Store, outbox: Outbox, inbox: Inbox) {
     let mut inbox = inbox.0;
-    let mut driver = Driver { lights: Lights::new(lights_config(&config)), origin: tokio::time::Instant::now(), hub };
+    let mut driver =
+        Driver { lights: Lights::new(lights_config(&config)), origin: tokio::time::Instant::now(), outbox };
     driver.seed(&config, &store).await;
+    drop((config, store));
     let now = driver.now();
     driver.lights.start(now, jiff::Timestamp::now());
     driver.carry_out();
     loop {
         let wake = driver.lights.poll_timeout().map(|t| driver.at(t));
         tokio::select! {
-            () = shutdown.cancelled() => break,
             input = inbox.recv() => match input {
                 Some(input) => driver.input(input),
                 None => break,
@@ -288,7 +286,7 @@ struct Driver {
     /// The monotonic origin: the machine's `Instant(0)`.
     origin: tokio::time::Instant,
     /// For the lights' commands and errors.
-    hub: HubLink,
+    outbox: Outbox,
 }
 
 impl Driver {
@@ -340,11 +338,14 @@ impl Driver {
             Input::Scene { id, client } => {
                 if let Err(e) = self.lights.handle_event(Event::Scene { id: id.clone() }, now, wall) {
                     warn!(%client, error = %e, "scene refused");
-                    let body = serde_json::json!({ "topic": SCENE_TOPIC, "client": client, "error": e.to_string() });
-                    self.hub.publish(ERROR_TOPIC, body.to_string(), false);
+                    self.outbox.report_error(topics::SCENE_SET, &client, &e.to_string());
                 } else {
                     info!(scene = %id, %client, "scene applied");
                 }
+            }
+            Input::Reconfigure(config) => {
+                self.lights.reconfigure(lights_config(&config), now, wall);
+                info!("light rules reconfigured; timers of unchanged rules keep running");
             }
         }
         self.carry_out();
@@ -355,7 +356,7 @@ impl Driver {
         while let Some(Action::Set { light, command }) = self.lights.poll_action() {
             let json = command_json(&command);
             info!(%light, command = %json, "light command");
-            self.hub.publish(format!("dpi/{light}/set"), json, false);
+            self.outbox.publish(topics::device(&light, Leaf::Set), json, false);
         }
     }
 }
@@ -417,7 +418,7 @@ mod tests {
         assert!(lights.schedules[0].days.contains(Weekday::Sunday));
         assert!(!lights.schedules[0].days.contains(Weekday::Monday));
         assert_eq!(lights.scenes[0].set["l1"], LightCommand { on: Some(true), brightness: Some(40) });
-        let (watched, scenes) = interests(&lights);
+        let (watched, scenes) = interests(&config);
         assert!(watched.contains("m") && watched.contains("lx") && scenes.contains("dim"));
     }
 }

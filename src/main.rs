@@ -52,7 +52,8 @@ fn keep_large_blocks_out_of_the_heap() {
     }
 }
 
-/// Cancels `shutdown` on SIGTERM or Ctrl-C; on SIGHUP re-reads the config and reports on it.
+/// Cancels `shutdown` on SIGTERM or Ctrl-C; on SIGHUP asks the hub, through its control socket as
+/// `domoticpi reload` does, to apply the config file (the hub logs the outcome).
 async fn signals(shutdown: CancellationToken, config: domoticpi::config::Config) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
@@ -63,13 +64,16 @@ async fn signals(shutdown: CancellationToken, config: domoticpi::config::Config)
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupt received"); break; }
-            _ = hup.recv() => match &config.source {
-                Some(path) => match domoticpi::config::Config::load(path) {
-                    Ok(new) => tracing::info!(devices = new.devices.len(), "SIGHUP: config is valid; devices and rules apply at the next restart"),
-                    Err(e) => tracing::error!("SIGHUP: new config rejected, keeping the running one:\n{e}"),
-                },
-                None => tracing::info!("SIGHUP: no config file; nothing to reload"),
-            },
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the config");
+                let data_dir = config.data_dir.clone();
+                let asked = tokio::task::spawn_blocking(move || {
+                    domoticpi::control::request(&data_dir, &domoticpi::control::Request::Reload)
+                });
+                if let Ok(Err(e)) = asked.await {
+                    tracing::error!(error = %e, "SIGHUP: could not reach the hub's control socket; nothing reloaded");
+                }
+            }
         }
     }
     shutdown.cancel();

@@ -167,7 +167,12 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
 
 /// The current time as RFC 3339 text, the form every timestamp in the database takes.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// A time as RFC 3339, as every stored and published timestamp is written.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// A job for the store thread.

@@ -440,7 +440,7 @@ pub enum LightsError {
 /// The light rules of one house as a sans-I/O state machine.
 #[derive(Debug)]
 pub struct Lights {
-    /// The rules, as configured; never changed (a reload builds a new machine).
+    /// The rules, as configured; replaced whole by [`Lights::reconfigure`].
     config: LightsConfig,
     /// What is known of each light, and the commands waiting for the driver.
     tracker: Tracker,
@@ -573,6 +573,42 @@ impl Lights {
         }
         self.schedules_applied = Some(wall);
         self.schedule_check_at = self.next_schedule_check(now, wall, wall);
+    }
+
+    /// Replaces the rules (a reload) at `now`/`wall`, keeping what is known of every light and lux
+    /// sensor. A motion rule with the same sensors and lights as one before is the same rule: its
+    /// running timer keeps its deadline and its lights stay its own, and a changed `off_after`
+    /// applies from its next motion. The lights of a motion rule that is gone stay as they are,
+    /// left to people and to the other rules. Schedules are not re-applied: a new or changed one
+    /// acts from its next edge.
+    pub fn reconfigure(&mut self, config: LightsConfig, now: Instant, wall: Timestamp) {
+        let mut old: Vec<Option<&MotionLight>> = self.config.motion_lights.iter().map(Some).collect();
+        // For each new rule, the index of the old rule it continues.
+        let continues: Vec<Option<usize>> = config
+            .motion_lights
+            .iter()
+            .map(|rule| {
+                let same = |o: &&MotionLight| o.sensors == rule.sensors && o.lights == rule.lights;
+                let i = old.iter().position(|o| o.as_ref().is_some_and(same))?;
+                old[i] = None;
+                Some(i)
+            })
+            .collect();
+        let motion_off_at = continues.iter().map(|c| c.and_then(|i| self.motion_off_at[i])).collect();
+        for track in self.tracker.lights.values_mut() {
+            if let Owner::Motion(i) = track.owner {
+                track.owner = continues.iter().position(|c| *c == Some(i)).map_or(Owner::Hub, Owner::Motion);
+            }
+        }
+        for light in &config.lights {
+            self.tracker.track(light);
+        }
+        self.motion_off_at = motion_off_at;
+        self.config = config;
+        self.schedule_check_at = match self.schedules_applied {
+            Some(applied) => self.next_schedule_check(now, wall, applied.max(wall)),
+            None => (!self.config.schedules.is_empty()).then_some(now),
+        };
     }
 
     /// Feeds one event at monotonic `now` and wall time `wall`.

@@ -11,6 +11,7 @@
 use crate::auth::Identity;
 use crate::config::DeviceKind;
 use crate::store::users::Role;
+use crate::topics::{self, Leaf, Topic};
 
 /// Whether `who` may publish on `topic` (a topic name, never a filter).
 pub fn may_publish(who: &Identity, topic: &str) -> bool {
@@ -20,14 +21,15 @@ pub fn may_publish(who: &Identity, topic: &str) -> bool {
     }
     match who {
         Identity::User { role: Role::Admin, .. } => true,
-        Identity::User { role: Role::Resident, .. } => {
-            let levels: Vec<&str> = topic.split('/').collect();
-            matches!(levels.as_slice(), ["dpi", id, "set"] if !id.is_empty())
-        }
-        Identity::Device { id, kind } => {
-            let own = |leaf: &str| topic.strip_prefix("dpi/").and_then(|t| t.strip_prefix(id.as_str())) == Some(leaf);
-            own("/state") || own("/availability") || (*kind == DeviceKind::Keypad && topic == "dpi/alarm/set")
-        }
+        Identity::User { role: Role::Resident, .. } => matches!(
+            topics::parse(topic),
+            Some(Topic::Device { leaf: Leaf::Set, .. } | Topic::AlarmSet | Topic::SceneSet)
+        ),
+        Identity::Device { id, kind } => match topics::parse(topic) {
+            Some(Topic::Device { id: to, leaf: Leaf::State | Leaf::Availability }) => to == id,
+            Some(Topic::AlarmSet) => *kind == DeviceKind::Keypad,
+            _ => false,
+        },
     }
 }
 
@@ -40,8 +42,13 @@ pub fn may_subscribe(who: &Identity, filter: &str) -> bool {
     }
     match who {
         Identity::User { role: Role::Admin, .. } => true,
-        Identity::User { role: Role::Resident, .. } => filter == "dpi/#" || filter.starts_with("dpi/"),
-        Identity::Device { id, .. } => filter == format!("dpi/{id}/set") || filter == "dpi/alarm/state",
+        Identity::User { role: Role::Resident, .. } => topics::is_hub_filter(filter),
+        // A device's filters are its own command topic and the alarm's state, without wildcards.
+        Identity::Device { id, .. } => match topics::parse(filter) {
+            Some(Topic::Device { id: to, leaf: Leaf::Set }) => to == id,
+            Some(Topic::AlarmState) => true,
+            _ => false,
+        },
     }
 }
 

@@ -7,17 +7,18 @@
 //! own and cannot be stopped: if it ends, the hub treats that as fatal and lets systemd restart it.
 //!
 //! The hub's own in-process client, [`HubLink`], has a client id holding a NUL (no network client
-//! can take it) and is not subject to the ACL. It publishes `online`/`offline` on `dpi/hub/status`
-//! (retained), every device's availability, the wills of dead clients, the reports on
-//! `dpi/hub/error`, and the drivers' messages (`dpi/alarm/state` and `/event`, sirens' and lights'
-//! `dpi/ID/set`); its retained publishes are also persisted, and the stored ones are restored
+//! can take it) and is not subject to the ACL. It publishes the hub's status, the wills of dead
+//! clients, the reports on `dpi/hub/error`, and, through [`dispatch::Outbox`], whatever the house
+//! side publishes; its retained publishes are also persisted, and the stored ones are restored
 //! through it at start.
 //!
-//! This module must not decode device payloads or run rules; it moves packets.
+//! This module must not decode payloads or run rules; it moves packets. What messages mean is the
+//! house side's, behind the one interface of [`dispatch`].
 
 pub mod acks;
 pub mod acl;
 pub mod admission;
+pub mod dispatch;
 pub mod guard;
 pub mod lag;
 pub mod session;
@@ -53,9 +54,6 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The client id of the hub's own link. It holds a NUL, which MQTT forbids in strings, so no
 /// network client can take it over.
 const HUB_CLIENT_ID: &str = "\u{0}hub";
-
-/// Where the hub reports every message it rejected.
-pub const ERROR_TOPIC: &str = "dpi/hub/error";
 
 /// Why the broker could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -99,11 +97,9 @@ pub struct Limits {
 
 /// What every session shares.
 pub struct Shared {
-    /// Opens router links.
-    pub links: LinkFactory,
-    /// The router inbox backlog: a session sending into a nearly full inbox first tells the
-    /// runtime it may block.
-    pub backlog: RouterBacklog,
+    /// Opens router links, and tells the inbox backlog (a session sending into a nearly full inbox
+    /// first tells the runtime it may block).
+    pub router: RouterHandle,
     /// Checks credentials at CONNECT.
     pub auth: Authenticator,
     /// Failed logins per address, which slow the address down.
@@ -122,12 +118,8 @@ pub struct Shared {
     pub closing: CancellationToken,
     /// Changes to retained messages, for the store.
     pub retained: RetainedSink,
-    /// Checks device states and availability at ingress and keeps them.
-    pub devices: crate::devices::Pipeline,
-    /// Receives `dpi/alarm/set` commands that passed the ACL, with who sent them.
-    pub alarm: crate::alarm::AlarmHandle,
-    /// Receives `dpi/scene/set` requests that passed the ACL.
-    pub lights: crate::lights::LightsHandle,
+    /// What messages mean: the house side.
+    pub house: Arc<dyn dispatch::Dispatch>,
 }
 
 /// Where changes to retained messages go to be persisted: (topic, payload or `None` to clear).
@@ -145,12 +137,6 @@ impl Shared {
         self.admission.sockets()
     }
 
-    /// Announces a device online or offline (retained) and records it.
-    pub fn availability(&self, id: &str, online: bool) {
-        self.hub.publish(format!("dpi/{id}/availability"), if online { "online" } else { "offline" }, true);
-        self.devices.availability(id, online);
-    }
-
     /// Records a change to a retained message for the store.
     pub fn retain(&self, topic: String, payload: Option<Bytes>) {
         let _ = self.retained.send((topic, payload));
@@ -158,8 +144,7 @@ impl Shared {
 
     /// Tells `dpi/hub/error` subscribers about a message the hub rejected.
     pub fn report_error(&self, topic: &str, client: &str, error: &str) {
-        let body = serde_json::json!({ "topic": topic, "client": client, "error": error });
-        self.hub.publish(ERROR_TOPIC, body.to_string(), false);
+        self.hub.publish(crate::topics::HUB_ERROR, crate::topics::error_body(topic, client, error), false);
     }
 }
 

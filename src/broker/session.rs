@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::acks::{Ack, Acks, Incoming, Sends};
 use super::admission::Ticket;
+use super::dispatch::{Origin, Verdict};
 use super::sessions::{Claim, ClaimError, FilterVerdict};
 use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
 use crate::auth::{Identity, PeerCert, Presented, Refusal};
@@ -109,7 +110,7 @@ where
     };
     ticket.logged_in();
     if let Some(w) = &will {
-        if let Err(reason) = check_will(&shared, &identity, w) {
+        if let Err(reason) = check_will(&shared, &identity, &connect.client_id, w) {
             let topic = guard::shown(&String::from_utf8_lossy(&w.topic));
             warn!(%peer, client = %shown_id, user = identity.name(), %topic, %reason, "connection refused: will refused");
             shared.report_error(&topic, &connect.client_id, &format!("will refused: {reason}"));
@@ -137,7 +138,7 @@ where
             return;
         }
     };
-    let links = shared.links.clone();
+    let links = shared.router.links.clone();
     let (router_id, purge) = (claim.router_id.clone(), claim.purge);
     // Opening a link waits for the router's answer on a blocking channel.
     let link = match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
@@ -175,9 +176,7 @@ where
     let end = match session.conn.send(connack).await {
         Ok(()) => {
             info!(%peer, client = %session.client_id, user = session.identity.name(), keepalive = connect.keep_alive, clean, session_present, "client connected");
-            if let Identity::Device { id, .. } = &session.identity {
-                shared.availability(id, true);
-            }
+            shared.house.connection(&session.identity, true);
             session.pump().await
         }
         Err(e) => End::Lost(e.to_string()),
@@ -197,9 +196,7 @@ where
             publish_will(&shared, &identity, &client_id, will);
         }
         // A device's availability is the hub's word, after any will.
-        if let Identity::Device { id, .. } = &identity {
-            shared.availability(id, false);
-        }
+        shared.house.connection(&identity, false);
     }
     // Lets a connection waiting to take the client id over go on.
     shared.sessions.release(&claim);
@@ -278,22 +275,12 @@ where
 }
 
 /// Checks a will at CONNECT as its PUBLISH would be checked, without acting on it.
-fn check_will(shared: &Shared, identity: &Identity, will: &LastWill) -> Result<(), String> {
+fn check_will(shared: &Shared, identity: &Identity, client_id: &str, will: &LastWill) -> Result<(), String> {
     let topic = guard::topic(&will.topic).map_err(|e| format!("topic {e}"))?;
     if !acl::may_publish(identity, topic) {
         return Err("topic not allowed for this client".to_owned());
     }
-    if let crate::devices::Verdict::Reject(reason) = shared.devices.validate(topic, &will.message) {
-        return Err(reason);
-    }
-    if topic == crate::alarm::SET_TOPIC {
-        crate::alarm::parse_set(&will.message).map_err(|e| e.to_string())?;
-    }
-    if topic == crate::lights::SCENE_TOPIC {
-        let scene = crate::lights::parse_scene(&will.message).map_err(|e| e.to_string())?;
-        shared.lights.check_scene(&scene).map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    shared.house.check_will(Origin { identity, client_id }, topic, &will.message)
 }
 
 /// Publishes the will of a connection that died, through the same checks as a PUBLISH.
@@ -312,9 +299,8 @@ fn publish_will(shared: &Shared, identity: &Identity, client_id: &str, will: Las
 }
 
 /// The hub's checks on a message a client sent (a PUBLISH, or its will), after the guard: the
-/// ACL, device payloads, and the alarm and scene commands, which are handed on here. Returns the
-/// payload to route in place of the one sent (an alarm command without its code), or why the
-/// message is refused.
+/// ACL, then the house, which acts on what the message means. Returns the payload to route in
+/// place of the one sent (an alarm command without its code), or why the message is refused.
 fn inspect(
     shared: &Shared,
     identity: &Identity,
@@ -325,20 +311,11 @@ fn inspect(
     if !acl::may_publish(identity, topic) {
         return Err("publish not allowed for this client".to_owned());
     }
-    if let crate::devices::Verdict::Reject(reason) = shared.devices.check(topic, payload) {
-        return Err(reason);
+    match shared.house.publish(Origin { identity, client_id }, topic, payload) {
+        Verdict::Route => Ok(None),
+        Verdict::RouteInstead(payload) => Ok(Some(payload)),
+        Verdict::Refuse(reason) => Err(reason),
     }
-    if topic == crate::alarm::SET_TOPIC {
-        let command = crate::alarm::parse_set(payload).map_err(|e| e.to_string())?;
-        shared.alarm.command(command, crate::alarm::source_of(identity), client_id);
-        // Other subscribers see the command, never the code in it.
-        return Ok(crate::alarm::redact(payload).map(Bytes::from));
-    }
-    if topic == crate::lights::SCENE_TOPIC {
-        let scene = crate::lights::parse_scene(payload).map_err(|e| e.to_string())?;
-        shared.lights.scene(scene, client_id).map_err(|e| e.to_string())?;
-    }
-    Ok(None)
 }
 
 /// Counts the session's end for the memory trimmer, whatever the path.
@@ -595,7 +572,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // `LinkTx::send` blocks when the router's inbox is full. Far from full (the usual case),
         // it cannot; close to full, tell the runtime first so that other sessions keep running.
         let runtime = tokio::runtime::Handle::current();
-        let crowded = (self.shared.backlog)() > super::ROUTER_INBOX / 2;
+        let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
         if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
             let link_tx = &mut self.link_tx;
             tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last)).is_ok())

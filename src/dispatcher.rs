@@ -1,0 +1,264 @@
+//! The house side's one entry: what each accepted message means, and the house as configured.
+//!
+//! The broker hands every PUBLISH that passed its guard and ACL, every will at CONNECT and every
+//! connection up or down to the [`Dispatcher`] (through [`Dispatch`], the one interface between
+//! them). The dispatcher judges device messages ([`devices::judge`]), records them
+//! ([`devices::Pipeline`]), and hands what matters on: sensor states and availability to the alarm
+//! driver, states to the light rules' driver, `dpi/alarm/set` and `dpi/scene/set` to theirs. It
+//! announces each device's availability (retained), the hub's word on it.
+//!
+//! The configured house is one value, [`House`], built from the config and swapped whole at a
+//! reload ([`Dispatcher::swap`]): a message is judged against one house, never half of two.
+//! This module must not speak MQTT (that is the broker's) nor decide anything a rule decides.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use tracing::info;
+
+use crate::alarm::{self, AlarmHandle};
+use crate::auth::Identity;
+use crate::broker::dispatch::{Dispatch, Origin, Outbox, Verdict};
+use crate::config::{Config, DeviceKind};
+use crate::decode::DeviceState;
+use crate::devices::{self, Judged, Pipeline};
+use crate::lights::{self, LightsHandle};
+use crate::topics::{self, Leaf, Topic};
+
+/// The house as configured: the config and what the dispatcher looks up in it on every message.
+#[derive(Debug)]
+pub struct House {
+    /// The config it was built from.
+    pub config: Arc<Config>,
+    /// Declared devices and their kinds.
+    kinds: HashMap<String, DeviceKind>,
+    /// Devices whose states and availability the alarm uses.
+    alarm_watch: HashSet<String>,
+    /// Devices whose states the light rules use.
+    lights_watch: HashSet<String>,
+    /// Declared scene ids.
+    scenes: HashSet<String>,
+}
+
+impl House {
+    /// The house of a validated config.
+    pub fn new(config: Config) -> House {
+        let kinds = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        let alarm_watch = alarm::watched(&config);
+        let (lights_watch, scenes) = lights::interests(&config);
+        House { config: Arc::new(config), kinds, alarm_watch, lights_watch, scenes }
+    }
+
+    /// The kind of a declared device.
+    pub fn kind(&self, id: &str) -> Option<DeviceKind> {
+        self.kinds.get(id).copied()
+    }
+}
+
+/// The house side behind the broker; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Dispatcher(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    /// The house now; replaced whole at a reload.
+    house: RwLock<Arc<House>>,
+    /// Records states and availability for the writer.
+    pipeline: Pipeline,
+    /// The alarm driver.
+    alarm: AlarmHandle,
+    /// The light rules' driver.
+    lights: LightsHandle,
+    /// Where availability is announced.
+    outbox: Outbox,
+    /// Largest device state accepted (`broker.max_payload_bytes`, fixed until restart).
+    max_payload: usize,
+}
+
+/// The drivers the dispatcher hands messages to.
+#[derive(Debug)]
+pub struct Drivers {
+    /// Records states and availability for the writer.
+    pub pipeline: Pipeline,
+    /// The alarm driver.
+    pub alarm: AlarmHandle,
+    /// The light rules' driver.
+    pub lights: LightsHandle,
+}
+
+impl Dispatcher {
+    /// A dispatcher for `house`, handing messages to `drivers` and announcing through `outbox`.
+    pub fn new(house: House, drivers: Drivers, outbox: Outbox) -> Dispatcher {
+        let max_payload = house.config.broker.max_payload_bytes;
+        let Drivers { pipeline, alarm, lights } = drivers;
+        let house = RwLock::new(Arc::new(house));
+        Dispatcher(Arc::new(Inner { house, pipeline, alarm, lights, outbox, max_payload }))
+    }
+
+    /// The house now.
+    pub fn house(&self) -> Arc<House> {
+        Arc::clone(&self.0.house.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The kind of a device declared now; `None` for any other name.
+    pub fn kind_of(&self, id: &str) -> Option<DeviceKind> {
+        self.house().kind(id)
+    }
+
+    /// Announces every declared device offline until it connects (at start).
+    pub fn all_offline(&self) {
+        let house = self.house();
+        for device in &house.config.devices {
+            self.announce(&device.id, false);
+            self.0.pipeline.availability(&device.id, false);
+        }
+    }
+
+    /// Puts a reloaded house in place and hands its config to the drivers; devices it adds are
+    /// announced offline until they connect. Returns the house it replaced.
+    pub fn swap(&self, house: House) -> Arc<House> {
+        let house = Arc::new(house);
+        let old = std::mem::replace(
+            &mut *self.0.house.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Arc::clone(&house),
+        );
+        self.0.alarm.reconfigure(Arc::clone(&house.config));
+        self.0.lights.reconfigure(Arc::clone(&house.config));
+        for device in house.config.devices.iter().filter(|d| !old.kinds.contains_key(&d.id)) {
+            self.announce(&device.id, false);
+            self.0.pipeline.availability(&device.id, false);
+        }
+        old
+    }
+
+    /// Publishes a device's availability, retained.
+    fn announce(&self, id: &str, online: bool) {
+        self.0.outbox.publish(topics::device(id, Leaf::Availability), if online { "online" } else { "offline" }, true);
+    }
+
+    /// Records a declared device's availability and tells the alarm, if it watches the device.
+    fn availability(&self, house: &House, id: &str, online: bool) {
+        self.0.pipeline.availability(id, online);
+        if house.alarm_watch.contains(id) {
+            self.0.alarm.availability(id, online);
+        }
+    }
+
+    /// Records a declared device's valid state and hands it to the drivers that use it.
+    fn state(&self, house: &House, id: &str, state: DeviceState) {
+        let (alarm, lights) = (house.alarm_watch.contains(id), house.lights_watch.contains(id));
+        let copy = (alarm || lights).then(|| state.clone());
+        let first = self.0.pipeline.state(id, state);
+        if let Some(state) = copy {
+            if alarm {
+                self.0.alarm.device_state(id, &state, first);
+            }
+            if lights {
+                self.0.lights.device_state(id, &state);
+            }
+        }
+    }
+
+    /// What a command on the hub's own topics asks for, checked against `house`.
+    fn command(&self, house: &House, topic: &str, payload: &[u8]) -> Result<Command, String> {
+        match topics::parse(topic) {
+            Some(Topic::AlarmSet) => alarm::parse_set(payload).map(Command::Alarm).map_err(|e| e.to_string()),
+            Some(Topic::SceneSet) => {
+                let scene = lights::parse_scene(payload).map_err(|e| e.to_string())?;
+                lights::check_scene(&house.scenes, &scene).map_err(|e| e.to_string())?;
+                Ok(Command::Scene(scene))
+            }
+            _ => Ok(Command::None),
+        }
+    }
+}
+
+/// A command for a driver, parsed.
+enum Command {
+    /// Not a command topic.
+    None,
+    /// `dpi/alarm/set`.
+    Alarm(alarm::SetCommand),
+    /// `dpi/scene/set`, a declared scene.
+    Scene(String),
+}
+
+impl Dispatch for Dispatcher {
+    fn publish(&self, from: Origin<'_>, topic: &str, payload: &Bytes) -> Verdict {
+        let house = self.house();
+        match self.command(&house, topic, payload) {
+            Err(reason) => return Verdict::Refuse(reason),
+            Ok(Command::Alarm(command)) => {
+                self.0.alarm.command(command, alarm::source_of(from.identity), from.client_id);
+                // Other subscribers see the command, never the code in it.
+                return alarm::redact(payload).map_or(Verdict::Route, |p| Verdict::RouteInstead(p.into()));
+            }
+            Ok(Command::Scene(scene)) => {
+                self.0.lights.scene(scene, from.client_id);
+                return Verdict::Route;
+            }
+            Ok(Command::None) => {}
+        }
+        match devices::judge(&house.kinds, self.0.max_payload, topic, payload) {
+            Judged::Other => Verdict::Route,
+            Judged::Undeclared(id) => {
+                self.0.pipeline.rejected(id);
+                Verdict::Refuse(format!("{id:?} is not a declared device"))
+            }
+            Judged::Invalid(reason) => Verdict::Refuse(reason),
+            Judged::State(id, state) => {
+                self.state(&house, id, state);
+                Verdict::Route
+            }
+            Judged::Availability(id, online) => {
+                self.availability(&house, id, online);
+                Verdict::Route
+            }
+        }
+    }
+
+    fn check_will(&self, _from: Origin<'_>, topic: &str, payload: &[u8]) -> Result<(), String> {
+        let house = self.house();
+        self.command(&house, topic, payload)?;
+        match devices::judge(&house.kinds, self.0.max_payload, topic, payload) {
+            Judged::Undeclared(id) => Err(format!("{id:?} is not a declared device")),
+            Judged::Invalid(reason) => Err(reason),
+            Judged::Other | Judged::State(..) | Judged::Availability(..) => Ok(()),
+        }
+    }
+
+    fn connection(&self, identity: &Identity, up: bool) {
+        let Identity::Device { id, .. } = identity else { return };
+        self.announce(id, up);
+        let house = self.house();
+        if house.kinds.contains_key(id) {
+            self.availability(&house, id, up);
+        } else {
+            info!(device = %id, "device no longer declared: its availability is announced, not recorded");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn house(toml: &str) -> House {
+        House::new(Config::from_toml(toml, None).unwrap())
+    }
+
+    const DOOR: &str = "[[device]]\nid = \"door\"\nkind = \"contact\"\nzone = \"entry\"\n";
+
+    #[test]
+    fn the_house_knows_its_devices_watchers_and_scenes() {
+        let h = house(&format!(
+            "{DOOR}[[device]]\nid = \"lamp\"\nkind = \"light\"\n[[scene]]\nid = \"evening\"\nset = {{ lamp = {{ on = true }} }}\n"
+        ));
+        assert_eq!(h.kind("door"), Some(DeviceKind::Contact));
+        assert_eq!(h.kind("ghost"), None);
+        assert!(h.alarm_watch.contains("door") && !h.alarm_watch.contains("lamp"));
+        assert!(h.lights_watch.contains("lamp"));
+        assert!(h.scenes.contains("evening"));
+    }
+}
