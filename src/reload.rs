@@ -83,7 +83,9 @@ impl Reloader {
         let new = match outcome {
             Ok(new) => new,
             Err(e) => {
-                error!("reload: {e}");
+                // One log line per event: the errors, which the CLI prints one per line, joined.
+                let errors = e.to_string().replace('\n', "; ");
+                error!(%errors, "reload refused");
                 return Err(e);
             }
         };

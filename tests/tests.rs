@@ -11,4 +11,5 @@ mod fuzz;
 mod house;
 mod lights;
 mod pipeline;
+mod reload;
 mod security;

@@ -79,8 +79,9 @@ impl TestHub {
             domoticpi::logging::init(&level);
         }
         let text = config_text(&data_dir, extra);
-        std::fs::write(dir.path().join("domoticpi.toml"), &text).unwrap();
-        let config = Config::from_toml(&text, None).unwrap();
+        let path = dir.path().join("domoticpi.toml");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::from_toml(&text, Some(&path)).unwrap();
         hub::init(&config).unwrap();
         let tls = TcpListener::bind(config.broker.tls_listen).await.unwrap();
         let plain = match config.broker.plain_listen {
@@ -105,6 +106,17 @@ impl TestHub {
     /// The config file the hub was started from (for CLI commands).
     pub fn config_path(&self) -> String {
         self.dir.path().join("domoticpi.toml").display().to_string()
+    }
+
+    /// Replaces the config file with the test config plus `extra` (the hub reads it at a reload).
+    pub fn rewrite_config(&self, extra: &str) {
+        std::fs::write(self.config_path(), config_text(&self.data_dir, extra)).unwrap();
+    }
+
+    /// Gives device `id` the password `password`, as `domoticpi device creds` does but cheaply.
+    pub fn set_device_password(&self, id: &str, password: &str) {
+        let hash = domoticpi::auth::hash_token(&domoticpi::secret::Secret::new(password));
+        store::devices::set_password(&self.db(), id, &hash).unwrap();
     }
 
     /// Runs `domoticpi device creds ID [--cert]` and returns its `key: value` lines.

@@ -1293,4 +1293,59 @@ mod tests {
         lights.start(Instant::from_millis(0), wall);
         assert_eq!(lights.poll_timeout(), Some(Instant::from_millis(30_000)));
     }
+
+    /// Reloads `config` into the harness's machine at its clocks.
+    fn reload(h: &mut Harness, config: LightsConfig) {
+        let (now, wall) = (h.now, h.wall);
+        h.lights.reconfigure(config, now, wall);
+    }
+
+    fn motion_after(secs: u64) -> LightsConfig {
+        let mut config = motion(When::Always, None);
+        config.motion_lights[0].off_after = Duration::from_secs(secs);
+        config
+    }
+
+    #[test]
+    fn a_reloaded_rule_keeps_its_running_timer_and_takes_its_new_delay_at_the_next_motion() {
+        let mut h = Harness::new(motion_after(120), "2024-01-15T12:00");
+        assert_eq!(h.step("motion hall-pir"), ["hall-light:on"]);
+        assert!(h.step("wait 60s").is_empty());
+        reload(&mut h, motion_after(600));
+        assert_eq!(h.step("wait 60s"), ["hall-light:off@12:02"], "the running timer kept its deadline");
+        assert_eq!(h.step("motion hall-pir"), ["hall-light:on"]);
+        assert!(h.step("wait 599s").is_empty(), "the new delay applies");
+        assert_eq!(h.step("wait 1s"), ["hall-light:off@12:12"]);
+    }
+
+    #[test]
+    fn the_lights_of_a_removed_rule_stay_as_they_are() {
+        let mut h = Harness::new(motion_after(120), "2024-01-15T12:00");
+        assert_eq!(h.step("motion hall-pir"), ["hall-light:on"]);
+        reload(&mut h, house_config());
+        assert!(h.step("wait 1h").is_empty(), "a rule that is gone switched its light off");
+        assert_eq!(h.lights.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_rule_with_other_lights_is_another_rule_and_does_not_inherit_the_timer() {
+        let mut h = Harness::new(motion_after(120), "2024-01-15T12:00");
+        assert_eq!(h.step("motion hall-pir"), ["hall-light:on"]);
+        let mut other = motion_after(120);
+        other.motion_lights[0].lights = ids(&["stairs-light"]);
+        reload(&mut h, other);
+        assert!(h.step("wait 1h").is_empty());
+        // The new rule acts from its next motion; the hall light is no longer its business.
+        assert_eq!(h.step("motion hall-pir"), ["stairs-light:on"]);
+        assert_eq!(h.step("wait 120s"), ["stairs-light:off@13:02"]);
+    }
+
+    #[test]
+    fn a_schedule_added_by_a_reload_acts_from_its_next_edge() {
+        let mut h = Harness::new(house_config(), "2024-01-15T19:00");
+        h.step("start");
+        reload(&mut h, schedule("18:00", "23:00", "all"));
+        assert!(h.step("wait 1h").is_empty(), "the window already open is not applied at the reload");
+        assert_eq!(h.step("until 2024-01-15T23:01"), ["porch-light:off@23:00"]);
+    }
 }
