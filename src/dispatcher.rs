@@ -15,15 +15,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
 use tracing::info;
 
 use crate::alarm::{self, AlarmHandle};
 use crate::auth::Identity;
 use crate::broker::dispatch::{Dispatch, Origin, Outbox, Verdict};
-use crate::config::{Config, DeviceKind};
+use crate::config::{self, Config, DeviceKind};
 use crate::decode::DeviceState;
-use crate::devices::{self, Judged, Pipeline};
+use crate::devices::{self, Judged, Pipeline, RetainedChange};
 use crate::lights::{self, LightsHandle};
+use crate::store::Store;
 use crate::topics::{self, Leaf, Topic};
 
 /// The house as configured: the config and what the dispatcher looks up in it on every message.
@@ -76,24 +79,39 @@ struct Inner {
     max_payload: usize,
 }
 
-/// The drivers the dispatcher hands messages to.
-#[derive(Debug)]
-pub struct Drivers {
-    /// Records states and availability for the writer.
-    pub pipeline: Pipeline,
-    /// The alarm driver.
-    pub alarm: AlarmHandle,
-    /// The light rules' driver.
-    pub lights: LightsHandle,
-}
-
 impl Dispatcher {
-    /// A dispatcher for `house`, handing messages to `drivers` and announcing through `outbox`.
-    pub fn new(house: House, drivers: Drivers, outbox: Outbox) -> Dispatcher {
-        let max_payload = house.config.broker.max_payload_bytes;
-        let Drivers { pipeline, alarm, lights } = drivers;
+    /// Starts the house side on `tasks`: the light rules' and the alarm's drivers, the writer (fed
+    /// the retained changes from `retained` too), and the dispatcher in front of them, which
+    /// announces every declared device offline until it connects. Returns the dispatcher and the
+    /// writer's `[store]` settings, which a reload changes. The drivers and the writer end once
+    /// every handle on them is gone.
+    pub fn start(
+        house: House,
+        store: &Store,
+        outbox: Outbox,
+        retained: mpsc::UnboundedReceiver<RetainedChange>,
+        tasks: &TaskTracker,
+    ) -> (Dispatcher, watch::Sender<config::Store>) {
+        let config = Arc::clone(&house.config);
+        let ((lights, lights_inbox), (alarm, alarm_inbox)) = (lights::channel(), alarm::channel());
+        let (checkpoints, checkpoints_rx) = mpsc::unbounded_channel();
+        tasks.spawn(lights::run(Arc::clone(&config), store.clone(), outbox.clone(), lights_inbox));
+        let parts = alarm::Parts { store: store.clone(), outbox: outbox.clone(), lights: lights.clone(), checkpoints };
+        tasks.spawn(alarm::run(Arc::clone(&config), parts, alarm_inbox));
+        let (pipeline, events) = Pipeline::new();
+        let (settings, settings_rx) = watch::channel(config.store.clone());
+        let inputs = devices::WriterInputs { events, retained, alarm: checkpoints_rx };
+        tasks.spawn(devices::run(store.clone(), inputs, settings_rx));
+        let max_payload = config.broker.max_payload_bytes;
         let house = RwLock::new(Arc::new(house));
-        Dispatcher(Arc::new(Inner { house, pipeline, alarm, lights, outbox, max_payload }))
+        let dispatcher = Dispatcher(Arc::new(Inner { house, pipeline, alarm, lights, outbox, max_payload }));
+        dispatcher.all_offline();
+        (dispatcher, settings)
+    }
+
+    /// The alarm driver's handle, for the control socket.
+    pub fn alarm(&self) -> AlarmHandle {
+        self.0.alarm.clone()
     }
 
     /// The house now.
@@ -107,7 +125,7 @@ impl Dispatcher {
     }
 
     /// Announces every declared device offline until it connects (at start).
-    pub fn all_offline(&self) {
+    fn all_offline(&self) {
         let house = self.house();
         for device in &house.config.devices {
             self.announce(&device.id, false);

@@ -38,10 +38,13 @@ use crate::broker::dispatch::Outbox;
 use crate::broker::{self, HubLink, Limits, Shared};
 use crate::certs::{self, CertPaths};
 use crate::config::Config;
-use crate::dispatcher::{Dispatcher, Drivers, House};
+use crate::dispatcher::{Dispatcher, House};
 use crate::reload::Reloader;
 use crate::store::{self, Store};
 use crate::topics;
+
+/// The writer's `[store]` settings, which a reload changes.
+type StoreSettings = tokio::sync::watch::Sender<crate::config::Store>;
 
 /// How long shutdown waits for sessions, drivers and the writer (SPEC: exit within 5 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -138,7 +141,7 @@ struct Hub {
     /// Reads what the router sends the hub's link; it ends only if the router dies.
     router: tokio::task::JoinHandle<broker::BrokerError>,
     /// The hub's own link, for its status.
-    link: Option<HubLink>,
+    link: HubLink,
     /// What the router routes back to the hub's link: its own status, to know it was routed.
     echo: tokio::sync::mpsc::UnboundedReceiver<broker::Message>,
     /// Client ids and connections, for the shutdown log.
@@ -169,65 +172,15 @@ impl Hub {
         }
         restore_retained(&store, &link).await?;
 
-        // The house side: the drivers, the writer and the dispatcher in front of them. The alarm
-        // starts after the retained replay above, so that its state is published last.
+        // The house side. The alarm starts after the retained replay above, so that its state
+        // is published last.
         let house = House::new(config);
         let config = Arc::clone(&house.config);
-        let outbox = Outbox::new(link.clone());
-        let ((lights, lights_inbox), (alarm, alarm_inbox)) = (crate::lights::channel(), crate::alarm::channel());
-        let (checkpoints, checkpoints_rx) = tokio::sync::mpsc::unbounded_channel();
-        tasks.spawn(crate::lights::run(Arc::clone(&config), store.clone(), outbox.clone(), lights_inbox));
-        let alarm_parts =
-            crate::alarm::Parts { store: store.clone(), outbox: outbox.clone(), lights: lights.clone(), checkpoints };
-        tasks.spawn(crate::alarm::run(Arc::clone(&config), alarm_parts, alarm_inbox));
-        let (pipeline, device_events) = crate::devices::Pipeline::new();
-        let (settings, settings_rx) = tokio::sync::watch::channel(config.store.clone());
-        let inputs =
-            crate::devices::WriterInputs { events: device_events, retained: retained_rx, alarm: checkpoints_rx };
-        tasks.spawn(crate::devices::run(store.clone(), inputs, settings_rx));
-        let drivers = Drivers { pipeline, alarm: alarm.clone(), lights };
-        let dispatcher = Dispatcher::new(house, drivers, outbox);
-        dispatcher.all_offline();
-
-        let reloader = Arc::new(Reloader::new(dispatcher.clone(), Arc::clone(&sessions), store.clone(), settings));
-        match crate::control::bind(&config.data_dir) {
-            Ok((listener, path)) => {
-                let started = std::time::Instant::now();
-                let sessions = Arc::clone(&sessions);
-                let handles = crate::control::Handles { alarm, store: store.clone(), sessions, started, reloader };
-                tasks.spawn(crate::control::serve(listener, path, handles, closing.clone()));
-            }
-            Err(e) => warn!(error = %e, "no control socket: `domoticpi alarm` and `reload` cannot reach this hub"),
-        }
-
-        let lookup = dispatcher.clone();
-        let devices: crate::auth::DeviceLookup = Arc::new(move |id| lookup.kind_of(id));
-        let shared = Arc::new(Shared {
-            router,
-            auth: Authenticator::new(store.clone(), devices, config.broker.require_client_cert),
-            throttle: Arc::default(),
-            admission: broker::admission::Admission::new(config.broker.max_connections),
-            sessions: Arc::clone(&sessions),
-            limits: Limits {
-                max_connections: config.broker.max_connections,
-                max_payload_bytes: config.broker.max_payload_bytes,
-            },
-            ended: AtomicUsize::new(0),
-            hub: link.clone(),
-            closing: closing.clone(),
-            retained,
-            house: Arc::new(dispatcher),
-        });
-        let tls_addr = local_addr(&listeners.tls);
-        let plain_addr = listeners.plain.as_ref().map(local_addr);
-        tasks.spawn(broker::serve(listeners.tls, Some(acceptor), Arc::clone(&shared), tasks.clone(), closing.clone()));
-        if let Some(plain) = listeners.plain {
-            tasks.spawn(broker::serve(plain, None, Arc::clone(&shared), tasks.clone(), closing.clone()));
-        }
-        let ended = move || shared.ended.load(Ordering::Relaxed);
-        tasks.spawn(closing.clone().run_until_cancelled_owned(trim_memory(ended, TRIM_EVERY, release_free_memory)));
-
-        let mut hub = Hub { closing, tasks, router: router_task, link: Some(link), echo, sessions, store: None };
+        let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), retained_rx, &tasks);
+        let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
+        hub.serve_control(&config, &store, &dispatcher, settings);
+        let (tls_addr, plain_addr) =
+            hub.accept_clients(&config, (listeners, acceptor), router, retained, &store, dispatcher);
         hub.announce("online", Duration::from_secs(1)).await;
         let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
         store
@@ -245,10 +198,69 @@ impl Hub {
         Ok(hub)
     }
 
+    /// Opens the control socket (`domoticpi alarm`, `status`, `reload`, `device revoke`).
+    fn serve_control(&self, config: &Config, store: &Store, dispatcher: &Dispatcher, settings: StoreSettings) {
+        match crate::control::bind(&config.data_dir) {
+            Ok((listener, path)) => {
+                let sessions = Arc::clone(&self.sessions);
+                let reloader = Reloader::new(dispatcher.clone(), Arc::clone(&sessions), store.clone(), settings);
+                let handles = crate::control::Handles {
+                    alarm: dispatcher.alarm(),
+                    store: store.clone(),
+                    sessions,
+                    started: std::time::Instant::now(),
+                    reloader: Arc::new(reloader),
+                };
+                self.tasks.spawn(crate::control::serve(listener, path, handles, self.closing.clone()));
+            }
+            Err(e) => warn!(error = %e, "no control socket: `domoticpi alarm` and `reload` cannot reach this hub"),
+        }
+    }
+
+    /// Starts accepting clients: the broker's shared state, with the dispatcher as the house behind
+    /// it, and an accept loop per listener. Returns the listeners' addresses.
+    fn accept_clients(
+        &self,
+        config: &Config,
+        (listeners, acceptor): (Listeners, TlsAcceptor),
+        router: broker::RouterHandle,
+        retained: broker::RetainedSink,
+        store: &Store,
+        dispatcher: Dispatcher,
+    ) -> (SocketAddr, Option<SocketAddr>) {
+        let lookup = dispatcher.clone();
+        let devices: crate::auth::DeviceLookup = Arc::new(move |id| lookup.kind_of(id));
+        let shared = Arc::new(Shared {
+            router,
+            auth: Authenticator::new(store.clone(), devices, config.broker.require_client_cert),
+            throttle: Arc::default(),
+            admission: broker::admission::Admission::new(config.broker.max_connections),
+            sessions: Arc::clone(&self.sessions),
+            limits: Limits {
+                max_connections: config.broker.max_connections,
+                max_payload_bytes: config.broker.max_payload_bytes,
+            },
+            ended: AtomicUsize::new(0),
+            hub: self.link.clone(),
+            closing: self.closing.clone(),
+            retained,
+            house: Arc::new(dispatcher),
+        });
+        let (tasks, closing) = (&self.tasks, &self.closing);
+        let addrs = (local_addr(&listeners.tls), listeners.plain.as_ref().map(local_addr));
+        tasks.spawn(broker::serve(listeners.tls, Some(acceptor), Arc::clone(&shared), tasks.clone(), closing.clone()));
+        if let Some(plain) = listeners.plain {
+            tasks.spawn(broker::serve(plain, None, Arc::clone(&shared), tasks.clone(), closing.clone()));
+        }
+        let ended = move || shared.ended.load(Ordering::Relaxed);
+        tasks.spawn(closing.clone().run_until_cancelled_owned(trim_memory(ended, TRIM_EVERY, release_free_memory)));
+        addrs
+    }
+
     /// Publishes the hub's status (retained) and waits, at most `wait`, for the router to route it
     /// back to the hub's own link: it is then in place for every subscriber.
     async fn announce(&mut self, status: &'static str, wait: Duration) {
-        let Some(link) = &self.link else { return };
+        let link = &self.link;
         link.subscribe(topics::HUB_STATUS);
         link.publish(topics::HUB_STATUS, status, true);
         let echo = &mut self.echo;
@@ -272,7 +284,7 @@ impl Hub {
         self.closing.cancel();
         // The drivers and the writer end once the sessions, the control socket and this link,
         // which hold the last handles on them, are gone.
-        self.link = None;
+        drop(self.link);
         self.tasks.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait()).await.is_err() {
             warn!(sessions = self.sessions.connected(), "the hub's tasks did not all stop in time");

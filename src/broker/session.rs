@@ -49,169 +49,116 @@ const ROUTER_DISCONNECTED: &str = "the router disconnected the client";
 /// How long a client may leave written data unread before the connection is closed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs a client session on an established (TLS or plain) stream.
+/// Runs a client session on an established (TLS or plain) stream: CONNECT and login, then the
+/// client id and its router link, then packets both ways, then the end. `ticket` holds the
+/// socket's place in the admission count until the session is over.
 pub async fn run<S>(stream: S, peer: SocketAddr, cert: Option<PeerCert>, shared: Arc<Shared>, mut ticket: Ticket)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let _ended = Ended(&shared);
-    let mut conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
-    let max_packet = shared.limits.max_payload_bytes + PACKET_OVERHEAD;
+    let conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
+    let Some(accepted) = accept(conn, peer, cert, &shared, &mut ticket).await else { return };
+    let Some((mut session, session_present)) = Session::open(accepted, &shared).await else { return };
+    let end = session.serve(session_present).await;
+    session.close(end).await;
+}
 
-    let first = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_connect(max_packet)).await {
-        Ok(Ok(Some(packet))) => packet,
-        Ok(Ok(None)) => return,
-        Ok(Err(FirstRead::ClientIdTooLong(len))) => {
-            warn!(%peer, len, max = guard::MAX_CLIENT_ID_BYTES, "connection refused: client id too long");
-            let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
-            return;
-        }
-        Ok(Err(FirstRead::Protocol(rumqttd::protocol::Error::InvalidProtocolLevel(level)))) => {
-            info!(%peer, level, "refused: unsupported MQTT protocol level (MQTT 3.1.1 only)");
-            let _ = conn.refuse(ConnectReturnCode::RefusedProtocolVersion).await;
-            return;
-        }
-        Ok(Err(FirstRead::Protocol(e))) => {
-            info!(%peer, error = %e, "closed: malformed CONNECT");
-            return;
-        }
-        Err(_) => {
-            debug!(%peer, "closed: no CONNECT in time");
-            return;
-        }
-    };
-    let Packet::Connect(connect, _, will, _, login) = first else {
+/// A client whose CONNECT was read and whose login and will were accepted.
+struct Accepted<S> {
+    conn: Conn<S>,
+    peer: SocketAddr,
+    connect: rumqttd::protocol::Connect,
+    will: Option<LastWill>,
+    identity: Identity,
+    max_packet: usize,
+}
+
+/// Reads CONNECT and decides whether the client may go on: room on the hub, a valid client id, a
+/// login, a will it could publish. Every refusal is answered with its CONNACK here.
+async fn accept<S>(
+    mut conn: Conn<S>,
+    peer: SocketAddr,
+    cert: Option<PeerCert>,
+    shared: &Shared,
+    ticket: &mut Ticket,
+) -> Option<Accepted<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max_packet = shared.limits.max_payload_bytes + PACKET_OVERHEAD;
+    let Packet::Connect(connect, _, will, _, login) = first_packet(&mut conn, peer, max_packet).await? else {
         info!(%peer, "closed: first packet was not CONNECT");
-        return;
+        return None;
     };
     let shown_id = guard::shown(&connect.client_id);
-    if ticket.over_limit() {
+    let refused = if ticket.over_limit() {
         warn!(%peer, client = %shown_id, max = shared.limits.max_connections, "connection refused: too many connections");
-        let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
-        return;
-    }
-    if let Err(reason) = guard::client_id(&connect.client_id, connect.clean_session) {
+        Some(ConnectReturnCode::ServiceUnavailable)
+    } else if let Err(reason) = guard::client_id(&connect.client_id, connect.clean_session) {
         warn!(%peer, client = %shown_id, %reason, "connection refused");
-        let _ = conn.refuse(ConnectReturnCode::ClientIdentifierNotValid).await;
-        return;
+        Some(ConnectReturnCode::ClientIdentifierNotValid)
+    } else {
+        None
+    };
+    if let Some(code) = refused {
+        let _ = conn.refuse(code).await;
+        return None;
     }
     let (username, password) = match login {
         Some(l) if !l.username.is_empty() => (Some(l.username), Some(Secret::new(l.password))),
         _ => (None, None),
     };
     let presented = Presented { client_id: connect.client_id.clone(), username, password, cert };
-    let identity = match log_in(&mut conn, &shared, peer, presented, max_packet).await {
+    let identity = match log_in(&mut conn, shared, peer, presented, max_packet).await {
         Ok(identity) => identity,
-        Err(Some(code)) => {
-            let _ = conn.refuse(code).await;
-            return;
+        Err(code) => {
+            if let Some(code) = code {
+                let _ = conn.refuse(code).await;
+            }
+            return None;
         }
-        Err(None) => return,
     };
     ticket.logged_in();
     if let Some(w) = &will {
-        if let Err(reason) = check_will(&shared, &identity, &connect.client_id, w) {
+        if let Err(reason) = check_will(shared, &identity, &connect.client_id, w) {
             let topic = guard::shown(&String::from_utf8_lossy(&w.topic));
             warn!(%peer, client = %shown_id, user = identity.name(), %topic, %reason, "connection refused: will refused");
             shared.report_error(&topic, &connect.client_id, &format!("will refused: {reason}"));
             let _ = conn.refuse(ConnectReturnCode::NotAuthorized).await;
-            return;
+            return None;
         }
     }
-    let client_id = if connect.client_id.is_empty() {
-        // MQTT 3.1.1 §3.1.3-6: the server assigns one.
-        format!("auto-{:016x}", rand_u64())
-    } else {
-        connect.client_id.clone()
-    };
-    let clean = connect.clean_session;
+    Some(Accepted { conn, peer, connect, will, identity, max_packet })
+}
 
-    let claim = match shared.sessions.claim(&client_id, &identity, clean).await {
-        Ok(claim) => claim,
-        Err(e) => {
-            let code = match e {
-                ClaimError::Taken => ConnectReturnCode::ClientIdentifierNotValid,
-                ClaimError::StillClosing | ClaimError::Full => ConnectReturnCode::ServiceUnavailable,
-            };
-            warn!(%peer, client = %client_id, user = identity.name(), reason = %e, "connection refused");
-            let _ = conn.refuse(code).await;
-            return;
+/// The client's first packet, read within the handshake timeout; `None` once the client has been
+/// answered (an overlong client id, another protocol level) or dropped (malformed, silent).
+async fn first_packet<S>(conn: &mut Conn<S>, peer: SocketAddr, max_packet: usize) -> Option<Packet>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let code = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_connect(max_packet)).await {
+        Ok(Ok(packet)) => return packet,
+        Ok(Err(FirstRead::ClientIdTooLong(len))) => {
+            warn!(%peer, len, max = guard::MAX_CLIENT_ID_BYTES, "connection refused: client id too long");
+            ConnectReturnCode::ClientIdentifierNotValid
+        }
+        Ok(Err(FirstRead::Protocol(rumqttd::protocol::Error::InvalidProtocolLevel(level)))) => {
+            info!(%peer, level, "refused: unsupported MQTT protocol level (MQTT 3.1.1 only)");
+            ConnectReturnCode::RefusedProtocolVersion
+        }
+        Ok(Err(FirstRead::Protocol(e))) => {
+            info!(%peer, error = %e, "closed: malformed CONNECT");
+            return None;
+        }
+        Err(_) => {
+            debug!(%peer, "closed: no CONNECT in time");
+            return None;
         }
     };
-    let links = shared.router.links.clone();
-    let (router_id, purge) = (claim.router_id.clone(), claim.purge);
-    // Opening a link waits for the router's answer on a blocking channel.
-    let link = match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
-        Ok(opened) => opened.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let (link_tx, link_rx, ack) = match link {
-        Ok(link) => link,
-        Err(error) => {
-            warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
-            shared.sessions.release(&claim);
-            let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
-            return;
-        }
-    };
-    let router_ack: Option<Packet> = ack.into();
-    let session_present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
-    let mut session = Session {
-        conn,
-        link_tx,
-        link_rx,
-        client_id,
-        peer,
-        keepalive: (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500)),
-        max_packet,
-        shared: shared.clone(),
-        identity,
-        claim,
-        acks: Acks::default(),
-        pending_subscribes: HashMap::new(),
-        to_router: Vec::new(),
-        retained_on_release: HashMap::new(),
-    };
-    let connack = Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None);
-    let end = match session.conn.send(connack).await {
-        Ok(()) => {
-            info!(%peer, client = %session.client_id, user = session.identity.name(), keepalive = connect.keep_alive, clean, session_present, "client connected");
-            shared.house.connection(&session.identity, true);
-            session.pump().await
-        }
-        Err(e) => End::Lost(e.to_string()),
-    };
-    let Session { mut link_tx, client_id, mut conn, claim, identity, .. } = session;
-    if matches!(end, End::Router) {
-        shared.sessions.router_dropped();
-    }
-    // The router link closes first: a connection taking this client id over opens it next.
-    if !matches!(end, End::Router) {
-        let _ = disconnect_link(&mut link_tx).await;
-    }
-    drop(link_tx);
-    let replaced = shared.sessions.is_replaced(&claim);
-    if !replaced {
-        if let (End::Lost(_), Some(will)) = (&end, will) {
-            publish_will(&shared, &identity, &client_id, will);
-        }
-        // A device's availability is the hub's word, after any will.
-        shared.house.connection(&identity, false);
-    }
-    // Lets a connection waiting to take the client id over go on.
-    shared.sessions.release(&claim);
-    drop(claim);
-    let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
-    match end {
-        End::Clean => info!(%peer, client = %client_id, "client disconnected"),
-        End::Router => warn!(%peer, client = %client_id, "client closed by the router"),
-        End::Kicked if replaced => {
-            info!(%peer, client = %client_id, "client replaced by a new connection with the same id")
-        }
-        End::Kicked => info!(%peer, client = %client_id, "client closed: its credentials were revoked"),
-        End::HubClosing => info!(%peer, client = %client_id, "client closed: hub shutting down"),
-        End::Lost(reason) => info!(%peer, client = %client_id, %reason, "client connection lost"),
-    }
+    let _ = conn.refuse(code).await;
+    None
 }
 
 /// Decides who the client is. An address with recent failed logins waits first (before a password
@@ -491,9 +438,120 @@ struct Session<S> {
     to_router: Vec<Packet>,
     /// Retained QoS 2 publishes awaiting their PUBREL: kept on disk once the router has them.
     retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
+    /// The will, published if the connection dies without DISCONNECT.
+    will: Option<LastWill>,
+    /// The keepalive (seconds) and clean-session flag the client asked for, for the log.
+    asked: (u16, bool),
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Gives the accepted client its client id (refusing one another identity holds) and opens its
+    /// router link; returns the session and whether the router kept one under that id.
+    async fn open(a: Accepted<S>, shared: &Arc<Shared>) -> Option<(Session<S>, bool)> {
+        let Accepted { mut conn, peer, connect, will, identity, max_packet } = a;
+        let client_id = match connect.client_id.is_empty() {
+            // MQTT 3.1.1 §3.1.3-6: the server assigns one.
+            true => format!("auto-{:016x}", rand_u64()),
+            false => connect.client_id,
+        };
+        let clean = connect.clean_session;
+        let claim = match shared.sessions.claim(&client_id, &identity, clean).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                let code = match e {
+                    ClaimError::Taken => ConnectReturnCode::ClientIdentifierNotValid,
+                    ClaimError::StillClosing | ClaimError::Full => ConnectReturnCode::ServiceUnavailable,
+                };
+                warn!(%peer, client = %client_id, user = identity.name(), reason = %e, "connection refused");
+                let _ = conn.refuse(code).await;
+                return None;
+            }
+        };
+        let links = shared.router.links.clone();
+        let (router_id, purge) = (claim.router_id.clone(), claim.purge);
+        // Opening a link waits for the router's answer on a blocking channel.
+        let link = match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
+            Ok(opened) => opened.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let (link_tx, link_rx, ack) = match link {
+            Ok(link) => link,
+            Err(error) => {
+                warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
+                shared.sessions.release(&claim);
+                let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                return None;
+            }
+        };
+        let router_ack: Option<Packet> = ack.into();
+        let session_present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
+        let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+        let session = Session {
+            conn,
+            link_tx,
+            link_rx,
+            client_id,
+            peer,
+            keepalive,
+            max_packet,
+            shared: Arc::clone(shared),
+            identity,
+            claim,
+            acks: Acks::default(),
+            pending_subscribes: HashMap::new(),
+            to_router: Vec::new(),
+            retained_on_release: HashMap::new(),
+            will,
+            asked: (connect.keep_alive, clean),
+        };
+        Some((session, session_present))
+    }
+
+    /// Answers CONNACK, announces the client to the house and moves packets until the end.
+    async fn serve(&mut self, session_present: bool) -> End {
+        let connack = Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, None);
+        if let Err(e) = self.conn.send(connack).await {
+            return End::Lost(e.to_string());
+        }
+        let (keepalive, clean) = self.asked;
+        info!(peer = %self.peer, client = %self.client_id, user = self.identity.name(), keepalive, clean, session_present, "client connected");
+        self.shared.house.connection(&self.identity, true);
+        self.pump().await
+    }
+
+    /// Ends the session: the router link first (a connection taking the client id over opens it
+    /// next), then the will of a connection that died, then the device's `offline`, so that the
+    /// hub's word on availability comes last; a taken-over connection publishes neither.
+    async fn close(self, end: End) {
+        let Session { mut link_tx, client_id, mut conn, claim, identity, shared, peer, will, .. } = self;
+        match end {
+            End::Router => shared.sessions.router_dropped(),
+            _ => drop(disconnect_link(&mut link_tx).await),
+        }
+        drop(link_tx);
+        let replaced = shared.sessions.is_replaced(&claim);
+        if !replaced {
+            if let (End::Lost(_), Some(will)) = (&end, will) {
+                publish_will(&shared, &identity, &client_id, will);
+            }
+            shared.house.connection(&identity, false);
+        }
+        // Lets a connection waiting to take the client id over go on.
+        shared.sessions.release(&claim);
+        drop(claim);
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.stream.shutdown()).await;
+        match end {
+            End::Clean => info!(%peer, client = %client_id, "client disconnected"),
+            End::Router => warn!(%peer, client = %client_id, "client closed by the router"),
+            End::Kicked if replaced => {
+                info!(%peer, client = %client_id, "client replaced by a new connection with the same id")
+            }
+            End::Kicked => info!(%peer, client = %client_id, "client closed: its credentials or its device changed"),
+            End::HubClosing => info!(%peer, client = %client_id, "client closed: hub shutting down"),
+            End::Lost(reason) => info!(%peer, client = %client_id, %reason, "client connection lost"),
+        }
+    }
+
     /// Moves packets both ways until the session ends.
     async fn pump(&mut self) -> End {
         let mut deadline = self.keepalive.map(|k| Instant::now() + k);
