@@ -212,6 +212,9 @@ pub struct Status {
     pub bypassed: Vec<String>,
     /// Code entry is locked after too many wrong codes.
     pub code_locked_out: bool,
+    /// Milliseconds left of the state's delay (exit, entry) or siren time; absent when none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_ms: Option<u64>,
 }
 
 /// One `dpi/alarm/event`, as published and as returned to the CLI.
@@ -662,6 +665,7 @@ impl Driver {
             by: self.alarm.by().to_owned(),
             bypassed: self.alarm.bypassed().map(str::to_owned).collect(),
             code_locked_out: self.alarm.code_locked_out(self.now()),
+            remaining_ms: self.alarm.snapshot(self.now()).remaining.map(millis),
         }
     }
 

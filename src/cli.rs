@@ -646,6 +646,9 @@ fn print_alarm(response: crate::control::Response) -> anyhow::Result<()> {
         println!("by: {}", a.by);
         println!("bypassed: {}", if a.bypassed.is_empty() { "-".to_owned() } else { a.bypassed.join(", ") });
         println!("code_entry: {}", if a.code_locked_out { "locked" } else { "open" });
+        if let Some(ms) = a.remaining_ms {
+            println!("time_left: {:.1} s", ms as f64 / 1000.0);
+        }
     }
     let refused = ["arm_refused", "code_rejected", "code_lockout"];
     if let Some(e) = response.events.iter().find(|e| refused.contains(&e.event.as_str())) {

@@ -43,7 +43,8 @@ async fn an_invalid_state_is_reported_and_changes_nothing() {
         .await
         .unwrap();
     watcher.expect("dpi/front-door/state", br#"{"contact":"closed","battery":90,"rssi":-60}"#).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stored = || stored_state(&hub.db(), "front-door").is_some_and(|s| s.contains("-60"));
+    eventually("the last valid state stored", 10, stored).await;
     let state = stored_state(&hub.db(), "front-door").expect("no stored state");
     let v: serde_json::Value = serde_json::from_str(&state).unwrap();
     assert_eq!((v["contact"].as_str(), v["rssi"].as_i64()), (Some("closed"), Some(-60)), "{state}");
@@ -71,7 +72,13 @@ async fn messages_about_undeclared_devices_are_rejected_and_listed_by_status() {
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    let counted = || {
+        hub.db()
+            .query_row("SELECT count FROM rejected_devices WHERE id = 'garage-door'", [], |r| r.get::<_, i64>(0))
+            .ok()
+            == Some(3)
+    };
+    eventually("three rejections counted", 10, counted).await;
     let (code, out, _) = run_cli(&["--config", &hub.config_path(), "status"], None);
     assert_eq!(code, 0);
     assert!(out.contains("garage-door: 3 messages"), "{out}");
@@ -86,7 +93,15 @@ async fn ten_thousand_retained_states_cost_at_most_one_transaction_per_commit_in
     hub.add_user("admin", Role::Admin, "admin-password");
     let creds = hub.device_creds("kitchen-temp", false);
     let sensor = hub.device("kitchen-temp", &creds["password"]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // The connection's own write (its availability) is done before counting.
+    let online = || {
+        hub.db()
+            .query_row("SELECT online FROM device_state WHERE id = 'kitchen-temp'", [], |r| r.get::<_, Option<bool>>(0))
+            .ok()
+            .flatten()
+            == Some(true)
+    };
+    eventually("the sensor's availability stored", 10, online).await;
     // Every write transaction of the hub, as the running hub counts them (SQLite's commit hook).
     let data_dir = hub.data_dir.clone();
     let counter = move || {
@@ -180,7 +195,14 @@ async fn a_backup_taken_under_load_opens_and_matches() {
         }
         sensor
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The backup is taken while the load runs, once some of it is on disk.
+    let history = || {
+        hub.db()
+            .query_row("SELECT COUNT(*) FROM history WHERE device = 'kitchen-temp'", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            > 0
+    };
+    eventually("history written", 10, history).await;
     let backup = hub.dir.path().join("backup.db");
     let (code, out, err) = run_cli(&["--config", &hub.config_path(), "backup", backup.to_str().unwrap()], None);
     assert_eq!(code, 0, "{err}");

@@ -203,14 +203,19 @@ async fn a_reload_during_the_entry_delay_keeps_the_alarm_pending_with_the_same_d
         }
     }
     let opened = Instant::now();
+    let before = hub.alarm_status().await;
 
     hub.rewrite_config(&alarm(60));
     let (code, out, err) = reload(&hub);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("applied: [alarm]"), "{out}");
+    let after = hub.alarm_status().await;
+    assert_eq!((before.state.as_str(), after.state.as_str()), ("pending", "pending"));
+    let (left_before, left_after) = (before.remaining_ms.unwrap(), after.remaining_ms.unwrap());
+    assert!(left_after <= left_before && left_before <= 3_000, "{left_before} ms left, then {left_after} ms");
     let (code, out, _) = run_cli(&["--config", &hub.config_path(), "alarm", "status"], None);
     assert_eq!(code, 0);
-    assert!(out.contains("pending"), "{out}");
+    assert!(out.contains("alarm: pending") && out.contains("time_left: "), "{out}");
     // The alarm triggers at the old deadline, 3 s after the door opened, not 60 s.
     loop {
         let p = watcher.recv(15).await;

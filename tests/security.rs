@@ -280,7 +280,7 @@ async fn delivered_qos_is_the_lower_of_publish_and_subscription() {
     let mut sub = hub.client("sub", "admin", "admin-password").await.unwrap();
     sub.subscribe("q/#", QoS::ExactlyOnce).await;
     let publisher = hub.client("pub", "admin", "admin-password").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_routed(&publisher.client, &mut sub, "q/probe").await;
     for (qos, expected) in
         [(QoS::AtMostOnce, QoS::AtMostOnce), (QoS::AtLeastOnce, QoS::AtLeastOnce), (QoS::ExactlyOnce, QoS::ExactlyOnce)]
     {
@@ -299,7 +299,7 @@ async fn delivered_qos_is_the_lower_of_publish_and_subscription() {
     // And the other way: a QoS 0 subscription gets QoS 0 whatever was published.
     let mut low = hub.client("low", "admin", "admin-password").await.unwrap();
     low.subscribe("low/#", QoS::AtMostOnce).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_routed(&publisher.client, &mut low, "low/probe").await;
     publisher.client.publish("low/x", QoS::ExactlyOnce, false, "y").await.unwrap();
     assert_eq!(low.recv(10).await.qos, QoS::AtMostOnce);
 }
@@ -313,8 +313,16 @@ async fn max_connections_is_a_refusal_not_a_silent_drop() {
     let err = hub.client("c", "admin", "admin-password").await.err().expect("third client accepted");
     assert!(matches!(err, ConnectionError::ConnectionRefused(ConnectReturnCode::ServiceUnavailable)), "{err:?}");
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    hub.client("c", "admin", "admin-password").await.unwrap();
+    // Its place is free once its session has ended on the hub's side.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let _c = loop {
+        match hub.client("c", "admin", "admin-password").await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "the closed connection's place was not freed: {e:?}")
+            }
+        }
+    };
     drop(b);
 }
 
@@ -322,12 +330,15 @@ async fn max_connections_is_a_refusal_not_a_silent_drop() {
 async fn retained_messages_survive_a_restart() {
     let hub = TestHub::start(DEVICES).await;
     hub.add_user("admin", Role::Admin, "admin-password");
-    let admin = hub.client("a", "admin", "admin-password").await.unwrap();
+    let mut admin = hub.client("a", "admin", "admin-password").await.unwrap();
+    admin.subscribe("sync/#", QOS1).await;
     admin.client.publish("dpi/hall-light/state", QoS::AtLeastOnce, true, r#"{"on":true}"#).await.unwrap();
     admin.client.publish("house/note", QoS::AtLeastOnce, true, "keep me").await.unwrap();
     admin.client.publish("house/gone", QoS::AtLeastOnce, true, "soon cleared").await.unwrap();
     admin.client.publish("house/gone", QoS::AtLeastOnce, true, "").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In order on one connection: once the probe is back, the hub has taken the four above.
+    let own = admin.client.clone();
+    until_routed(&own, &mut admin, "sync/probe").await;
     drop(admin);
     let hub = hub.restart(DEVICES).await;
     let mut sub = hub.client("s", "admin", "admin-password").await.unwrap();

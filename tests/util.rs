@@ -714,3 +714,41 @@ impl TestHub {
         }
     }
 }
+
+/// Waits (at most `secs`) until `check` holds, looking every 20 ms: for what the hub does on its
+/// own time (the writer's interval, a session's end), waited for by its outcome.
+pub async fn eventually(what: &str, secs: u64, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl TestHub {
+    /// The running alarm's status, through the control socket.
+    pub async fn alarm_status(&self) -> domoticpi::alarm::Status {
+        let data_dir = self.data_dir.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            domoticpi::control::request(&data_dir, &domoticpi::control::Request::AlarmStatus)
+        });
+        answer.await.unwrap().unwrap().alarm.expect("no alarm status")
+    }
+}
+
+/// Waits until a message `publisher` sends on `topic` reaches `sub` (publishing again every
+/// 100 ms): then `sub`'s subscription is in place, and the hub has handled everything `publisher`
+/// sent before. Other messages `sub` receives meanwhile are dropped.
+pub async fn until_routed(publisher: &AsyncClient, sub: &mut Client, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        publisher.publish(topic, QoS::AtMostOnce, false, "probe").await.unwrap();
+        let wait = Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(p)) = tokio::time::timeout_at(wait.into(), sub.rx.recv()).await {
+            if p.topic == topic {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing on {topic} reached the subscriber in 10 s");
+    }
+}
