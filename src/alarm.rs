@@ -2,9 +2,10 @@
 //! carries out what it decides (SPEC §7 "Alarm", the `dpi/alarm/*` topics of §5).
 //!
 //! Inputs reach the task over one channel, in the order they happened, through an [`AlarmHandle`]:
-//! sensor states and availability from the device pipeline, `dpi/alarm/set` commands from sessions
-//! (already through the ACL, with who sent them), and commands and status requests from the control
-//! socket ([`crate::control`]). The task reads the monotonic clock (tokio's, so tests may pause it),
+//! sensor states and availability and `dpi/alarm/set` commands (already through the ACL, with who
+//! sent them) from the dispatcher ([`crate::dispatcher`]), commands and status requests from the
+//! control socket ([`crate::control`]), and a reloaded config, which changes sensors, sirens, delays
+//! and options but neither the state nor a running delay. The task reads the monotonic clock (tokio's, so tests may pause it),
 //! hands the machine the milliseconds since the task started, and sleeps until
 //! [`Alarm::poll_timeout`]. It carries out [`Action`]s strictly in order: a `Persist` is on disk
 //! ([`Store::durable`]) before anything after it is published.
@@ -560,7 +561,7 @@ impl Driver {
             }
             None => (Alarm::new(alarm_config, Instant::from_millis(0)), None),
         };
-        let kinds: HashMap<String, DeviceKind> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        let kinds = config.kinds();
         let mut last = HashMap::new();
         match store.call(|c| store::device_state::all(c)).await {
             Ok(rows) => {
@@ -606,7 +607,7 @@ impl Driver {
     /// Applies a reloaded config to the machine and to what the driver keeps per device.
     fn reconfigure(&mut self, config: &Config) {
         self.alarm.reconfigure(alarm_config(config));
-        self.kinds = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        self.kinds = config.kinds();
         self.sirens = ids_of(config, DeviceKind::Siren).into_iter().collect();
         self.last.retain(|id, _| self.kinds.contains_key(id));
         self.resend.retain(|(_, id)| self.kinds.contains_key(id));

@@ -344,12 +344,13 @@ fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()
         println!("cert: {}", abs(&cert));
         println!("key: {}", abs(&key));
     }
-    let mut publish = vec![format!("dpi/{id}/state"), format!("dpi/{id}/availability")];
+    use crate::topics::{self, Leaf};
+    let mut publish = vec![topics::device(id, Leaf::State), topics::device(id, Leaf::Availability)];
     if device.kind == config::DeviceKind::Keypad {
-        publish.push("dpi/alarm/set".to_owned());
+        publish.push(topics::ALARM_SET.to_owned());
     }
     println!("publish: {}", publish.join(", "));
-    println!("subscribe: dpi/{id}/set, dpi/alarm/state");
+    println!("subscribe: {}, {}", topics::device(id, Leaf::Set), topics::ALARM_STATE);
     Ok(())
 }
 

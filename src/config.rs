@@ -1,6 +1,6 @@
 //! The hub's configuration: one TOML file, read in two stages.
 //!
-//! Stage one is a serde shape ([`raw`]) that mirrors the file key for key and refuses unknown keys.
+//! Stage one is a serde shape (`raw`) that mirrors the file key for key and refuses unknown keys.
 //! Stage two, [`Config::from_toml`], validates everything at once and builds typed values, so that
 //! every mistake an installer can make is reported with its line and column before the hub starts,
 //! and none is found later at run time. Parsing works on a `&str`: tests need no files.
@@ -535,6 +535,11 @@ impl Config {
             c.diagnostics.sort_by_key(|d| (d.line, d.column));
             Err(invalid(c.diagnostics))
         }
+    }
+
+    /// Every declared device's kind, by id.
+    pub fn kinds(&self) -> HashMap<String, DeviceKind> {
+        self.devices.iter().map(|d| (d.id.clone(), d.kind)).collect()
     }
 
     /// The device with this id.

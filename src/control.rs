@@ -1,6 +1,6 @@
 //! The control channel: a Unix socket, `DATA_DIR/hub.sock` (mode 0600), through which `domoticpi`
-//! commands act on the running hub (`domoticpi alarm …`, `status`, and closing a device's
-//! connection when `device revoke` or `device creds` changes its credentials).
+//! commands act on the running hub (`domoticpi alarm …`, `status`, `reload` and SIGHUP, and closing
+//! a device's connection when `device revoke` or `device creds` changes its credentials).
 //!
 //! The protocol is one JSON object per line each way, one response per request, several requests per
 //! connection allowed:
@@ -14,13 +14,16 @@
 //! ← {"ok":true,"stats":{"uptime_s":3600,"store_commits":3598,"connected":12,"client_ids":14,"router_ids":15,"router_drops":0},"events":[]}
 //! → {"request":"close_device","id":"hall-motion"}   (after `device revoke` or `device creds`)
 //! ← {"ok":true,"events":[]}
+//! → {"request":"reload"}
+//! ← {"ok":true,"events":[],"reload":{"applied":["devices added: porch"],"restart":[],"closed":[]}}
 //! ← {"ok":false,"error":"…"}                      (a request the hub could not carry out)
 //! ```
 //!
 //! `command` is exactly a `dpi/alarm/set` payload, checked by the same parser. Only the hub's own
 //! user can open the socket (the data dir is 0700 and the socket 0600), so a request is trusted like
-//! the CLI; a disarm still needs a valid code. This module must not decide anything about the alarm:
-//! it passes requests to the driver ([`crate::alarm`]) and answers with what it says.
+//! the CLI; a disarm still needs a valid code. This module must not decide anything about the alarm
+//! or a reload: it passes requests to the driver ([`crate::alarm`]) or to [`crate::reload`] and
+//! answers with what they say.
 
 use std::io::{BufRead as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;

@@ -47,7 +47,7 @@ pub struct House {
 impl House {
     /// The house of a validated config.
     pub fn new(config: Config) -> House {
-        let kinds = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        let kinds = config.kinds();
         let alarm_watch = alarm::watched(&config);
         let (lights_watch, scenes) = lights::interests(&config);
         House { config: Arc::new(config), kinds, alarm_watch, lights_watch, scenes }

@@ -7,18 +7,21 @@
 //! Start: data dir (0700), certificates (re-issued when names changed), database, TLS config, the
 //! store thread, the router and the hub's link, the lag recorder; the stored retained messages are
 //! republished (each through the router boundary's check; a row it refuses is skipped and logged);
-//! the lights and alarm drivers (the alarm after the replay, so that its state is published last),
-//! the writer, every declared device `offline`; the control socket, the listeners, `online` on
-//! `dpi/hub/status` (ready once the router routed it back), the start recorded, `READY=1`.
+//! the house side ([`Dispatcher::start`]: the light and alarm drivers, the alarm after the replay so
+//! that its state is published last, the writer, every declared device `offline`); the control
+//! socket; the listeners; `online` on `dpi/hub/status` (ready once the router routed it back); the
+//! start recorded; `READY=1`.
 //!
-//! Shutdown, on SIGTERM or Ctrl-C (or when the router dies), bounded so the hub exits within 5 s:
-//! stop accepting; publish `offline` on `dpi/hub/status` and wait up to 500 ms for the router to
-//! route it back (it is then queued for every subscriber); tell every session to close (each
-//! writes what the router queued for it, up to 250 ms, announces its device `offline` and closes);
-//! wait up to 2 s for them; stop the watchdog, lag recorder and trimmer; stop the control socket and
-//! the drivers (1 s in all, so the alarm's last actions reach the store); record the stop; drop the
-//! hub link, after which the writer makes its last write (1 s); join the store thread, which runs
-//! the jobs still queued and checkpoints the WAL.
+//! Everything runs on one [`TaskTracker`] and stops on one [`CancellationToken`], except the link
+//! reader, whose end is the router's death. Shutdown, on SIGTERM or Ctrl-C (or when the router
+//! dies), bounded so that the hub exits within 5 s: publish `offline` on `dpi/hub/status` and wait
+//! up to 500 ms for the router to route it back (it is then queued for every subscriber); cancel the
+//! token: the listeners stop, every session writes what the router queued for it (up to 250 ms),
+//! announces its device `offline` and closes, the control socket and the background loops end; drop
+//! the hub's link. The drivers and the writer hold no token: they end once the last handle on them
+//! is gone (sessions, control socket, link), the writer after a last write. Wait up to 3 s for all
+//! of it; record the stop; join the store thread, which runs the jobs still queued and checkpoints
+//! the WAL.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -2,9 +2,10 @@
 //! ([`domoticpi_rules::lights`]) and carries out what it decides (SPEC §7 "Lights", `dpi/scene/set`).
 //!
 //! Inputs reach the task over one channel, in the order they happened, through a [`LightsHandle`]:
-//! decoded states of the devices the rules use (from the device pipeline), scene requests from
-//! sessions (already through the ACL and checked against the configured scenes), and the alarm's
-//! "every light on". The task maps tokio's monotonic clock to the machine's [`Instant`] (milliseconds
+//! decoded states of the devices the rules use and scene requests (already through the ACL and
+//! checked against the configured scenes), both from the dispatcher ([`crate::dispatcher`]), the
+//! alarm's "every light on", and a reloaded config ([`Lights::reconfigure`]: timers of rules that
+//! still exist keep running). The task maps tokio's monotonic clock to the machine's [`Instant`] (milliseconds
 //! since the task started), reads the wall clock ([`jiff::Timestamp::now`]) at each event and
 //! wake-up — the only place in the hub that does so for the rules — and sleeps until
 //! [`Lights::poll_timeout`]. Each [`Action::Set`] is published, not retained, to `dpi/ID/set` as
@@ -16,7 +17,7 @@
 //!
 //! This module must not decide what an event means (the machine does) and must not block.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -292,7 +293,7 @@ struct Driver {
 impl Driver {
     /// Feeds the stored states of lights and lux sensors, so the machine knows what is on.
     async fn seed(&mut self, config: &Config, store: &Store) {
-        let kinds: HashMap<String, DeviceKind> = config.devices.iter().map(|d| (d.id.clone(), d.kind)).collect();
+        let kinds = config.kinds();
         let rows = match store.call(|c| store::device_state::all(c)).await {
             Ok(rows) => rows,
             Err(e) => {
