@@ -137,12 +137,13 @@ impl Dispatcher {
     /// announced offline until they connect. Returns the house it replaced.
     pub fn swap(&self, house: House) -> Arc<House> {
         let house = Arc::new(house);
-        let old = std::mem::replace(
-            &mut *self.0.house.write().unwrap_or_else(std::sync::PoisonError::into_inner),
-            Arc::clone(&house),
-        );
+        let mut current = self.0.house.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Under the lock: every message judged against the new house reaches a driver after its
+        // new config does.
         self.0.alarm.reconfigure(Arc::clone(&house.config));
         self.0.lights.reconfigure(Arc::clone(&house.config));
+        let old = std::mem::replace(&mut *current, Arc::clone(&house));
+        drop(current);
         for device in house.config.devices.iter().filter(|d| !old.kinds.contains_key(&d.id)) {
             self.announce(&device.id, false);
             self.0.pipeline.availability(&device.id, false);
