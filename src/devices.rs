@@ -197,8 +197,8 @@ impl Inputs {
 /// transaction, so the SD card sees at most one commit per `interval` whatever the load (history
 /// is pruned in that same transaction, hourly). A write that fails (a full disk) is kept in
 /// memory, bounded, and retried an interval later. `settings` (`[store]`) may change at a reload:
-/// each interval reads them afresh.
-pub async fn run(store: Store, inputs: WriterInputs, settings: watch::Receiver<crate::config::Store>) {
+/// a new interval applies to the one being gathered, counted from its start.
+pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiver<crate::config::Store>) {
     let mut known: HashMap<String, Known> = match store.call(|c| store::device_state::all(c)).await {
         Ok(rows) => rows.into_iter().map(|r| (r.id, Known { state: r.state, online: r.online })).collect(),
         Err(e) => {
@@ -217,9 +217,19 @@ pub async fn run(store: Store, inputs: WriterInputs, settings: watch::Receiver<c
             let next = inputs.next(None).await;
             pending.take(next, &mut known);
         }
-        let crate::config::Store { commit_interval, history_days } = settings.borrow().clone();
-        let deadline = tokio::time::Instant::now() + commit_interval;
-        while pending.take(inputs.next(Some(deadline)).await, &mut known) {}
+        // A reload that changes the interval moves the end of the one being gathered.
+        let gathering = tokio::time::Instant::now();
+        loop {
+            let deadline = gathering + settings.borrow_and_update().commit_interval;
+            let next = tokio::select! {
+                next = inputs.next(Some(deadline)) => next,
+                Ok(()) = settings.changed() => continue,
+            };
+            if !pending.take(next, &mut known) {
+                break;
+            }
+        }
+        let history_days = settings.borrow().history_days;
         if pending.is_empty() {
             continue;
         }

@@ -292,3 +292,26 @@ fn sighup_applies_the_config_file_as_reload_does() {
     let log = log_until(&hub, "reload refused");
     assert!(log.last().is_some_and(|l| l.contains(":5:6:")), "the error's line and column: {log:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shorter_commit_interval_applies_to_the_states_already_waiting() {
+    let slow = format!("[store]\ncommit_interval_ms = 3600000\n{DOOR}");
+    let (hub, mut watcher) = hub_with_watcher(&slow).await;
+    let door = device(&hub, "front-door").await;
+    publish(&door, "dpi/front-door/state", "OPEN").await;
+    watcher.expect("dpi/front-door/state", b"OPEN").await;
+    let stored = || {
+        hub.db()
+            .query_row("SELECT state FROM device_state WHERE id = 'front-door'", [], |r| r.get::<_, Option<String>>(0))
+            .ok()
+            .flatten()
+            .is_some()
+    };
+    assert!(!stored(), "written before the hour-long interval ended");
+    hub.rewrite_config(&format!("[store]\ncommit_interval_ms = 50\n{DOOR}"));
+    let (code, out, err) = reload(&hub);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("applied: [store]"), "{out}");
+    eventually("the waiting state written on the new interval", 10, stored).await;
+    hub.stop().await.unwrap();
+}
