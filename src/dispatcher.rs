@@ -17,7 +17,6 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
-use tracing::info;
 
 use crate::alarm::{self, AlarmHandle};
 use crate::auth::Identity;
@@ -249,35 +248,103 @@ impl Dispatch for Dispatcher {
 
     fn connection(&self, identity: &Identity, up: bool) {
         let Identity::Device { id, .. } = identity else { return };
+        // A device whose reload removed it is still recorded going offline, for the truth of the table.
         self.announce(id, up);
-        let house = self.house();
-        if house.kinds.contains_key(id) {
-            self.availability(&house, id, up);
-        } else {
-            info!(device = %id, "device no longer declared: its availability is announced, not recorded");
-        }
+        self.availability(&self.house(), id, up);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::DeviceEvent;
+    use crate::store::users::Role;
 
     fn house(toml: &str) -> House {
         House::new(Config::from_toml(toml, None).unwrap())
     }
 
     const DOOR: &str = "[[device]]\nid = \"door\"\nkind = \"contact\"\nzone = \"entry\"\n";
+    const SCENE: &str =
+        "[[device]]\nid = \"lamp\"\nkind = \"light\"\n[[scene]]\nid = \"evening\"\nset = { lamp = { on = true } }\n";
+
+    /// A dispatcher on a real router's link, with drivers nobody reads, and the writer's input.
+    fn dispatcher(toml: &str) -> (Dispatcher, mpsc::UnboundedReceiver<DeviceEvent>) {
+        let router = crate::broker::start_router(4);
+        let (retained, _) = mpsc::unbounded_channel();
+        let (link, _, _) = crate::broker::HubLink::connect(&router.links, retained).unwrap();
+        let (pipeline, events) = Pipeline::new();
+        let ((alarm, _), (lights, _)) = (alarm::channel(), lights::channel());
+        let house = RwLock::new(Arc::new(house(toml)));
+        let inner = Inner { house, pipeline, alarm, lights, outbox: Outbox::new(link), max_payload: 1024 };
+        (Dispatcher(Arc::new(inner)), events)
+    }
+
+    fn resident() -> Identity {
+        Identity::User { name: "alice".into(), role: Role::Resident }
+    }
+
+    fn from(identity: &Identity) -> Origin<'_> {
+        Origin { identity, client_id: "phone" }
+    }
 
     #[test]
     fn the_house_knows_its_devices_watchers_and_scenes() {
-        let h = house(&format!(
-            "{DOOR}[[device]]\nid = \"lamp\"\nkind = \"light\"\n[[scene]]\nid = \"evening\"\nset = {{ lamp = {{ on = true }} }}\n"
-        ));
+        let h = house(&format!("{DOOR}{SCENE}"));
         assert_eq!(h.kind("door"), Some(DeviceKind::Contact));
         assert_eq!(h.kind("ghost"), None);
         assert!(h.alarm_watch.contains("door") && !h.alarm_watch.contains("lamp"));
         assert!(h.lights_watch.contains("lamp"));
         assert!(h.scenes.contains("evening"));
+    }
+
+    #[test]
+    fn a_swapped_house_judges_the_next_message() {
+        let (d, mut events) = dispatcher(DOOR);
+        let admin = Identity::User { name: "root".into(), role: Role::Admin };
+        let porch = Bytes::from_static(b"{\"motion\":true}");
+        assert!(
+            matches!(d.publish(from(&admin), "dpi/porch/state", &porch), Verdict::Refuse(r) if r.contains("not a declared"))
+        );
+        assert!(matches!(events.try_recv(), Ok(DeviceEvent::Rejected { id }) if id == "porch"));
+        let old = d.swap(house(&format!("{DOOR}[[device]]\nid = \"porch\"\nkind = \"motion\"\n")));
+        assert_eq!(old.kind("porch"), None);
+        assert!(matches!(events.try_recv(), Ok(DeviceEvent::Availability { id, online: false }) if id == "porch"));
+        assert_eq!(d.publish(from(&admin), "dpi/porch/state", &porch), Verdict::Route);
+        assert!(matches!(events.try_recv(), Ok(DeviceEvent::State { id, .. }) if id == "porch"));
+        assert_eq!(d.kind_of("porch"), Some(DeviceKind::Motion));
+    }
+
+    #[test]
+    fn an_alarm_command_is_routed_without_its_code() {
+        let (d, _) = dispatcher(DOOR);
+        let alice = resident();
+        let set = Bytes::from_static(br#"{"action":"disarm","code":"4821"}"#);
+        let Verdict::RouteInstead(routed) = d.publish(from(&alice), "dpi/alarm/set", &set) else {
+            panic!("routed as sent")
+        };
+        assert!(!String::from_utf8_lossy(&routed).contains("4821"));
+        let bad = Bytes::from_static(br#"{"action":"dance"}"#);
+        assert!(matches!(d.publish(from(&alice), "dpi/alarm/set", &bad), Verdict::Refuse(_)));
+    }
+
+    #[test]
+    fn an_unknown_scene_is_refused_and_a_declared_one_routed() {
+        let (d, _) = dispatcher(SCENE);
+        let alice = resident();
+        let ask = |scene: &'static [u8]| d.publish(from(&alice), "dpi/scene/set", &Bytes::from_static(scene));
+        assert_eq!(ask(br#"{"scene":"evening"}"#), Verdict::Route);
+        assert!(matches!(ask(br#"{"scene":"party"}"#), Verdict::Refuse(r) if r.contains("party")));
+    }
+
+    #[test]
+    fn checking_a_will_acts_on_nothing() {
+        let (d, mut events) = dispatcher(DOOR);
+        let door = Identity::Device { id: "door".into(), kind: DeviceKind::Contact };
+        assert!(d.check_will(from(&door), "dpi/door/availability", b"offline").is_ok());
+        assert!(d.check_will(from(&door), "dpi/door/availability", b"maybe").is_err());
+        assert!(d.check_will(from(&door), "dpi/ghost/state", b"OPEN").is_err());
+        assert!(d.check_will(from(&door), "dpi/scene/set", br#"{"scene":"none"}"#).is_err());
+        assert!(events.try_recv().is_err(), "a will check recorded something");
     }
 }
