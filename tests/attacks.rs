@@ -602,16 +602,9 @@ async fn a_resident_inventing_device_ids_fills_a_bounded_table() {
     bob.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
     while !matches!(bob.recv(TEN_SECONDS).await, Some(Packet::PingResp(_))) {}
     // The writer commits within a second.
-    let deadline = std::time::Instant::now() + TEN_SECONDS;
-    loop {
-        let rows: i64 = hub.db().query_row("SELECT COUNT(*) FROM rejected_devices", [], |r| r.get(0)).unwrap();
-        assert!(rows <= 100, "{rows} rejected ids kept");
-        if rows == 100 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "only {rows} rejected ids recorded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rows = || -> i64 { hub.db().query_row("SELECT COUNT(*) FROM rejected_devices", [], |r| r.get(0)).unwrap() };
+    eventually("100 rejected ids recorded", 10, || rows() >= 100).await;
+    assert_eq!(rows(), 100, "more rejected ids kept than the bound");
 }
 
 #[test]
@@ -676,13 +669,7 @@ async fn a_retained_qos2_message_is_kept_on_disk_only_once_released() {
         hub.db().query_row("SELECT COUNT(*) FROM retained WHERE topic = ?1", [topic], |r| r.get::<_, i64>(0)).unwrap()
             > 0
     };
-    let until_stored = |topic: &'static str| async move {
-        let deadline = std::time::Instant::now() + TEN_SECONDS;
-        while !stored(topic) {
-            assert!(std::time::Instant::now() < deadline, "{topic} never stored");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let until_stored = |topic: &'static str| eventually(topic, 10, move || stored(topic));
     c.send(raw_publish("keep/me", b"1", 2, 9, true)).await;
     // A later QoS 1 retained message is stored: the unreleased one is not.
     c.send(raw_publish("flush/x", b"1", 1, 10, true)).await;
