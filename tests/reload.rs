@@ -54,7 +54,9 @@ async fn a_reload_adds_a_device_that_connects_at_once_and_drops_no_connection() 
     assert!(out.contains("applied: devices added: porch-motion"), "{out}");
     watcher.expect("dpi/porch-motion/availability", b"offline").await;
 
-    let porch = device(&hub, "porch-motion").await;
+    // As an installer would: credentials from the CLI, which reads the same file.
+    let password = hub.device_creds("porch-motion", false)["password"].clone();
+    let porch = hub.device("porch-motion", &password).await.unwrap();
     publish(&porch, "dpi/porch-motion/state", r#"{"motion":true}"#).await;
     watcher.expect("dpi/porch-motion/state", br#"{"motion":true}"#).await;
     publish(&door, "dpi/front-door/state", "OPEN").await;
