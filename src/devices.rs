@@ -141,6 +141,27 @@ pub struct WriterInputs {
     pub retained: mpsc::UnboundedReceiver<RetainedChange>,
     /// The alarm's checkpoints while a delay runs.
     pub alarm: mpsc::UnboundedReceiver<store::alarm::Checkpoint>,
+    /// States for the bridge's outbox.
+    pub outbox: OutboxInput,
+}
+
+/// What the bridge gives the writer to append to its outbox in the writer's transactions.
+#[derive(Debug)]
+pub struct OutboxInput {
+    /// The entries, in order (a closed channel when there is no bridge).
+    pub entries: mpsc::UnboundedReceiver<store::outbox::Entry>,
+    /// The outbox's bound (`bridge.max_queue`).
+    pub max: usize,
+    /// Woken once entries are written.
+    pub written: Arc<tokio::sync::Notify>,
+}
+
+impl OutboxInput {
+    /// The input of a hub without a bridge.
+    pub fn none() -> OutboxInput {
+        let (_, entries) = mpsc::unbounded_channel();
+        OutboxInput { entries, max: 0, written: Arc::default() }
+    }
 }
 
 /// One input, or why there is none.
@@ -148,6 +169,7 @@ enum Next {
     Event(DeviceEvent),
     Retained(RetainedChange),
     Alarm(store::alarm::Checkpoint),
+    Outbox(store::outbox::Entry),
     /// The deadline passed, or every channel is closed.
     Done,
 }
@@ -155,7 +177,7 @@ enum Next {
 /// The writer's channels and which of them are still open.
 struct Inputs {
     inputs: WriterInputs,
-    open: [bool; 3],
+    open: [bool; 4],
 }
 
 impl Inputs {
@@ -167,7 +189,7 @@ impl Inputs {
     async fn next(&mut self, deadline: Option<tokio::time::Instant>) -> Next {
         let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
         while self.any_open() {
-            let [events_open, retained_open, alarm_open] = self.open;
+            let [events_open, retained_open, alarm_open, outbox_open] = self.open;
             let i = &mut self.inputs;
             tokio::select! {
                 event = i.events.recv(), if events_open => match event {
@@ -181,6 +203,10 @@ impl Inputs {
                 checkpoint = i.alarm.recv(), if alarm_open => match checkpoint {
                     Some(checkpoint) => return Next::Alarm(checkpoint),
                     None => self.open[2] = false,
+                },
+                entry = i.outbox.entries.recv(), if outbox_open => match entry {
+                    Some(entry) => return Next::Outbox(entry),
+                    None => self.open[3] = false,
                 },
                 () = tokio::time::sleep_until(deadline.unwrap_or(far)) => return Next::Done,
             }
@@ -206,7 +232,9 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
             HashMap::new()
         }
     };
-    let mut inputs = Inputs { inputs, open: [true; 3] };
+    let outbox_max = inputs.outbox.max;
+    let outbox_written = Arc::clone(&inputs.outbox.written);
+    let mut inputs = Inputs { inputs, open: [true; 4] };
     let mut pending = Pending::default();
     let mut failing = false;
     let mut refused_logged = false;
@@ -242,11 +270,17 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
             retained: pending.retained.iter().map(|(t, p)| (t.clone(), p.as_ref().map(|b| b.to_vec()))).collect(),
             alarm: pending.checkpoint.clone(),
             prune_before,
+            outbox: std::mem::take(&mut pending.outbox),
+            outbox_max,
         };
+        let retry_outbox = batch.outbox.clone();
         let retry = batch.states.clone();
         let pruning = batch.prune_before.is_some();
         match store.call(move |c| store::write_batch(c, &batch)).await {
             Ok(refused) => {
+                if !retry_outbox.is_empty() {
+                    outbox_written.notify_one();
+                }
                 pending.retained.clear();
                 pending.checkpoint = None;
                 if pruning {
@@ -266,8 +300,11 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
                     warn!(error = %e, "device states not saved (disk full?); kept in memory, retrying at the next interval");
                     failing = true;
                 }
-                // Keep what failed, bounded: the latest state per device is what matters.
+                // Keep what failed, bounded: the latest state per device is what matters; the
+                // outbox keeps its newest entries up to its bound.
                 pending.states = compact(retry);
+                let keep = retry_outbox.len().min(outbox_max);
+                pending.outbox = retry_outbox[retry_outbox.len() - keep..].to_vec();
             }
         }
     }
@@ -282,11 +319,13 @@ struct Pending {
     retained: HashMap<String, Option<bytes::Bytes>>,
     /// The alarm's latest checkpoint.
     checkpoint: Option<store::alarm::Checkpoint>,
+    /// States for the bridge, in order.
+    outbox: Vec<store::outbox::Entry>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.states.is_empty() && self.retained.is_empty() && self.checkpoint.is_none()
+        self.states.is_empty() && self.retained.is_empty() && self.checkpoint.is_none() && self.outbox.is_empty()
     }
 
     /// Adds an input; false when there was none (deadline passed or inputs closed).
@@ -295,6 +334,7 @@ impl Pending {
             Next::Event(event) => absorb(event, known, &mut self.states),
             Next::Retained((topic, payload)) => drop(self.retained.insert(topic, payload)),
             Next::Alarm(newer) => self.checkpoint = Some(newer),
+            Next::Outbox(entry) => self.outbox.push(entry),
             Next::Done => return false,
         }
         true

@@ -23,7 +23,7 @@ use crate::auth::Identity;
 use crate::broker::dispatch::{Dispatch, Origin, Outbox, Verdict};
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::DeviceState;
-use crate::devices::{self, Judged, Pipeline, RetainedChange};
+use crate::devices::{self, Judged, OutboxInput, Pipeline, RetainedChange};
 use crate::lights::{self, LightsHandle};
 use crate::store::Store;
 use crate::topics::{self, Leaf, Topic};
@@ -80,7 +80,7 @@ struct Inner {
 
 impl Dispatcher {
     /// Starts the house side on `tasks`: the light rules' and the alarm's drivers, the writer (fed
-    /// the retained changes from `retained` too), and the dispatcher in front of them, which
+    /// the retained changes and the bridge's outbox entries of `writer` too), and the dispatcher in front of them, which
     /// announces every declared device offline until it connects. Returns the dispatcher and the
     /// writer's `[store]` settings, which a reload changes. The drivers and the writer end once
     /// every handle on them is gone.
@@ -88,9 +88,10 @@ impl Dispatcher {
         house: House,
         store: &Store,
         outbox: Outbox,
-        retained: mpsc::UnboundedReceiver<RetainedChange>,
+        writer: (mpsc::UnboundedReceiver<RetainedChange>, OutboxInput),
         tasks: &TaskTracker,
     ) -> (Dispatcher, watch::Sender<config::Store>) {
+        let (retained, queued) = writer;
         let config = Arc::clone(&house.config);
         let ((lights, lights_inbox), (alarm, alarm_inbox)) = (lights::channel(), alarm::channel());
         let (checkpoints, checkpoints_rx) = mpsc::unbounded_channel();
@@ -99,7 +100,7 @@ impl Dispatcher {
         tasks.spawn(alarm::run(Arc::clone(&config), parts, alarm_inbox));
         let (pipeline, events) = Pipeline::new();
         let (settings, settings_rx) = watch::channel(config.store.clone());
-        let inputs = devices::WriterInputs { events, retained, alarm: checkpoints_rx };
+        let inputs = devices::WriterInputs { events, retained, alarm: checkpoints_rx, outbox: queued };
         tasks.spawn(devices::run(store.clone(), inputs, settings_rx));
         let max_payload = config.broker.max_payload_bytes;
         let house = RwLock::new(Arc::new(house));

@@ -179,7 +179,8 @@ impl Hub {
         // is published last.
         let house = House::new(config);
         let config = Arc::clone(&house.config);
-        let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), retained_rx, &tasks);
+        let writer = (retained_rx, crate::devices::OutboxInput::none());
+        let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), writer, &tasks);
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
         hub.serve_control(&config, &store, &dispatcher, settings);
         let (tls_addr, plain_addr) =

@@ -121,6 +121,14 @@ const MIGRATIONS: &[&str] = &[
         sha256 TEXT NOT NULL,
         issued_at TEXT NOT NULL
     );",
+    // 6: what the bridge has yet to send upstream, in order (ids are never reused).
+    "CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        retain INTEGER NOT NULL,
+        class INTEGER NOT NULL
+    );",
 ];
 
 /// The newest schema version this build knows.
@@ -300,13 +308,17 @@ pub struct Batch {
     pub alarm: Option<alarm::Checkpoint>,
     /// Deletes the history older than this (RFC 3339), hourly.
     pub prune_before: Option<String>,
+    /// States for the bridge to send upstream, and the outbox's bound.
+    pub outbox: Vec<outbox::Entry>,
+    /// The outbox's bound (`bridge.max_queue`).
+    pub outbox_max: usize,
 }
 
 /// Writes one interval's batch in a single transaction, so that the SD card sees at most one
 /// commit per interval whatever the load. Returns the retained topics not stored because the
 /// table is full.
 pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> {
-    let Batch { states, retained, alarm, prune_before } = batch;
+    let Batch { states, retained, alarm, prune_before, outbox: queued, outbox_max } = batch;
     let path = PathBuf::from(conn.path().unwrap_or_default());
     let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
     if !states.is_empty() {
@@ -318,9 +330,131 @@ pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> 
     if let Some(before) = prune_before {
         device_state::prune(&tx, before)?;
     }
+    if !queued.is_empty() {
+        outbox::append(&tx, queued, *outbox_max)?;
+    }
     let refused = if retained.is_empty() { Vec::new() } else { retained::write(&tx, retained)? };
     tx.commit().map_err(sql_err(conn))?;
     Ok(refused)
+}
+
+/// What the bridge has yet to send upstream: appended in order, sent in order, deleted once the
+/// upstream acknowledged it. Bounded: past the bound the oldest states go first, then the oldest
+/// alarm events, and alerts last; what is dropped is counted.
+pub mod outbox {
+    use super::*;
+    use rusqlite::params;
+
+    /// The counter (in `counters`) of entries dropped because the outbox was full.
+    pub const DROPPED: &str = "bridge_dropped";
+
+    /// What an entry is, which decides what is dropped first.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Class {
+        /// A state, an availability or a health report: dropped first.
+        State = 0,
+        /// An alarm state or event.
+        Event = 1,
+        /// An alert for people: dropped last.
+        Alert = 2,
+    }
+
+    /// One message to send upstream.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Entry {
+        /// The upstream topic.
+        pub topic: String,
+        /// Its payload.
+        pub payload: Vec<u8>,
+        /// Whether the upstream keeps it as retained.
+        pub retain: bool,
+        /// What it is.
+        pub class: Class,
+    }
+
+    /// An entry and its place in the order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Row {
+        /// Its place: later entries have larger ids.
+        pub id: i64,
+        /// The entry.
+        pub entry: Entry,
+    }
+
+    /// Appends `entries` in order, then trims to `max` entries; returns how many were dropped.
+    pub fn append(tx: &Connection, entries: &[Entry], max: usize) -> Result<u64> {
+        let mut insert = tx
+            .prepare_cached("INSERT INTO outbox (topic, payload, retain, class) VALUES (?1, ?2, ?3, ?4)")
+            .map_err(sql_err(tx))?;
+        for e in entries {
+            insert.execute(params![e.topic, e.payload, e.retain, e.class as i64]).map_err(sql_err(tx))?;
+        }
+        let mut over = depth(tx)?.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
+        let mut dropped = 0;
+        for class in [Class::State, Class::Event, Class::Alert] {
+            if over <= 0 {
+                break;
+            }
+            let n = tx
+                .execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE class = ?1 ORDER BY id LIMIT ?2)",
+                    params![class as i64, over],
+                )
+                .map_err(sql_err(tx))?;
+            over -= n as i64;
+            dropped += n as u64;
+        }
+        if dropped > 0 {
+            tx.execute(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                params![DROPPED, dropped as i64],
+            )
+            .map_err(sql_err(tx))?;
+        }
+        Ok(dropped)
+    }
+
+    /// Up to `limit` entries after `after` (0: from the oldest), in order.
+    pub fn after(conn: &Connection, after: i64, limit: usize) -> Result<Vec<Row>> {
+        let mut stmt = conn
+            .prepare_cached("SELECT id, topic, payload, retain, class FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .map_err(sql_err(conn))?;
+        let rows = stmt
+            .query_map(params![after, i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                let class = match r.get::<_, i64>(4)? {
+                    2 => Class::Alert,
+                    1 => Class::Event,
+                    _ => Class::State,
+                };
+                let entry = Entry { topic: r.get(1)?, payload: r.get(2)?, retain: r.get(3)?, class };
+                Ok(Row { id: r.get(0)?, entry })
+            })
+            .map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(sql_err(conn))
+    }
+
+    /// Deletes the entries the upstream acknowledged.
+    pub fn delete(conn: &Connection, ids: &[i64]) -> Result<()> {
+        let tx = conn.unchecked_transaction().map_err(sql_err(conn))?;
+        {
+            let mut stmt = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1").map_err(sql_err(conn))?;
+            for id in ids {
+                stmt.execute([id]).map_err(sql_err(conn))?;
+            }
+        }
+        tx.commit().map_err(sql_err(conn))
+    }
+
+    /// Entries waiting.
+    pub fn depth(conn: &Connection) -> Result<i64> {
+        conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0)).map_err(sql_err(conn))
+    }
+
+    /// Entries dropped since the database was made.
+    pub fn dropped(conn: &Connection) -> Result<i64> {
+        device_state::counter(conn, DROPPED)
+    }
 }
 
 /// Maps a rusqlite error to a [`StoreError`] for `conn`'s file.
@@ -871,6 +1005,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_outbox_keeps_order_and_drops_states_first_then_events_then_alerts() {
+        use outbox::{Class, Entry};
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open(&dir.path().join(DB_FILE)).unwrap();
+        let e = |topic: &str, class| Entry { topic: topic.into(), payload: b"x".to_vec(), retain: false, class };
+        let topics = |conn: &Connection| -> Vec<String> {
+            outbox::after(conn, 0, 100).unwrap().into_iter().map(|r| r.entry.topic).collect()
+        };
+        let first = [e("s1", Class::State), e("a1", Class::Alert), e("v1", Class::Event), e("s2", Class::State)];
+        assert_eq!(outbox::append(&conn, &first, 5).unwrap(), 0);
+        assert_eq!(topics(&conn), ["s1", "a1", "v1", "s2"]);
+        // Three more past a bound of 5: the two states go, then the oldest event.
+        let more = [e("a2", Class::Alert), e("v2", Class::Event), e("a3", Class::Alert)];
+        assert_eq!(outbox::append(&conn, &more, 5).unwrap(), 2);
+        assert_eq!(topics(&conn), ["a1", "v1", "a2", "v2", "a3"]);
+        assert_eq!(outbox::append(&conn, &[e("a4", Class::Alert)], 5).unwrap(), 1);
+        assert_eq!(topics(&conn), ["a1", "a2", "v2", "a3", "a4"]);
+        assert_eq!(outbox::dropped(&conn).unwrap(), 3);
+        // Sent in order from a cursor; deleted once acknowledged; ids never reused.
+        let rows = outbox::after(&conn, 0, 2).unwrap();
+        outbox::delete(&conn, &rows.iter().map(|r| r.id).collect::<Vec<_>>()).unwrap();
+        assert_eq!(topics(&conn), ["v2", "a3", "a4"]);
+        let last = outbox::after(&conn, 0, 10).unwrap().last().unwrap().id;
+        outbox::append(&conn, &[e("s3", Class::State)], 5).unwrap();
+        assert!(outbox::after(&conn, last, 10).unwrap()[0].id > last);
+        assert_eq!(outbox::depth(&conn).unwrap(), 4);
+    }
+
+    #[test]
     fn a_checkpoint_taken_before_the_last_durable_save_is_not_written_over_it() {
         let dir = tempfile::tempdir().unwrap();
         let conn = open(&dir.path().join(DB_FILE)).unwrap();
@@ -910,6 +1073,13 @@ mod tests {
             retained,
             alarm: Some(alarm::Checkpoint { generation: 0, json: "{}".into(), saved }),
             prune_before: Some("2000-01-01T00:00:00Z".into()),
+            outbox: vec![outbox::Entry {
+                topic: "houses/h/dev-0/state".into(),
+                payload: b"{}".to_vec(),
+                retain: true,
+                class: outbox::Class::State,
+            }],
+            outbox_max: 10,
         };
         let refused = store.call(move |c| write_batch(c, &batch)).await.unwrap();
         assert!(refused.is_empty());
