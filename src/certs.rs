@@ -238,6 +238,37 @@ pub fn issue_device(paths: &CertPaths, device_id: &str) -> Result<(PathBuf, Path
     Ok((cert_path, key_path))
 }
 
+/// The bridge's certificate signing request (`domoticpi bridge request`): CN = `house_id`, for the
+/// company's CA to sign. The key at `key_path` is made (mode 0600, its directory created) unless it
+/// exists, in which case the request is for that same key: a new request never strands a
+/// certificate the company already signed. Returns the request, PEM.
+pub fn bridge_request(key_path: &Path, house_id: &str) -> Result<String, CertError> {
+    let key = match fs::read_to_string(key_path) {
+        Ok(pem) => {
+            check_key_mode(key_path)?;
+            KeyPair::from_pem(&pem)
+                .map_err(|e| CertError::Invalid { path: key_path.to_owned(), reason: e.to_string() })?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+            if let Some(dir) = key_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
+            write_file(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+            key
+        }
+        Err(e) => return Err(CertError::Io { path: key_path.to_owned(), source: e }),
+    };
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "DomoticPi hub");
+    dn.push(DnType::CommonName, house_id);
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params.serialize_request(&key)?.pem()?)
+}
+
 /// What `certs show` prints about a certificate.
 #[derive(Debug, Clone)]
 pub struct CertInfo {

@@ -52,6 +52,9 @@ pub enum Command {
     /// Certificates of the hub.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// The bridge to the company's broker.
+    #[command(subcommand)]
+    Bridge(BridgeCommand),
     /// Devices declared in the config: credentials and state.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -68,6 +71,15 @@ pub enum Command {
         /// Where to write the copy: a new file, created with mode 0600 (an existing one is never replaced).
         path: PathBuf,
     },
+}
+
+/// `bridge …`
+#[derive(Debug, Subcommand)]
+pub enum BridgeCommand {
+    /// Make the bridge's key (bridge.client_key, mode 0600; an existing one is kept) and print a
+    /// certificate signing request with CN = bridge.house_id, for the company's CA to sign; the
+    /// signed certificate goes to bridge.client_cert.
+    Request,
 }
 
 /// `certs …`
@@ -232,6 +244,18 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload => reload(config),
+        Command::Bridge(BridgeCommand::Request) => {
+            let Some(bridge) = &config.bridge else {
+                bail!("no [bridge] section in {}; add one first (house_id, client_key, …)", config_name(config));
+            };
+            print!("{}", certs::bridge_request(&bridge.client_key, &bridge.house_id)?);
+            eprintln!(
+                "key: {} (stays on this hub); have the company's CA sign the request above, then copy the certificate to {}",
+                bridge.client_key.display(),
+                bridge.client_cert.display()
+            );
+            Ok(())
+        }
         Command::Certs(CertsCommand::Show) => certs_show(config),
         Command::User(cmd) => user(cmd, config),
         Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),

@@ -311,6 +311,10 @@ pub struct SceneSetting {
 #[derive(Debug, Clone)]
 pub struct Bridge {
     pub url: String,
+    /// The upstream's host name or address, from `url`.
+    pub host: String,
+    /// The upstream's port, from `url` (8883 when it names none).
+    pub port: u16,
     pub house_id: String,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
@@ -879,11 +883,34 @@ fn build_scenes(scenes: Vec<raw::Scene>, refs: &DeviceRefs<'_>, c: &mut Checker<
     out
 }
 
+/// `HOST`, `HOST:PORT` or `[IPV6]:PORT` as (host, port); 8883, MQTT over TLS, by default.
+fn upstream_endpoint(authority: &str) -> Option<(String, u16)> {
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && (!host.contains(':') || host.ends_with(']')) => {
+            (host, port.parse().ok().filter(|p| *p > 0)?)
+        }
+        _ if authority.contains(':') && !authority.starts_with('[') => return None,
+        _ => (authority, 8883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let valid = !host.is_empty() && !host.contains(['/', '@', '?', '#', ' ']);
+    valid.then(|| (host.to_owned(), port))
+}
+
 fn build_bridge(b: raw::Bridge, c: &mut Checker<'_>) -> Bridge {
     let url = b.url.get_ref().clone();
-    if !(url.starts_with("mqtts://") || url.starts_with("ssl://")) {
-        c.error(b.url.span(), format!("bridge url {url:?} must start with mqtts:// (the bridge always uses TLS)"));
-    }
+    let rest = url.strip_prefix("mqtts://").or_else(|| url.strip_prefix("ssl://"));
+    let (host, port) = match rest.map(|r| upstream_endpoint(r.trim_end_matches('/'))) {
+        None => {
+            c.error(b.url.span(), format!("bridge url {url:?} must start with mqtts:// (the bridge always uses TLS)"));
+            (String::new(), 0)
+        }
+        Some(None) => {
+            c.error(b.url.span(), format!("bridge url {url:?} must be mqtts://HOST or mqtts://HOST:PORT"));
+            (String::new(), 0)
+        }
+        Some(Some(endpoint)) => endpoint,
+    };
     let house_id = b.house_id.get_ref().clone();
     if house_id.is_empty() || house_id.contains(['+', '#', '/']) {
         c.error(b.house_id.span(), format!("house_id {house_id:?} must be non-empty, without '+', '#' or '/'"));
@@ -891,6 +918,8 @@ fn build_bridge(b: raw::Bridge, c: &mut Checker<'_>) -> Bridge {
     let max_queue = b.max_queue.map_or(Some(10_000), |v| c.integer(&v, "max_queue", 1..10_000_001)).unwrap_or(10_000);
     Bridge {
         url,
+        host,
+        port,
         house_id,
         client_cert: PathBuf::from(b.client_cert),
         client_key: PathBuf::from(b.client_key),

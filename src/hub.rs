@@ -179,7 +179,11 @@ impl Hub {
         // is published last.
         let house = House::new(config);
         let config = Arc::clone(&house.config);
-        let writer = (retained_rx, crate::devices::OutboxInput::none());
+        let outbox = match &config.bridge {
+            Some(bridge) => crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?.0,
+            None => crate::devices::OutboxInput::none(),
+        };
+        let writer = (retained_rx, outbox);
         let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), writer, &tasks);
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
         hub.serve_control(&config, &store, &dispatcher, settings);

@@ -5,6 +5,7 @@
 
 pub mod alarm;
 pub mod auth;
+pub mod bridge;
 pub mod broker;
 pub mod certs;
 pub mod cli;

@@ -5,6 +5,7 @@ mod util;
 
 mod alarm;
 mod attacks;
+mod bridge;
 mod cli;
 mod foundation;
 mod fuzz;

@@ -243,7 +243,17 @@ impl HubLink {
         links: &LinkFactory,
         retained: RetainedSink,
     ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
-        let (mut tx, rx, _ack) = links(HUB_CLIENT_ID, true)?;
+        HubLink::connect_as(links, HUB_CLIENT_ID, retained)
+    }
+
+    /// [`HubLink::connect`] under another in-process client id (which must hold a NUL, so that no
+    /// network client can take it): the bridge's own link.
+    pub fn connect_as(
+        links: &LinkFactory,
+        client_id: &str,
+        retained: RetainedSink,
+    ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
+        let (mut tx, rx, _ack) = links(client_id, true)?;
         let (commands, queue) = std::sync::mpsc::channel::<LinkCommand>();
         thread::Builder::new()
             .name("hub-link".to_owned())

@@ -1,0 +1,269 @@
+//! The bridge end to end (SPEC §8) against a real Mosquitto, configured from `deploy/company/`,
+//! with its own CA and `require_certificate`: the hub's key and request from `domoticpi bridge
+//! request`, signed by that CA, as an installer and the company would do it.
+//!
+//! Needs `mosquitto` (Debian package `mosquitto`); skipped without it unless
+//! `DOMOTICPI_REQUIRE_TOOLS=1`.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use domoticpi::store::users::Role;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
+use serde_json::Value;
+
+use crate::util::*;
+
+const HOUSE: &str = "house-0042";
+const DOOR: &str = "[[device]]\nid = \"front-door\"\nkind = \"contact\"\nzone = \"entry\"\n";
+
+/// The company's side: its CA, its broker and its services' certificates.
+struct Company {
+    dir: tempfile::TempDir,
+    port: u16,
+    issuer: Issuer<'static, KeyPair>,
+    broker: Option<Child>,
+}
+
+impl Company {
+    /// A CA, a server certificate for 127.0.0.1, and Mosquitto's config from `deploy/company/` on a
+    /// free loopback port.
+    fn new() -> Company {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name.push(DnType::CommonName, "Company CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        let ca_key = KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+
+        let mut server = CertificateParams::default();
+        server.distinguished_name.push(DnType::CommonName, "company broker");
+        server.subject_alt_names = vec![SanType::IpAddress([127, 0, 0, 1].into())];
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("server.pem"), server.signed_by(&server_key, &issuer).unwrap().pem()).unwrap();
+        std::fs::write(dir.path().join("server.key"), server_key.serialize_pem()).unwrap();
+
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/company");
+        let here = format!("{}/", dir.path().display());
+        let conf = std::fs::read_to_string(root.join("mosquitto.conf"))
+            .unwrap()
+            .replace("/etc/mosquitto/company/", &here)
+            .replace("/var/lib/mosquitto/", &here)
+            .replace("listener 8883", &format!("listener {port} 127.0.0.1"));
+        // Run as root (CI), Mosquitto would switch to its own user, which cannot read these files.
+        let user = if unsafe { libc::geteuid() } == 0 { "user root\n" } else { "" };
+        std::fs::write(dir.path().join("mosquitto.conf"), format!("{conf}\n{user}log_dest stderr\n")).unwrap();
+        std::fs::copy(root.join("acl"), dir.path().join("acl")).unwrap();
+        Company { dir, port, issuer, broker: None }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Signs a certificate request as the company's CA does.
+    fn sign(&self, csr: &str) -> String {
+        CertificateSigningRequestParams::from_pem(csr).unwrap().signed_by(&self.issuer).unwrap().pem()
+    }
+
+    /// A client certificate and key for `cn`, signed by the company's CA.
+    fn client(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let (cert_path, key_path) =
+            (self.dir.path().join(format!("{cn}.pem")), self.dir.path().join(format!("{cn}.key")));
+        std::fs::write(&cert_path, params.signed_by(&key, &self.issuer).unwrap().pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    /// Starts the broker and waits until it accepts connections.
+    fn start(&mut self) {
+        let child = Command::new("mosquitto")
+            .args(["-c", self.dir.path().join("mosquitto.conf").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.broker = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker as its service manager would (it saves its sessions first).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.broker.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+
+    /// A company service connected with its certificate, subscribed to `filter` at QoS 1.
+    async fn service(&self, cn: &str, clean: bool, filter: &str) -> Client {
+        let (cert, key) = self.client(cn);
+        let mut opts = MqttOptions::new(cn, "127.0.0.1", self.port);
+        opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(clean);
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config_with_cert(
+            &self.ca(),
+            &cert,
+            &key,
+        ))));
+        let client = Client::connect_with(opts).await.expect("the company service could not connect");
+        client.subscribe(filter, QoS::AtLeastOnce).await;
+        client
+    }
+}
+
+impl Drop for Company {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.broker.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `[bridge]` section for a hub of `company`, with the house's key and signed certificate made
+/// through `domoticpi bridge request`, as an installer would.
+fn enrol(company: &Company, house_dir: &Path) -> String {
+    let section = format!(
+        "[bridge]\nurl = \"mqtts://127.0.0.1:{}\"\nhouse_id = \"{HOUSE}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"\nca = \"{}\"\n",
+        company.port,
+        house_dir.join("bridge.pem").display(),
+        house_dir.join("bridge.key").display(),
+        company.ca().display()
+    );
+    let config = house_dir.join("enrol.toml");
+    std::fs::write(&config, config_text(&house_dir.join("data"), &section)).unwrap();
+    let (code, csr, err) = run_cli(&["--config", config.to_str().unwrap(), "bridge", "request"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(csr.starts_with("-----BEGIN CERTIFICATE REQUEST-----"), "{csr}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(house_dir.join("bridge.key")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the bridge key is not private");
+    std::fs::write(house_dir.join("bridge.pem"), company.sign(&csr)).unwrap();
+    section
+}
+
+/// Waits for a message on `topic`, skipping others; its payload as JSON (or a string).
+async fn next_on(client: &mut Client, topic: &str) -> Value {
+    loop {
+        let p = client.recv(20).await;
+        if p.topic == topic {
+            return serde_json::from_slice(&p.payload)
+                .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&p.payload).into_owned()));
+        }
+    }
+}
+
+/// Receives into `got` until a message matches `wanted`.
+async fn until(client: &mut Client, got: &mut Vec<(String, Value)>, wanted: impl Fn(&(String, Value)) -> bool) {
+    loop {
+        let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(20), client.rx.recv()).await else {
+            panic!("not received in 20 s; received: {got:#?}");
+        };
+        let v = serde_json::from_slice(&p.payload)
+            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&p.payload).into_owned()));
+        got.push((p.topic.clone(), v));
+        if got.last().is_some_and(&wanted) {
+            return;
+        }
+    }
+}
+
+fn skip_without_mosquitto() -> bool {
+    !have_tool("mosquitto")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn states_alarm_events_and_alerts_reach_the_company_under_the_house_prefix() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let mut ops = company.service("company-ops", true, "houses/#").await;
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let hub = TestHub::start(&format!("{DOOR}{bridge}")).await;
+    hub.add_cheap_user("alice", Role::Resident, "alice-password");
+
+    // Everything the company receives, in order.
+    let mut got: Vec<(String, Value)> = Vec::new();
+    let topic = |suffix: &str| format!("houses/{HOUSE}/{suffix}");
+    until(&mut ops, &mut got, |(t, v)| *t == topic("hub/status") && v == "online").await;
+    let door = hub.device("front-door", &hub.device_creds("front-door", false)["password"]).await.unwrap();
+    door.client
+        .publish("dpi/front-door/state", QoS::AtLeastOnce, true, r#"{"contact":"open","battery":9}"#)
+        .await
+        .unwrap();
+    until(&mut ops, &mut got, |(t, v)| *t == topic("front-door/state") && v["contact"] == "open").await;
+
+    // A panic: the alarm's state and event go up, and an alert for people.
+    let alice = hub.client("alices-phone", "alice", "alice-password").await.unwrap();
+    alice.client.publish("dpi/alarm/set", QoS::AtLeastOnce, false, r#"{"action":"panic"}"#).await.unwrap();
+    until(&mut ops, &mut got, |(t, v)| *t == topic("alert") && v["alert"] == "alarm_triggered").await;
+    assert!(got.iter().any(|(t, v)| *t == topic("alarm/state") && v["state"] == "triggered"), "{got:?}");
+    assert!(got.iter().any(|(t, v)| *t == topic("alarm/event") && v["event"] == "triggered"), "{got:?}");
+    let states = got.iter().filter(|(t, v)| *t == topic("alarm/state") && v["state"] == "triggered").count();
+    assert_eq!(states, 1, "the alarm's state sent twice: {got:?}");
+    let alerts: Vec<&str> =
+        got.iter().filter(|(t, _)| *t == topic("alert")).filter_map(|(_, v)| v["alert"].as_str()).collect();
+    assert!(alerts.contains(&"hub_restarted") && alerts.contains(&"low_battery"), "{alerts:?}");
+    assert!(got.iter().all(|(t, _)| t.starts_with(&format!("houses/{HOUSE}/"))), "{got:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_states_queued_while_the_upstream_is_down_all_arrive_in_order() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    // The company's service keeps a session on its broker, so that it gets what arrives while it is away.
+    company.start();
+    drop(company.service("company-ops", false, "houses/+/front-door/state").await);
+    company.stop();
+
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let hub = TestHub::start(&format!("[store]\ncommit_interval_ms = 200\n{DOOR}{bridge}")).await;
+    let door = hub.device("front-door", &hub.device_creds("front-door", false)["password"]).await.unwrap();
+    for seq in 0..500 {
+        let payload = format!(r#"{{"contact":"{}","seq":{seq}}}"#, if seq % 2 == 0 { "open" } else { "closed" });
+        door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+    }
+    let queued = || hub.db().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)).unwrap();
+    eventually("500 states in the outbox", 20, || queued() >= 500).await;
+
+    company.start();
+    let mut ops = company.service("company-ops", false, "houses/+/front-door/state").await;
+    let mut seen: Vec<i64> = Vec::new();
+    while seen.last() != Some(&499) {
+        let state = next_on(&mut ops, &format!("houses/{HOUSE}/front-door/state")).await;
+        let seq = state["seq"].as_i64().expect("a state without its seq");
+        // At least once: a repeat of the last one is allowed, nothing out of order.
+        if seen.last() != Some(&seq) {
+            seen.push(seq);
+        }
+    }
+    assert_eq!(seen, (0..500).collect::<Vec<i64>>(), "lost or out of order");
+    eventually("the outbox emptied once acknowledged", 10, || queued() == 0).await;
+    hub.stop().await.unwrap();
+}
