@@ -596,6 +596,13 @@ fn status(config: &Config) -> anyhow::Result<()> {
         Some((state, since)) => println!("alarm: {state} (since {})", since.as_deref().unwrap_or("-")),
         None => println!("alarm: disarmed (never armed)"),
     }
+    if let Some(bridge) = &config.bridge {
+        let (queue, dropped) = (store::outbox::depth(&conn)?, store::outbox::dropped(&conn)?);
+        let live = stats.as_ref().and_then(|s| s.bridge.clone());
+        let state = live.as_ref().map_or("not running", |b| b.state.as_str());
+        let last = live.as_ref().and_then(|b| b.last_sent.as_deref()).unwrap_or("never since the hub started");
+        println!("bridge: {state} ({}), {queue} queued, {dropped} dropped, last sent {last}", bridge.url);
+    }
     let rejected = store::device_state::rejected(&conn)?;
     if !rejected.is_empty() {
         println!("undeclared devices that published (rejected; declare them in the config):");

@@ -93,6 +93,8 @@ pub struct Handles {
     pub started: std::time::Instant,
     /// Applies the config file again, for `reload`.
     pub reloader: std::sync::Arc<crate::reload::Reloader>,
+    /// The bridge's connection, when there is one.
+    pub bridge: Option<crate::bridge::SharedStatus>,
 }
 
 /// Figures of the running hub, for `domoticpi status`.
@@ -114,6 +116,9 @@ pub struct Stats {
     /// Connections the router closed on its own since the start (0 unless a guard failed).
     #[serde(default)]
     pub router_drops: u64,
+    /// The bridge's connection and last successful send, when there is a bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<crate::bridge::Status>,
 }
 
 /// A request, one line of JSON. Its `Debug` leaves the command's code out.
@@ -281,6 +286,10 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                 client_ids: handles.sessions.held(),
                 router_ids: handles.sessions.router_ids(),
                 router_drops: handles.sessions.router_drops(),
+                bridge: handles
+                    .bridge
+                    .as_ref()
+                    .map(|b| b.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()),
             }),
             ..ok
         },

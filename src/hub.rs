@@ -179,14 +179,17 @@ impl Hub {
         // is published last.
         let house = House::new(config);
         let config = Arc::clone(&house.config);
-        let outbox = match &config.bridge {
-            Some(bridge) => crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?.0,
-            None => crate::devices::OutboxInput::none(),
+        let (outbox, bridge) = match &config.bridge {
+            Some(bridge) => {
+                let (outbox, status) = crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?;
+                (outbox, Some(status))
+            }
+            None => (crate::devices::OutboxInput::none(), None),
         };
         let writer = (retained_rx, outbox);
         let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), writer, &tasks);
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
-        hub.serve_control(&config, &store, &dispatcher, settings);
+        hub.serve_control(&config, &store, &dispatcher, (settings, bridge));
         let (tls_addr, plain_addr) =
             hub.accept_clients(&config, (listeners, acceptor), router, retained, &store, dispatcher);
         hub.announce("online", Duration::from_secs(1)).await;
@@ -207,7 +210,13 @@ impl Hub {
     }
 
     /// Opens the control socket (`domoticpi alarm`, `status`, `reload`, `device revoke`).
-    fn serve_control(&self, config: &Config, store: &Store, dispatcher: &Dispatcher, settings: StoreSettings) {
+    fn serve_control(
+        &self,
+        config: &Config,
+        store: &Store,
+        dispatcher: &Dispatcher,
+        (settings, bridge): (StoreSettings, Option<crate::bridge::SharedStatus>),
+    ) {
         match crate::control::bind(&config.data_dir) {
             Ok((listener, path)) => {
                 let sessions = Arc::clone(&self.sessions);
@@ -218,6 +227,7 @@ impl Hub {
                     sessions,
                     started: std::time::Instant::now(),
                     reloader: Arc::new(reloader),
+                    bridge,
                 };
                 self.tasks.spawn(crate::control::serve(listener, path, handles, self.closing.clone()));
             }

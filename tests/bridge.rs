@@ -267,3 +267,114 @@ async fn five_hundred_states_queued_while_the_upstream_is_down_all_arrive_in_ord
     eventually("the outbox emptied once acknowledged", 10, || queued() == 0).await;
     hub.stop().await.unwrap();
 }
+
+#[test]
+fn the_company_sees_offline_when_the_hub_dies_and_status_shows_the_bridge() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut company = Company::new();
+    company.start();
+    let mut ops = runtime.block_on(company.service("company-ops", true, "houses/+/hub/status"));
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let (_dir, config, _data) = process_config(&format!("{DOOR}{bridge}"));
+    let hub = HubProcess::start(&config);
+    let status_topic = format!("houses/{HOUSE}/hub/status");
+    runtime.block_on(async {
+        let mut got = Vec::new();
+        until(&mut ops, &mut got, |(t, v)| *t == status_topic && v == "online").await;
+    });
+    let (code, out, _) = run_cli(&["--config", config.to_str().unwrap(), "status"], None);
+    assert_eq!(code, 0);
+    let line = out.lines().find(|l| l.starts_with("bridge: ")).unwrap_or_else(|| panic!("no bridge line: {out}"));
+    assert!(line.starts_with("bridge: connected") && line.contains("queued") && line.contains("dropped"), "{line}");
+
+    hub.signal("KILL");
+    runtime.block_on(async {
+        let mut got = Vec::new();
+        until(&mut ops, &mut got, |(t, v)| *t == status_topic && v == "offline").await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_outbox_drops_the_oldest_states_first_and_keeps_the_alerts() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let bridge = bridge.replace("[bridge]\n", "[bridge]\nmax_queue = 40\n");
+    let hub = TestHub::start(&format!("[store]\ncommit_interval_ms = 100\n{DOOR}{bridge}")).await;
+    hub.add_cheap_user("alice", Role::Resident, "alice-password");
+    let door = hub.device("front-door", &hub.device_creds("front-door", false)["password"]).await.unwrap();
+    let alice = hub.client("alices-phone", "alice", "alice-password").await.unwrap();
+    alice.client.publish("dpi/alarm/set", QoS::AtLeastOnce, false, r#"{"action":"panic"}"#).await.unwrap();
+    for seq in 0..100 {
+        let payload = format!(r#"{{"contact":"{}","seq":{seq}}}"#, if seq % 2 == 0 { "open" } else { "closed" });
+        door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+    }
+    let rows = |hub: &TestHub| -> Vec<(String, Vec<u8>)> {
+        let db = hub.db();
+        let mut stmt = db.prepare("SELECT topic, payload FROM outbox ORDER BY id").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    };
+    let last_seq = |rows: &[(String, Vec<u8>)]| {
+        rows.iter()
+            .rev()
+            .find(|(t, _)| t.ends_with("/front-door/state"))
+            .and_then(|(_, p)| serde_json::from_slice::<Value>(p).ok()?.get("seq")?.as_i64())
+    };
+    eventually("the last state in the outbox", 20, || last_seq(&rows(&hub)) == Some(99)).await;
+    let kept = rows(&hub);
+    assert_eq!(kept.len(), 40, "bounded by max_queue");
+    let seqs: Vec<i64> = kept
+        .iter()
+        .filter(|(t, _)| t.ends_with("/front-door/state"))
+        .filter_map(|(_, p)| serde_json::from_slice::<Value>(p).ok()?.get("seq")?.as_i64())
+        .collect();
+    assert_eq!(seqs, ((100 - seqs.len() as i64)..100).collect::<Vec<_>>(), "the newest states are kept, in order");
+    let alerts: Vec<String> = kept
+        .iter()
+        .filter(|(t, _)| t.ends_with("/alert"))
+        .filter_map(|(_, p)| Some(serde_json::from_slice::<Value>(p).ok()?.get("alert")?.as_str()?.to_owned()))
+        .collect();
+    assert!(
+        alerts.contains(&"hub_restarted".to_owned()) && alerts.contains(&"alarm_triggered".to_owned()),
+        "{alerts:?}"
+    );
+    let dropped = domoticpi::store::outbox::dropped(&hub.db()).unwrap();
+    assert!(dropped >= 60, "{dropped} dropped");
+
+    // The upstream comes back: what was kept arrives, the alerts among it.
+    company.start();
+    let mut ops = company.service("company-ops", true, "houses/#").await;
+    let mut got = Vec::new();
+    until(&mut ops, &mut got, |(t, v)| t.ends_with("/front-door/state") && v["seq"] == 99).await;
+    assert!(got.iter().any(|(t, v)| t.ends_with("/alert") && v["alert"] == "alarm_triggered"), "{got:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_house_cannot_publish_or_subscribe_under_another_house() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let mut ops = company.service("company-ops", true, "houses/#").await;
+    // House A, with its own certificate, tries house B's topics.
+    let mut a = company.service("house-a", true, "houses/#").await;
+    a.client.publish("houses/house-b/alert", QoS::AtLeastOnce, false, "forged").await.unwrap();
+    a.client.publish("houses/house-a/alert", QoS::AtLeastOnce, false, "own").await.unwrap();
+    let mut got = Vec::new();
+    until(&mut ops, &mut got, |(t, _)| t == "houses/house-a/alert").await;
+    assert!(got.iter().all(|(t, _)| t != "houses/house-b/alert"), "house A published as house B: {got:?}");
+    ops.client.publish("houses/house-b/cmd/alarm/set", QoS::AtLeastOnce, false, "for b").await.unwrap();
+    ops.client.publish("houses/house-a/cmd/alarm/set", QoS::AtLeastOnce, false, "for a").await.unwrap();
+    let mut seen_by_a = Vec::new();
+    until(&mut a, &mut seen_by_a, |(t, _)| t == "houses/house-a/cmd/alarm/set").await;
+    assert!(seen_by_a.iter().all(|(t, _)| !t.starts_with("houses/house-b/")), "house A read house B's: {seen_by_a:?}");
+}
