@@ -179,15 +179,18 @@ impl Hub {
         // is published last.
         let house = House::new(config);
         let config = Arc::clone(&house.config);
-        let (outbox, bridge) = match &config.bridge {
+        let (outbox, bridge, remote) = match &config.bridge {
             Some(bridge) => {
-                let (outbox, status) = crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?;
-                (outbox, Some(status))
+                let started = crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?;
+                (started.outbox, Some(started.status), Some(started.commands))
             }
-            None => (crate::devices::OutboxInput::none(), None),
+            None => (crate::devices::OutboxInput::none(), None, None),
         };
         let writer = (retained_rx, outbox);
         let (dispatcher, settings) = Dispatcher::start(house, &store, Outbox::new(link.clone()), writer, &tasks);
+        if let Some(commands) = remote {
+            tasks.spawn(commands.run(Arc::new(dispatcher.clone())));
+        }
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
         hub.serve_control(&config, &store, &dispatcher, (settings, bridge));
         let (tls_addr, plain_addr) =

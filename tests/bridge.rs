@@ -378,3 +378,86 @@ async fn a_house_cannot_publish_or_subscribe_under_another_house() {
     until(&mut a, &mut seen_by_a, |(t, _)| t == "houses/house-a/cmd/alarm/set").await;
     assert!(seen_by_a.iter().all(|(t, _)| !t.starts_with("houses/house-b/")), "house A read house B's: {seen_by_a:?}");
 }
+
+/// A hub bridged to `company` with remote control `allowed`, alice (code 4821) and a lamp listening
+/// to its commands; returns once the upstream has the hub `online`.
+async fn remote_house(company: &Company, allowed: bool, house_dir: &Path) -> (TestHub, Client, Client) {
+    let bridge =
+        enrol(company, house_dir).replace("[bridge]\n", &format!("[bridge]\nallow_remote_control = {allowed}\n"));
+    let lamp = "[[device]]\nid = \"lamp\"\nkind = \"light\"\n";
+    let hub = TestHub::start(&format!("[alarm]\nexit_delay_s = 0\n{DOOR}{lamp}{bridge}")).await;
+    hub.add_cheap_user("alice", Role::Resident, "alice-password");
+    let pin = domoticpi::auth::hash(&domoticpi::secret::Secret::new("4821"));
+    domoticpi::store::users::set_pin(&hub.db(), "alice", &pin).unwrap();
+    let lamp = hub.device("lamp", &hub.device_creds("lamp", false)["password"]).await.unwrap();
+    lamp.subscribe("dpi/lamp/set", QOS1).await;
+    let mut ops = company.service("company-ops", true, "houses/#").await;
+    let mut got = Vec::new();
+    until(&mut ops, &mut got, |(t, v)| *t == format!("houses/{HOUSE}/hub/status") && v == "online").await;
+    (hub, ops, lamp)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_commands_run_under_a_residents_rights_and_a_disarm_needs_a_code() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let house_dir = tempfile::tempdir().unwrap();
+    let (hub, mut ops, mut lamp) = remote_house(&company, true, house_dir.path()).await;
+    let cmd = |suffix: &str| format!("houses/{HOUSE}/cmd/{suffix}");
+    let publisher = ops.client.clone();
+    let send = |topic: String, payload: &'static str| {
+        let client = publisher.clone();
+        async move { client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap() }
+    };
+
+    send(cmd("lamp/set"), r#"{"on":true}"#).await;
+    let p = lamp.recv(10).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("dpi/lamp/set", &br#"{"on":true}"#[..]));
+
+    // Not a command: ignored, and nothing reaches the house.
+    send(cmd("lamp/state"), r#"{"on":false}"#).await;
+    send(cmd("alarm/set"), r#"{"action":"arm_away"}"#).await;
+    let mut got = Vec::new();
+    until(&mut ops, &mut got, |(t, v)| t.ends_with("/alarm/state") && v["state"] == "armed_away").await;
+    assert!(got.iter().all(|(t, _)| *t != format!("houses/{HOUSE}/lamp/state")), "{got:?}");
+
+    send(cmd("alarm/set"), r#"{"action":"disarm"}"#).await;
+    until(&mut ops, &mut got, |(t, v)| t.ends_with("/alarm/event") && v["event"] == "code_rejected").await;
+    assert_eq!(hub.alarm_status().await.state, "armed_away", "disarmed without a code");
+    send(cmd("alarm/set"), r#"{"action":"disarm","code":"4821"}"#).await;
+    until(&mut ops, &mut got, |(t, v)| t.ends_with("/alarm/state") && v["state"] == "disarmed").await;
+    let disarmed = got.iter().rev().find(|(t, _)| t.ends_with("/alarm/state")).unwrap();
+    assert_eq!(disarmed.1["by"], "alice", "the code's owner disarmed");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_allow_remote_control_nothing_from_upstream_reaches_the_house() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let house_dir = tempfile::tempdir().unwrap();
+    let (hub, ops, mut lamp) = remote_house(&company, false, house_dir.path()).await;
+    let topic = format!("houses/{HOUSE}/cmd/lamp/set");
+    ops.client.publish(topic, QoS::AtLeastOnce, false, r#"{"on":true}"#).await.unwrap();
+    ops.client
+        .publish(format!("houses/{HOUSE}/cmd/alarm/set"), QoS::AtLeastOnce, false, r#"{"action":"panic"}"#)
+        .await
+        .unwrap();
+    // A resident's command, sent after them, is the first the lamp gets (with remote control on,
+    // a remote command reaches it within milliseconds: see the test above).
+    let alice = hub.client("alices-phone", "alice", "alice-password").await.unwrap();
+    let mut ops = ops;
+    let mut got = Vec::new();
+    until(&mut ops, &mut got, |(t, _)| t.ends_with("/cmd/alarm/set")).await;
+    alice.client.publish("dpi/lamp/set", QoS::AtLeastOnce, false, r#"{"on":false}"#).await.unwrap();
+    let p = lamp.recv(10).await;
+    assert_eq!(&p.payload[..], br#"{"on":false}"#, "a remote command reached the lamp");
+    assert_eq!(hub.alarm_status().await.state, "disarmed");
+    hub.stop().await.unwrap();
+}

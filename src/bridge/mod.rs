@@ -16,6 +16,11 @@
 //!   not yet deleted when the connection drops is sent again: at least once, never lost.
 //! - the link reader, which ends only with the router.
 //!
+//! With `allow_remote_control`, the send task subscribes to `houses/HOUSE_ID/cmd/#` and hands
+//! `cmd/ID/set`, `cmd/alarm/set` and `cmd/scene/set` to [`Commands::run`], which applies them as
+//! the resident `bridge` through the broker's own checks ([`crate::broker::publish_checked`]): the
+//! ACL, the payload checks, the alarm's code. Anything else from upstream is ignored and logged.
+//!
 //! Alarm events and alerts are appended as they come; states wait for the writer's next commit: an
 //! event can pass a state received up to one commit interval before it. The hub's status upstream is
 //! the bridge's own (`online` at connect, `offline` at a clean stop, the will otherwise), not a copy
@@ -35,10 +40,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::auth::Identity;
+use crate::broker::dispatch::Dispatch;
 use crate::broker::{BrokerError, HubLink, LinkFactory, Message};
 use crate::config;
 use crate::devices::OutboxInput;
+use crate::store::users::Role;
 use crate::store::{self, outbox, Store};
+use crate::topics::{Leaf, Topic};
 use forward::Forwarder;
 
 /// The bridge's in-process client id (with a NUL: no network client can take it).
@@ -81,15 +90,54 @@ fn set_state(status: &SharedStatus, state: impl Into<String>) {
     status.lock().unwrap_or_else(std::sync::PoisonError::into_inner).state = state.into();
 }
 
-/// Starts the bridge's tasks on `tasks`, until `closing`. Returns the writer's outbox input and
-/// the bridge's status.
+/// What [`start`] hands back to the supervisor.
+#[derive(Debug)]
+pub struct Started {
+    /// The writer's outbox input.
+    pub outbox: OutboxInput,
+    /// The bridge's status, for the control socket.
+    pub status: SharedStatus,
+    /// Remote commands, to run once the house is up ([`Commands::run`]).
+    pub commands: Commands,
+}
+
+/// Remote commands from upstream, applied locally under a resident's rights.
+#[derive(Debug)]
+pub struct Commands {
+    /// (local topic, payload), from the send task.
+    incoming: mpsc::UnboundedReceiver<(String, bytes::Bytes)>,
+    /// The bridge's own link, which routes them.
+    link: HubLink,
+}
+
+/// The identity remote commands run under: a resident named `bridge` (a reserved id, so no user
+/// of the hub has that name). A disarm still needs one of the users' codes.
+pub fn remote_identity() -> Identity {
+    Identity::User { name: "bridge".to_owned(), role: Role::Resident }
+}
+
+impl Commands {
+    /// Applies each command through the checks a resident's PUBLISH goes through, until the send
+    /// task ends.
+    pub async fn run(mut self, house: Arc<dyn Dispatch>) {
+        let identity = remote_identity();
+        while let Some((topic, payload)) = self.incoming.recv().await {
+            match crate::broker::publish_checked(house.as_ref(), &self.link, &identity, "bridge", &topic, payload) {
+                Ok(()) => info!(%topic, "bridge: remote command applied"),
+                Err(reason) => warn!(%topic, %reason, "bridge: remote command refused"),
+            }
+        }
+    }
+}
+
+/// Starts the bridge's tasks on `tasks`, until `closing`.
 pub fn start(
     config: &config::Bridge,
     links: &LinkFactory,
     store: &Store,
     tasks: &TaskTracker,
     closing: &CancellationToken,
-) -> Result<(OutboxInput, SharedStatus), BrokerError> {
+) -> Result<Started, BrokerError> {
     // The bridge's link publishes nothing retained: its sink goes nowhere.
     let (link, messages, reader) = HubLink::connect_as(links, CLIENT_ID, mpsc::unbounded_channel().0)?;
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
@@ -108,15 +156,18 @@ pub fn start(
         data_dir: store.path().parent().map(std::path::Path::to_owned).unwrap_or_default(),
         started: std::time::Instant::now(),
     };
-    tasks.spawn(collector.run(link, messages, closing.clone()));
+    tasks.spawn(collector.run(messages, closing.clone()));
+    let (remote, incoming) = mpsc::unbounded_channel();
     let sender = Sender {
         config: config.clone(),
         store: store.clone(),
         written: Arc::clone(&written),
         status: Arc::clone(&status),
+        remote,
     };
     tasks.spawn(sender.run(closing.clone()));
-    Ok((OutboxInput { entries, max: config.max_queue, written }, status))
+    let outbox = OutboxInput { entries, max: config.max_queue, written };
+    Ok(Started { outbox, status, commands: Commands { incoming, link } })
 }
 
 /// The collect task's state.
@@ -134,7 +185,7 @@ struct Collector {
 }
 
 impl Collector {
-    async fn run(mut self, link: HubLink, mut messages: mpsc::UnboundedReceiver<Message>, closing: CancellationToken) {
+    async fn run(mut self, mut messages: mpsc::UnboundedReceiver<Message>, closing: CancellationToken) {
         let restarted = self.forwarder.restarted(&store::now_rfc3339());
         self.append(vec![restarted]).await;
         let mut health = tokio::time::interval(HEALTH_EVERY);
@@ -149,7 +200,6 @@ impl Collector {
                 _ = health.tick() => self.health().await,
             }
         }
-        drop(link);
     }
 
     /// States to the writer; alarm events and alerts durably, now.
@@ -225,6 +275,8 @@ struct Sender {
     /// Woken when entries were appended.
     written: Arc<Notify>,
     status: SharedStatus,
+    /// Remote commands accepted from upstream, as (local topic, payload).
+    remote: mpsc::UnboundedSender<(String, bytes::Bytes)>,
 }
 
 /// Why a connection ended.
@@ -284,6 +336,10 @@ impl Sender {
             Err(_) => return Err(refused("no CONNACK within 10 s".to_owned())),
         }
         info!(upstream = %self.config.url, house = %self.config.house_id, "bridge: connected");
+        let commands = format!("houses/{}/cmd/", self.config.house_id);
+        if self.config.allow_remote_control {
+            let _ = client.try_subscribe(format!("{commands}#"), QoS::AtLeastOnce);
+        }
         set_state(&self.status, "connected");
         let mut flight = Flight::default();
         // `online` first; -1 marks a publish that is not an outbox entry.
@@ -303,9 +359,7 @@ impl Sender {
                         flight.acked(ack.pkid);
                         more |= flight.len() < WINDOW / 2;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        warn!(topic = %p.topic, "bridge: message from upstream ignored (remote control is off)");
-                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.from_upstream(&commands, &p.topic, p.payload),
                     Ok(_) => {}
                     Err(e) => {
                         self.delete_acked(&mut flight).await;
@@ -329,6 +383,25 @@ impl Sender {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// A message from upstream: a remote command when remote control is on and the topic is one
+    /// (`cmd/ID/set`, `cmd/alarm/set`, `cmd/scene/set`); anything else is ignored and logged.
+    fn from_upstream(&self, commands: &str, topic: &str, payload: bytes::Bytes) {
+        let local = topic.strip_prefix(commands).map(|rest| format!("dpi/{rest}"));
+        let command = local.filter(|t| {
+            matches!(
+                crate::topics::parse(t),
+                Some(Topic::Device { leaf: Leaf::Set, .. } | Topic::AlarmSet | Topic::SceneSet)
+            )
+        });
+        match command {
+            Some(local) if self.config.allow_remote_control => {
+                let _ = self.remote.send((local, payload));
+            }
+            Some(_) => warn!(%topic, "bridge: remote command ignored: allow_remote_control is off"),
+            None => warn!(%topic, "bridge: message from upstream ignored: not a remote command"),
         }
     }
 

@@ -296,6 +296,40 @@ impl HubLink {
     }
 }
 
+/// Publishes `payload` on `topic` from an in-process client (the bridge, for remote commands) as
+/// `identity`, through the checks a network client's PUBLISH goes through (the guard, the ACL, the
+/// house), then routes it, not retained, on `link`. A refusal is reported on `dpi/hub/error` and
+/// returned.
+pub fn publish_checked(
+    house: &dyn dispatch::Dispatch,
+    link: &HubLink,
+    identity: &crate::auth::Identity,
+    client_id: &str,
+    topic: &str,
+    payload: Bytes,
+) -> Result<(), String> {
+    let checked = guard::topic(topic.as_bytes()).map_err(|e| format!("topic {e}")).and_then(|topic| {
+        if !acl::may_publish(identity, topic) {
+            return Err("publish not allowed for this client".to_owned());
+        }
+        match house.publish(dispatch::Origin { identity, client_id }, topic, &payload) {
+            dispatch::Verdict::Route => Ok(payload.clone()),
+            dispatch::Verdict::RouteInstead(replacement) => Ok(replacement),
+            dispatch::Verdict::Refuse(reason) => Err(reason),
+        }
+    });
+    match checked {
+        Ok(routed) => {
+            link.publish(topic.to_owned(), routed, false);
+            Ok(())
+        }
+        Err(reason) => {
+            link.publish(crate::topics::HUB_ERROR, crate::topics::error_body(topic, client_id, &reason), false);
+            Err(reason)
+        }
+    }
+}
+
 /// Sends one packet into the router and wakes it (`LinkTx::send` is async in name only: it
 /// blocks on the router channel, which is why only the hub-link thread calls this).
 pub(crate) trait Push {
