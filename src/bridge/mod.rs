@@ -359,7 +359,7 @@ impl Sender {
                         flight.acked(ack.pkid);
                         more |= flight.len() < WINDOW / 2;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => self.from_upstream(&commands, &p.topic, p.payload),
+                    Ok(Event::Incoming(Packet::Publish(p))) => self.upstream_message(&commands, &p.topic, p.payload),
                     Ok(_) => {}
                     Err(e) => {
                         self.delete_acked(&mut flight).await;
@@ -388,7 +388,7 @@ impl Sender {
 
     /// A message from upstream: a remote command when remote control is on and the topic is one
     /// (`cmd/ID/set`, `cmd/alarm/set`, `cmd/scene/set`); anything else is ignored and logged.
-    fn from_upstream(&self, commands: &str, topic: &str, payload: bytes::Bytes) {
+    fn upstream_message(&self, commands: &str, topic: &str, payload: bytes::Bytes) {
         let local = topic.strip_prefix(commands).map(|rest| format!("dpi/{rest}"));
         let command = local.filter(|t| {
             matches!(
