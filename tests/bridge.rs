@@ -113,8 +113,33 @@ impl Company {
         }
     }
 
+    /// Makes `cn`'s persistent session on the broker, subscribed to `houses/+/front-door/state` and
+    /// `houses/+/alert` (the SUBACK seen, through a probe), and leaves it.
+    async fn leave_session(&self, cn: &str) {
+        let mut client = self.connect(cn, false).await;
+        for filter in ["houses/+/front-door/state", "houses/+/alert"] {
+            client.subscribe(filter, QoS::AtLeastOnce).await;
+        }
+        let own = client.client.clone();
+        until_routed(&own, &mut client, "houses/probe/alert").await;
+        client.client.disconnect().await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut client.task).await;
+    }
+
+    /// A company service back on its persistent session: no new SUBSCRIBE, so no retained copies
+    /// ahead of what was queued for it.
+    async fn resume(&self, cn: &str) -> Client {
+        self.connect(cn, false).await
+    }
+
     /// A company service connected with its certificate, subscribed to `filter` at QoS 1.
     async fn service(&self, cn: &str, clean: bool, filter: &str) -> Client {
+        let client = self.connect(cn, clean).await;
+        client.subscribe(filter, QoS::AtLeastOnce).await;
+        client
+    }
+
+    async fn connect(&self, cn: &str, clean: bool) -> Client {
         let (cert, key) = self.client(cn);
         let mut opts = MqttOptions::new(cn, "127.0.0.1", self.port);
         opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(clean);
@@ -123,9 +148,7 @@ impl Company {
             &cert,
             &key,
         ))));
-        let client = Client::connect_with(opts).await.expect("the company service could not connect");
-        client.subscribe(filter, QoS::AtLeastOnce).await;
-        client
+        Client::connect_with(opts).await.expect("the company service could not connect")
     }
 }
 
@@ -238,7 +261,7 @@ async fn five_hundred_states_queued_while_the_upstream_is_down_all_arrive_in_ord
     let mut company = Company::new();
     // The company's service keeps a session on its broker, so that it gets what arrives while it is away.
     company.start();
-    drop(company.service("company-ops", false, "houses/+/front-door/state").await);
+    company.leave_session("company-ops").await;
     company.stop();
 
     let house_dir = tempfile::tempdir().unwrap();
@@ -253,7 +276,7 @@ async fn five_hundred_states_queued_while_the_upstream_is_down_all_arrive_in_ord
     eventually("500 states in the outbox", 20, || queued() >= 500).await;
 
     company.start();
-    let mut ops = company.service("company-ops", false, "houses/+/front-door/state").await;
+    let mut ops = company.resume("company-ops").await;
     let mut seen: Vec<i64> = Vec::new();
     while seen.last() != Some(&499) {
         let state = next_on(&mut ops, &format!("houses/{HOUSE}/front-door/state")).await;
@@ -460,4 +483,154 @@ async fn without_allow_remote_control_nothing_from_upstream_reaches_the_house() 
     assert_eq!(&p.payload[..], br#"{"on":false}"#, "a remote command reached the lamp");
     assert_eq!(hub.alarm_status().await.state, "disarmed");
     hub.stop().await.unwrap();
+}
+
+#[test]
+fn states_and_alerts_queued_when_the_hub_is_killed_all_arrive_after_its_restart() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut company = Company::new();
+    company.start();
+    runtime.block_on(company.leave_session("company-ops"));
+    company.stop();
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let (_dir, config, data) = process_config(&format!("[store]\ncommit_interval_ms = 100\n{DOOR}{bridge}"));
+    let cfg = config.to_str().unwrap();
+    let hub = HubProcess::start(&config);
+    let (code, creds, err) = run_cli(&["--config", cfg, "device", "creds", "front-door"], None);
+    assert_eq!(code, 0, "{err}");
+    let password = creds.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_owned();
+    let db = || domoticpi::store::open(&data.join("hub.db")).unwrap();
+    runtime.block_on(async {
+        let ca = data.join("certs/ca.pem");
+        let door = Client::connect(hub.tls, &ca, "front-door", Some(("front-door", &password))).await.unwrap();
+        for seq in 0..100 {
+            let payload =
+                format!(r#"{{"contact":"{}","battery":50,"seq":{seq}}}"#, if seq % 2 == 0 { "open" } else { "closed" });
+            door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+        }
+        door.client
+            .publish("dpi/front-door/state", QoS::AtLeastOnce, true, r#"{"contact":"closed","battery":5}"#)
+            .await
+            .unwrap();
+        let queued = || {
+            db().query_row("SELECT COUNT(*) FROM outbox WHERE topic LIKE '%front-door/state'", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+        };
+        eventually("101 states in the outbox", 20, || queued() >= 101).await;
+    });
+    hub.signal("KILL");
+    drop(hub);
+
+    company.start();
+    let _hub = HubProcess::start(&config);
+    runtime.block_on(async {
+        let mut ops = company.resume("company-ops").await;
+        let mut got = Vec::new();
+        until(&mut ops, &mut got, |(t, v)| t.ends_with("/front-door/state") && v["battery"] == 5).await;
+        until(&mut ops, &mut got, |(t, v)| t.ends_with("/alert") && v["alert"] == "low_battery").await;
+        let mut seqs: Vec<i64> = got
+            .iter()
+            .filter(|(t, _)| t.ends_with("/front-door/state"))
+            .filter_map(|(_, v)| v["seq"].as_i64())
+            .collect();
+        seqs.dedup();
+        assert_eq!(seqs, (0..100).collect::<Vec<i64>>(), "lost or out of order across the kill");
+        let alerts: Vec<&str> =
+            got.iter().filter(|(t, _)| t.ends_with("/alert")).filter_map(|(_, v)| v["alert"].as_str()).collect();
+        assert_eq!(alerts.iter().filter(|a| **a == "hub_restarted").count(), 2, "{alerts:?}");
+        assert!(alerts.contains(&"low_battery"), "{alerts:?}");
+    });
+}
+
+/// A bridge section pointing at `port` on loopback, with files that need not be valid.
+fn unreachable_bridge(port: u16, dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let company = Company::new();
+    let section = enrol(&company, dir);
+    section.replace(&format!("127.0.0.1:{}", company.port), &format!("127.0.0.1:{port}"))
+}
+
+/// Motion → light on, off after 1 s; front door open while armed away → pending, triggered after
+/// 2 s. Returns (light off after the motion, triggered after the door opened).
+async fn rule_timings(bridge: &str) -> (Duration, Duration) {
+    let config = format!(
+        "[alarm]\nexit_delay_s = 0\nentry_delay_s = 2\n{DOOR}\
+         [[device]]\nid = \"hall-motion\"\nkind = \"motion\"\n[[device]]\nid = \"hall-light\"\nkind = \"light\"\n\
+         [[rule.motion_light]]\nsensors = [\"hall-motion\"]\nlights = [\"hall-light\"]\noff_after_s = 1\nwhen = \"always\"\n{bridge}"
+    );
+    let hub = TestHub::start(&config).await;
+    hub.add_cheap_user("admin", Role::Admin, "admin-password");
+    let mut watcher = hub.client("watcher", "admin", "admin-password").await.unwrap();
+    watcher.subscribe("dpi/#", QOS1).await;
+    let connect = |id: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.set_device_password(id, "secret");
+            hub.device(id, "secret").await.unwrap()
+        }
+    };
+    let (motion, mut light, door) =
+        (connect("hall-motion").await, connect("hall-light").await, connect("front-door").await);
+    light.subscribe("dpi/hall-light/set", QOS1).await;
+    until_routed(&watcher.client, &mut light, "dpi/hall-light/set").await;
+
+    motion.client.publish("dpi/hall-motion/state", QoS::AtLeastOnce, false, r#"{"motion":true}"#).await.unwrap();
+    let moved = Instant::now();
+    loop {
+        if &light.recv(10).await.payload[..] == br#"{"on":false}"# {
+            break;
+        }
+    }
+    let light_off = moved.elapsed();
+
+    let (code, _, err) = run_cli(&["--config", &hub.config_path(), "alarm", "arm", "away", "--force"], None);
+    assert_eq!(code, 0, "{err}");
+    door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, false, "OPEN").await.unwrap();
+    let opened = Instant::now();
+    loop {
+        let p = watcher.recv(10).await;
+        if p.topic == "dpi/alarm/state" && serde_json::from_slice::<Value>(&p.payload).unwrap()["state"] == "triggered"
+        {
+            break;
+        }
+    }
+    let triggered = opened.elapsed();
+    hub.stop().await.unwrap();
+    (light_off, triggered)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_upstream_unreachable_or_stalled_the_rules_and_the_alarm_keep_their_time() {
+    // A closed port, and a listener that accepts and never says a word.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("no bridge", String::new()),
+        ("closed port", unreachable_bridge(closed, &dir.path().join("a"))),
+        ("silent listener", unreachable_bridge(silent_port, &dir.path().join("b"))),
+    ];
+    for (name, bridge) in cases {
+        let (light_off, triggered) = rule_timings(&bridge).await;
+        println!("{name}: light off {light_off:?} after the motion, triggered {triggered:?} after the door");
+        // Not a speed test: only that neither waits on the bridge (an attempt takes up to 10 s).
+        assert!(light_off >= Duration::from_millis(800) && light_off < Duration::from_secs(4), "{name}: {light_off:?}");
+        assert!(
+            triggered >= Duration::from_millis(1_800) && triggered < Duration::from_secs(5),
+            "{name}: {triggered:?}"
+        );
+    }
 }
