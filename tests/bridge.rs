@@ -140,8 +140,13 @@ impl Company {
     }
 
     async fn connect(&self, cn: &str, clean: bool) -> Client {
+        self.connect_as(cn, cn, clean).await
+    }
+
+    /// Connects with client id `id` and a certificate for `cn`.
+    async fn connect_as(&self, id: &str, cn: &str, clean: bool) -> Client {
         let (cert, key) = self.client(cn);
-        let mut opts = MqttOptions::new(cn, "127.0.0.1", self.port);
+        let mut opts = MqttOptions::new(id, "127.0.0.1", self.port);
         opts.set_keep_alive(Duration::from_secs(30)).set_clean_session(clean);
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls_config_with_cert(
             &self.ca(),
@@ -633,4 +638,56 @@ async fn with_the_upstream_unreachable_or_stalled_the_rules_and_the_alarm_keep_t
             "{name}: {triggered:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_workers_share_one_subscription_and_each_alert_reaches_one_of_them() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let mut workers = Vec::new();
+    for n in 0..2 {
+        let worker = company.connect_as(&format!("alerts-{n}"), "company-alerts", true).await;
+        worker.subscribe("$share/alerts/houses/+/alert", QoS::AtLeastOnce).await;
+        workers.push(worker);
+    }
+    // Ten houses' alerts (published as the houses, with their own certificates).
+    let mut houses = Vec::new();
+    for n in 0..10 {
+        houses.push(company.connect(&format!("house-{n}"), true).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut received: Vec<(usize, String)> = Vec::new();
+    let mut round = 0;
+    // Subscriptions go in asynchronously: publish rounds until every house's alert of a round is in.
+    while received.iter().filter(|(_, t)| t.ends_with(&format!("#{round}"))).count() < 10 {
+        assert!(Instant::now() < deadline, "alerts missing: {received:?}");
+        round += 1;
+        for (n, house) in houses.iter().enumerate() {
+            let body = format!(r##"{{"alert":"tamper","device":"door","at":"x","round":"#{round}"}}"##);
+            house.client.publish(format!("houses/house-{n}/alert"), QoS::AtLeastOnce, false, body).await.unwrap();
+        }
+        let wait = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < wait {
+            for (w, worker) in workers.iter_mut().enumerate() {
+                while let Ok(p) = worker.rx.try_recv() {
+                    let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                    received.push((w, format!("{}{}", p.topic, v["round"].as_str().unwrap())));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let last: Vec<&(usize, String)> = received.iter().filter(|(_, t)| t.ends_with(&format!("#{round}"))).collect();
+    let mut topics: Vec<&str> = last.iter().map(|(_, t)| t.as_str()).collect();
+    topics.sort();
+    topics.dedup();
+    assert_eq!(topics.len(), 10, "each alert exactly once: {last:?}");
+    assert_eq!(last.len(), 10, "an alert reached both workers: {last:?}");
+    assert!(
+        last.iter().any(|(w, _)| *w == 0) && last.iter().any(|(w, _)| *w == 1),
+        "one worker got them all: {last:?}"
+    );
 }
