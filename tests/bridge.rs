@@ -62,7 +62,8 @@ impl Company {
             .replace("listener 8883", &format!("listener {port} 127.0.0.1"));
         // Run as root (CI), Mosquitto would switch to its own user, which cannot read these files.
         let user = if unsafe { libc::geteuid() } == 0 { "user root\n" } else { "" };
-        std::fs::write(dir.path().join("mosquitto.conf"), format!("{conf}\n{user}log_dest stderr\n")).unwrap();
+        std::fs::write(dir.path().join("mosquitto.conf"), format!("{conf}\n{user}log_dest file {here}mosquitto.log\n"))
+            .unwrap();
         std::fs::copy(root.join("acl"), dir.path().join("acl")).unwrap();
         Company { dir, port, issuer, broker: None }
     }
@@ -690,4 +691,51 @@ async fn alert_workers_share_one_subscription_and_each_alert_reaches_one_of_them
         last.iter().any(|(w, _)| *w == 0) && last.iter().any(|(w, _)| *w == 1),
         "one worker got them all: {last:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_hubs_bridged_to_one_upstream_each_under_its_own_prefix_only() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let mut company = Company::new();
+    company.start();
+    let mut ops = company.service("company-ops", true, "houses/+/front-door/state").await;
+    let started = Instant::now();
+    let mut hubs = Vec::new();
+    for n in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let bridge = enrol(&company, dir.path()).replace(HOUSE, &format!("house-{n:02}"));
+        // The request above was for HOUSE: sign one for this house's id instead.
+        let (code, csr, err) =
+            run_cli(&["--config", dir.path().join("enrol.toml").to_str().unwrap(), "bridge", "request"], None);
+        assert_eq!(code, 0, "{err}");
+        let mut params = CertificateSigningRequestParams::from_pem(&csr).unwrap();
+        params.params.distinguished_name = rcgen::DistinguishedName::new();
+        params.params.distinguished_name.push(DnType::CommonName, format!("house-{n:02}"));
+        std::fs::write(dir.path().join("bridge.pem"), params.signed_by(&company.issuer).unwrap().pem()).unwrap();
+        let hub = TestHub::start(&format!("{DOOR}{bridge}")).await;
+        hub.set_device_password("front-door", "secret");
+        hubs.push((dir, hub));
+    }
+    let mut doors = Vec::new();
+    for (n, (_, hub)) in hubs.iter().enumerate() {
+        let door = hub.device("front-door", "secret").await.unwrap();
+        let payload = format!(r#"{{"contact":"open","house":"house-{n:02}"}}"#);
+        door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+        doors.push(door);
+    }
+    let mut got = Vec::new();
+    let mut houses = std::collections::BTreeSet::new();
+    while houses.len() < 20 {
+        until(&mut ops, &mut got, |(t, _)| t.ends_with("/front-door/state")).await;
+        let (topic, state) = got.last().unwrap();
+        // Each state under the prefix of the house that sent it, and no other.
+        assert_eq!(*topic, format!("houses/{}/front-door/state", state["house"].as_str().unwrap()), "{got:?}");
+        houses.insert(topic.clone());
+    }
+    println!("20 hubs bridged to one upstream: every house's state under its own prefix in {:?}", started.elapsed());
+    for (_, hub) in hubs {
+        hub.stop().await.unwrap();
+    }
 }
