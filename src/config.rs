@@ -959,6 +959,25 @@ mod tests {
 
     const DEVICES: &str = "[[device]]\nid = \"m1\"\nkind = \"motion\"\n[[device]]\nid = \"l1\"\nkind = \"light\"\n";
 
+    #[test]
+    fn the_bridge_url_gives_host_and_port() {
+        for (authority, endpoint) in [
+            ("broker.example.com", Some(("broker.example.com", 8883))),
+            ("broker.example.com:9883", Some(("broker.example.com", 9883))),
+            ("127.0.0.1:8883", Some(("127.0.0.1", 8883))),
+            ("[::1]:8883", Some(("::1", 8883))),
+            ("[::1]", Some(("::1", 8883))),
+            ("broker:0", None),
+            ("broker:http", None),
+            ("::1", None),
+            ("", None),
+            ("user@broker", None),
+        ] {
+            let got = upstream_endpoint(authority);
+            assert_eq!(got.as_ref().map(|(h, p)| (h.as_str(), *p)), endpoint, "{authority}");
+        }
+    }
+
     rejects! {
         unknown_top_level_key: "colour = 1\n" => (1, 1), "unknown field";
         unknown_nested_key: "[broker]\ntls_port = 1\n" => (2, 1), "unknown field";

@@ -243,6 +243,14 @@ async fn states_alarm_events_and_alerts_reach_the_company_under_the_house_prefix
         .await
         .unwrap();
     until(&mut ops, &mut got, |(t, v)| *t == topic("front-door/state") && v["contact"] == "open").await;
+    // The door coming online is a change: the health report follows within a second or so.
+    until(&mut ops, &mut got, |(t, v)| *t == topic("hub/health") && v["devices_online"] == 1).await;
+    let health = &got.last().unwrap().1;
+    for key in
+        ["version", "uptime_s", "devices", "alarm", "disk_free_mb", "store_commits", "slow_clients", "queue", "dropped"]
+    {
+        assert!(health.get(key).is_some(), "health without {key}: {health}");
+    }
 
     // A panic: the alarm's state and event go up, and an alert for people.
     let alice = hub.client("alices-phone", "alice", "alice-password").await.unwrap();
@@ -736,6 +744,168 @@ async fn twenty_hubs_bridged_to_one_upstream_each_under_its_own_prefix_only() {
     }
     println!("20 hubs bridged to one upstream: every house's state under its own prefix in {:?}", started.elapsed());
     for (_, hub) in hubs {
+        hub.stop().await.unwrap();
+    }
+}
+
+/// `DOMOTICPI_…` as a number, or `default`.
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// p50 and p99 of `samples`, in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+    (at(0.5), at(0.99))
+}
+
+/// A measurement, not a check (run it in release; README, "Benchmarks"): N states (10,000 unless
+/// `DOMOTICPI_BRIDGE_QUEUE`) queued while the upstream is down, the disk they take, and how fast
+/// they reach a company service once it is back.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: cargo test --release --test integration bridge::measure -- --ignored --nocapture"]
+async fn measure_catch_up_after_an_outage() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let n = env_or("DOMOTICPI_BRIDGE_QUEUE", 10_000);
+    let mut company = Company::new();
+    company.start();
+    company.leave_session("company-ops").await;
+    company.stop();
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path()).replace("[bridge]\n", &format!("[bridge]\nmax_queue = {}\n", n * 2));
+    let hub = TestHub::start(&format!("{DOOR}{bridge}")).await;
+    hub.set_device_password("front-door", "secret");
+    let door = hub.device("front-door", "secret").await.unwrap();
+    let pages = |hub: &TestHub| -> i64 {
+        let db = hub.db();
+        let count: i64 = db.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        let size: i64 = db.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        count * size
+    };
+    let queued = |hub: &TestHub| hub.db().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)).unwrap();
+    eventually("the start's entries queued", 10, || queued(&hub) > 0).await;
+    let (before, before_rows) = (pages(&hub), queued(&hub));
+    for seq in 0..n {
+        let payload =
+            format!(r#"{{"contact":"{}","battery":80,"seq":{seq}}}"#, if seq % 2 == 0 { "open" } else { "closed" });
+        door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, true, payload).await.unwrap();
+    }
+    let last = format!(r#""seq":{}"#, n - 1);
+    let outbox_has_last = || {
+        hub.db()
+            .query_row("SELECT COUNT(*) FROM outbox WHERE CAST(payload AS TEXT) LIKE ?1", [format!("%{last}%")], |r| {
+                r.get::<_, i64>(0)
+            })
+            .unwrap()
+            > 0
+    };
+    eventually("every state queued", 120, outbox_has_last).await;
+    let (after, rows) = (pages(&hub), queued(&hub));
+    let per_entry = (after - before) as f64 / (rows - before_rows) as f64;
+
+    company.start();
+    let back = Instant::now();
+    let mut ops = company.resume("company-ops").await;
+    let mut received = 0;
+    loop {
+        let p = ops.recv(120).await;
+        if p.topic.ends_with("/front-door/state") {
+            received += 1;
+            if String::from_utf8_lossy(&p.payload).contains(&last) {
+                break;
+            }
+        }
+    }
+    let caught_up = back.elapsed();
+    eventually("the outbox emptied", 120, || queued(&hub) == 0).await;
+    let drained = back.elapsed();
+    println!(
+        "catch-up: {} entries queued ({rows} rows, {per_entry:.0} bytes of database each); the company had the last \
+         {caught_up:?} after its broker came back ({:.0} msg/s, {received} states received), the outbox empty after {drained:?}",
+        rows - before_rows,
+        received as f64 / caught_up.as_secs_f64()
+    );
+    hub.stop().await.unwrap();
+}
+
+/// A measurement: door → siren (a perimeter door while armed away triggers at once) with the
+/// upstream reachable, at a closed port, and at a listener that never speaks; N rounds each
+/// (`DOMOTICPI_BRIDGE_ROUNDS`, 200).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: cargo test --release --test integration bridge::measure -- --ignored --nocapture"]
+async fn measure_door_to_siren_with_the_upstream_reachable_unreachable_and_stalled() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let rounds = env_or("DOMOTICPI_BRIDGE_ROUNDS", 200);
+    let mut company = Company::new();
+    company.start();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let reachable = enrol(&company, dir.path());
+    let cases = [
+        ("no bridge", String::new()),
+        ("upstream reachable", reachable),
+        ("closed port", unreachable_bridge(closed, &dir.path().join("closed"))),
+        ("silent listener", unreachable_bridge(silent_port, &dir.path().join("silent"))),
+    ];
+    let perimeter = "[[device]]\nid = \"back-door\"\nkind = \"contact\"\nzone = \"perimeter\"\n[[device]]\nid = \"siren\"\nkind = \"siren\"\n";
+    for (name, bridge) in cases {
+        let hub = TestHub::start(&format!("[alarm]\nexit_delay_s = 0\n{perimeter}{bridge}")).await;
+        hub.add_cheap_user("alice", Role::Resident, "alice-password");
+        let pin = domoticpi::auth::hash(&domoticpi::secret::Secret::new("4821"));
+        domoticpi::store::users::set_pin(&hub.db(), "alice", &pin).unwrap();
+        let alice = hub.client("alices-phone", "alice", "alice-password").await.unwrap();
+        for id in ["back-door", "siren"] {
+            hub.set_device_password(id, "secret");
+        }
+        let door = hub.device("back-door", "secret").await.unwrap();
+        let mut siren = hub.device("siren", "secret").await.unwrap();
+        siren.subscribe("dpi/siren/set", QOS1).await;
+        until_routed(&alice.client, &mut siren, "dpi/siren/set").await;
+        let mut samples = Vec::new();
+        for _ in 0..rounds {
+            alice.client.publish("dpi/alarm/set", QoS::AtLeastOnce, false, r#"{"action":"arm_away"}"#).await.unwrap();
+            eventually("armed", 10, || {
+                hub.db()
+                    .query_row("SELECT snapshot FROM alarm", [], |r| r.get::<_, String>(0))
+                    .unwrap()
+                    .contains("armed_away")
+            })
+            .await;
+            let opened = Instant::now();
+            door.client.publish("dpi/back-door/state", QoS::AtLeastOnce, false, "OPEN").await.unwrap();
+            loop {
+                if &siren.recv(10).await.payload[..] == br#"{"on":true}"# {
+                    break;
+                }
+            }
+            samples.push(opened.elapsed());
+            door.client.publish("dpi/back-door/state", QoS::AtLeastOnce, false, "CLOSED").await.unwrap();
+            alice
+                .client
+                .publish("dpi/alarm/set", QoS::AtLeastOnce, false, r#"{"action":"disarm","code":"4821"}"#)
+                .await
+                .unwrap();
+            loop {
+                if &siren.recv(10).await.payload[..] == br#"{"on":false}"# {
+                    break;
+                }
+            }
+        }
+        let (p50, p99) = percentiles(&mut samples);
+        println!("door → siren, {name}: p50 {p50:.2} ms, p99 {p99:.2} ms ({rounds} rounds)");
         hub.stop().await.unwrap();
     }
 }

@@ -7,7 +7,7 @@
 //! alert on `houses/HOUSE_ID/alert`; so does a battery at or under [`LOW_BATTERY`] (once, until it
 //! reads [`BATTERY_OK`] or more), a hub start, and a disk under [`DISK_LOW_MB`].
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
@@ -30,12 +30,36 @@ pub struct Forwarder {
     low_battery: HashSet<String>,
     /// `disk_low` was reported and the disk has not recovered.
     disk_low: bool,
+    /// Each device's last availability, as forwarded.
+    availability: HashMap<String, bool>,
+    /// The alarm's last state, as forwarded.
+    alarm: Option<String>,
+    /// The house changed (a device came or went, the alarm moved) since the last health report.
+    changed: bool,
+}
+
+/// What the health report says of the house.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Devices whose availability was seen.
+    pub devices: usize,
+    /// Of those, online.
+    pub online: usize,
+    /// The alarm's state, once seen.
+    pub alarm: Option<String>,
 }
 
 impl Forwarder {
     /// A forwarder for `house_id`.
     pub fn new(house_id: &str) -> Forwarder {
-        Forwarder { prefix: format!("houses/{house_id}/"), low_battery: HashSet::new(), disk_low: false }
+        Forwarder {
+            prefix: format!("houses/{house_id}/"),
+            low_battery: HashSet::new(),
+            disk_low: false,
+            availability: HashMap::new(),
+            alarm: None,
+            changed: false,
+        }
     }
 
     /// The upstream topic for a local suffix (`ID/state`, `hub/status`, `alert`, …).
@@ -53,6 +77,7 @@ impl Forwarder {
             Topic::AlarmEvent => (Class::Event, false),
             _ => return Vec::new(),
         };
+        self.note(parsed, payload);
         let mut out = vec![Entry { topic: self.topic(suffix), payload: payload.to_vec(), retain, class }];
         let alert = match parsed {
             Topic::AlarmEvent => alarm_alert(payload),
@@ -61,6 +86,40 @@ impl Forwarder {
         };
         out.extend(alert.map(|body| self.alert(body)));
         out
+    }
+
+    /// The house as the forwarded messages tell it.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            devices: self.availability.len(),
+            online: self.availability.values().filter(|o| **o).count(),
+            alarm: self.alarm.clone(),
+        }
+    }
+
+    /// Whether the house changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Keeps what the health report needs: availability and the alarm's state.
+    fn note(&mut self, topic: Topic<'_>, payload: &[u8]) {
+        match topic {
+            Topic::Device { id, leaf: Leaf::Availability } => {
+                let online = crate::decode::decode_availability(payload).unwrap_or(false);
+                self.changed |= self.availability.insert(id.to_owned(), online) != Some(online);
+            }
+            Topic::AlarmState => {
+                let state = serde_json::from_slice::<Value>(payload)
+                    .ok()
+                    .and_then(|v| Some(v.get("state")?.as_str()?.to_owned()));
+                self.changed |= state.is_some() && state != self.alarm;
+                if state.is_some() {
+                    self.alarm = state;
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The `hub_restarted` alert, sent once at each start.
@@ -174,6 +233,20 @@ mod tests {
         assert_eq!(alerts(&mut f, 14), 0, "not recovered yet");
         assert_eq!(alerts(&mut f, 90), 0);
         assert_eq!(alerts(&mut f, 10), 1, "recovered, then low again");
+    }
+
+    #[test]
+    fn the_summary_follows_availability_and_the_alarm_and_says_when_it_changed() {
+        let mut f = Forwarder::new("h");
+        f.entries("dpi/door/availability", b"online", AT);
+        f.entries("dpi/pir/availability", b"offline", AT);
+        assert!(f.take_changed());
+        assert!(!f.take_changed());
+        f.entries("dpi/door/availability", b"online", AT);
+        assert!(!f.take_changed(), "the same availability again is no change");
+        f.entries("dpi/alarm/state", br#"{"state":"armed_away","since":"x","by":"alice"}"#, AT);
+        assert!(f.take_changed());
+        assert_eq!(f.summary(), Summary { devices: 2, online: 1, alarm: Some("armed_away".into()) });
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   appends it to the outbox in SQLite: states through the writer's batched transactions (at most
 //!   one commit per `store.commit_interval_ms`), alarm events and alerts at once and durably. It
 //!   also queues a `hub_restarted` alert at start and the retained `hub/health` report every
-//!   [`HEALTH_EVERY`].
+//!   [`HEALTH_EVERY`] and within a second of a change (a device online or offline, the alarm's
+//!   state).
 //! - **send** keeps the upstream connection (rumqttc, client id `house_id`, clean session off, a
 //!   retained `offline` will on `houses/HOUSE_ID/hub/status`), reconnecting with exponential backoff
 //!   and jitter from 1 s to 5 min. Each connection starts a fresh client, publishes `online` on that
@@ -189,6 +190,8 @@ impl Collector {
         let restarted = self.forwarder.restarted(&store::now_rfc3339());
         self.append(vec![restarted]).await;
         let mut health = tokio::time::interval(HEALTH_EVERY);
+        // A change (a device came or went, the alarm moved) is reported within a second.
+        let mut changes = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 () = closing.cancelled() => break,
@@ -198,6 +201,11 @@ impl Collector {
                     self.append(entries).await;
                 }
                 _ = health.tick() => self.health().await,
+                _ = changes.tick() => {
+                    if self.forwarder.take_changed() {
+                        self.health().await;
+                    }
+                }
             }
         }
     }
@@ -222,15 +230,10 @@ impl Collector {
     async fn health(&mut self) {
         let uptime_s = self.started.elapsed().as_secs();
         let commits = self.store.commits();
-        let figures = self
-            .store
-            .call(|c| {
-                let rows = store::device_state::all(c)?;
-                let alarm = store::alarm::load(c)?.and_then(|j| crate::alarm::stored_status(&j)).map(|(s, _)| s);
-                Ok((rows, alarm, store::lag::all(c)?.len(), outbox::depth(c)?, outbox::dropped(c)?))
-            })
-            .await;
-        let (rows, alarm, slow_clients, queue, dropped) = match figures {
+        let figures =
+            self.store.call(|c| Ok((store::lag::all(c)?.len(), outbox::depth(c)?, outbox::dropped(c)?))).await;
+        let house = self.forwarder.summary();
+        let (slow_clients, queue, dropped) = match figures {
             Ok(figures) => figures,
             Err(e) => return warn!(error = %e, "bridge: the health report could not be read"),
         };
@@ -238,9 +241,9 @@ impl Collector {
         let body = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": uptime_s,
-            "devices_online": rows.iter().filter(|r| r.online == Some(true)).count(),
-            "devices": rows.len(),
-            "alarm": alarm,
+            "devices_online": house.online,
+            "devices": house.devices,
+            "alarm": house.alarm,
             "disk_free_mb": free_mb,
             "store_commits": commits,
             "slow_clients": slow_clients,
