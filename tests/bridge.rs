@@ -909,3 +909,46 @@ async fn measure_door_to_siren_with_the_upstream_reachable_unreachable_and_stall
         hub.stop().await.unwrap();
     }
 }
+
+/// A measurement: what the example house (`config/house.toml`, played by `domoticpi-house` for
+/// `DOMOTICPI_BRIDGE_SECONDS`, 60) sends upstream. Needs `cargo build --release -p domoticpi-house`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: cargo build --release -p domoticpi-house && cargo test --release --test integration bridge::measure -- --ignored --nocapture"]
+async fn measure_what_one_house_sends_upstream() {
+    if skip_without_mosquitto() {
+        return;
+    }
+    let seconds = env_or("DOMOTICPI_BRIDGE_SECONDS", 60);
+    let player = Path::new(bin()).with_file_name("domoticpi-house");
+    assert!(player.exists(), "build it first: cargo build --release -p domoticpi-house");
+    let mut company = Company::new();
+    company.start();
+    let mut ops = company.service("company-ops", true, "houses/#").await;
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let example = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/house.toml")).unwrap();
+    let body = &example[example.find("[[room]]").unwrap()..];
+    let hub = TestHub::start(&format!("{body}\n{bridge}")).await;
+    hub.wait_ready().await;
+    let mut play = Command::new(&player)
+        .args(["--config", &hub.config_path(), "--duration", &seconds.to_string(), "--seed", "7"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut counts = std::collections::BTreeMap::<String, u64>::new();
+    while started.elapsed() < Duration::from_secs(seconds as u64) {
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(200), ops.rx.recv()).await {
+            let kind = p.topic.rsplit('/').next().unwrap_or("").to_owned();
+            *counts.entry(kind).or_default() += 1;
+        }
+    }
+    let _ = play.wait();
+    let total: u64 = counts.values().sum();
+    println!(
+        "one example house, {seconds} s: {total} messages upstream ({:.2}/s): {counts:?}",
+        total as f64 / seconds as f64
+    );
+    hub.stop().await.unwrap();
+}

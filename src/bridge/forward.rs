@@ -218,6 +218,30 @@ mod tests {
     }
 
     #[test]
+    fn each_alarm_event_people_must_hear_of_is_its_alert() {
+        let mut f = Forwarder::new("h");
+        for (event, alert) in [
+            ("triggered", Some("alarm_triggered")),
+            ("tamper", Some("tamper")),
+            ("sensor_offline", Some("sensor_offline")),
+            ("code_lockout", Some("code_lockout")),
+            ("pending", None),
+            ("disarmed", None),
+            ("code_rejected", None),
+            ("arm_refused", None),
+        ] {
+            let payload = format!(r#"{{"event":"{event}","device":"pir","reason":"r","at":"{AT}"}}"#);
+            let entries = f.entries("dpi/alarm/event", payload.as_bytes(), AT);
+            let got = entries.iter().find(|e| e.class == Class::Alert).map(|e| {
+                let v: Value = serde_json::from_slice(&e.payload).unwrap();
+                assert_eq!(v["device"], "pir");
+                v["alert"].as_str().unwrap().to_owned()
+            });
+            assert_eq!(got.as_deref(), alert, "{event}");
+        }
+    }
+
+    #[test]
     fn a_low_battery_is_reported_once_until_it_recovers() {
         let mut f = Forwarder::new("h");
         let alerts = |f: &mut Forwarder, b: u64| {
