@@ -258,6 +258,7 @@ async fn states_alarm_events_and_alerts_reach_the_company_under_the_house_prefix
     until(&mut ops, &mut got, |(t, v)| *t == topic("alert") && v["alert"] == "alarm_triggered").await;
     assert!(got.iter().any(|(t, v)| *t == topic("alarm/state") && v["state"] == "triggered"), "{got:?}");
     assert!(got.iter().any(|(t, v)| *t == topic("alarm/event") && v["event"] == "triggered"), "{got:?}");
+    assert!(got.iter().any(|(t, v)| *t == topic("front-door/availability") && v == "online"), "{got:?}");
     let states = got.iter().filter(|(t, v)| *t == topic("alarm/state") && v["state"] == "triggered").count();
     assert_eq!(states, 1, "the alarm's state sent twice: {got:?}");
     let alerts: Vec<&str> =
@@ -382,7 +383,12 @@ async fn a_full_outbox_drops_the_oldest_states_first_and_keeps_the_alerts() {
         alerts.contains(&"hub_restarted".to_owned()) && alerts.contains(&"alarm_triggered".to_owned()),
         "{alerts:?}"
     );
+    // Every entry ever appended has an id (never reused, nothing sent yet): those not in the
+    // outbox are exactly the ones counted as dropped.
     let dropped = domoticpi::store::outbox::dropped(&hub.db()).unwrap();
+    let appended: i64 =
+        hub.db().query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0)).unwrap();
+    assert_eq!(dropped, appended - 40, "{appended} appended, 40 kept");
     assert!(dropped >= 60, "{dropped} dropped");
 
     // The upstream comes back: what was kept arrives, the alerts among it.
