@@ -958,3 +958,20 @@ async fn measure_what_one_house_sends_upstream() {
     );
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bridge_key_other_users_can_read_is_refused_and_status_says_why() {
+    let company = Company::new();
+    let house_dir = tempfile::tempdir().unwrap();
+    let bridge = enrol(&company, house_dir.path());
+    let key = house_dir.path().join("bridge.key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let hub = TestHub::start(&format!("{DOOR}{bridge}")).await;
+    hub.wait_ready().await;
+    let status = || {
+        let (_, out, _) = run_cli(&["--config", &hub.config_path(), "status"], None);
+        out.lines().find(|l| l.starts_with("bridge: ")).unwrap_or_default().to_owned()
+    };
+    eventually("the bridge down for its key", 10, || status().contains("readable by other users")).await;
+    hub.stop().await.unwrap();
+}

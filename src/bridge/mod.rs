@@ -491,6 +491,8 @@ fn jitter(base: Duration) -> Duration {
 /// The TLS client configuration: the company CA, the house's certificate and key.
 fn tls_config(config: &config::Bridge) -> Result<Arc<rustls::ClientConfig>, String> {
     let read = |path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    // Like the hub's own keys: refused when other users can read it.
+    crate::certs::check_key_mode(&config.client_key).map_err(|e| e.to_string())?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut read(&config.ca)?.as_slice()) {
         roots.add(cert.map_err(|e| format!("{}: {e}", config.ca.display()))?).map_err(|e| e.to_string())?;
