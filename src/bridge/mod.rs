@@ -1,7 +1,7 @@
 //! The bridge (SPEC §8): one mutual-TLS MQTT connection from the hub to the company's broker
 //! cluster, and the outbox that makes it lossless.
 //!
-//! Three tasks, none of which anything local waits on:
+//! Its tasks, none of which anything local waits on:
 //! - **collect** reads what the bridge's own in-process link receives (`dpi/+/state`, which takes
 //!   in `dpi/alarm/state`, `dpi/+/availability`, `dpi/alarm/event`), maps it with [`forward`], and
 //!   appends it to the outbox in SQLite: states through the writer's batched transactions (at most
@@ -15,7 +15,8 @@
 //!   status topic, then sends the outbox from its oldest entry, in order, at QoS 1, at most
 //!   [`WINDOW`] in flight, and deletes entries as the upstream acknowledges them. An entry sent but
 //!   not yet deleted when the connection drops is sent again: at least once, never lost.
-//! - the link reader, which ends only with the router.
+//! - the link reader, which ends only with the router;
+//! - remote commands ([`Commands::run`]), below.
 //!
 //! With `allow_remote_control`, the send task subscribes to `houses/HOUSE_ID/cmd/#` and hands
 //! `cmd/ID/set`, `cmd/alarm/set` and `cmd/scene/set` to [`Commands::run`], which applies them as
