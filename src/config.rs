@@ -76,6 +76,8 @@ pub struct Config {
     pub scenes: Vec<Scene>,
     /// The optional bridge to the company's broker.
     pub bridge: Option<Bridge>,
+    /// The residents' web app: its HTTPS listener, `None` when turned off.
+    pub web: Option<SocketAddr>,
 }
 
 /// The house the hub runs.
@@ -350,6 +352,8 @@ mod raw {
         #[serde(default)]
         pub scene: Vec<Scene>,
         pub bridge: Option<Bridge>,
+        #[serde(default)]
+        pub web: Web,
     }
 
     #[derive(Deserialize, Default)]
@@ -451,6 +455,12 @@ mod raw {
     pub struct Scene {
         pub id: Spanned<String>,
         pub set: Spanned<BTreeMap<Spanned<String>, SceneSetting>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct Web {
+        pub listen: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -654,6 +664,20 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
     let rules = build_rules(file.rule, &refs, &house, c);
     let scenes = build_scenes(file.scene, &refs, c);
     let bridge = file.bridge.map(|b| build_bridge(b, c));
+    let web = match file.web.listen {
+        None => Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
+        Some(listen) if listen.get_ref().is_empty() => None,
+        Some(listen) => match listen.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                c.error(
+                    listen.span(),
+                    format!("web listen {:?} is not an IP:port (or \"\" for off)", listen.get_ref()),
+                );
+                None
+            }
+        },
+    };
 
     let data_dir = PathBuf::from(file.data_dir.unwrap_or_else(|| "./domoticpi-data".to_owned()));
     Config {
@@ -670,6 +694,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
         rules,
         scenes,
         bridge,
+        web,
     }
 }
 

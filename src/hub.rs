@@ -79,6 +79,8 @@ pub struct Listeners {
     pub tls: TcpListener,
     /// The optional plain listener.
     pub plain: Option<TcpListener>,
+    /// The web app's HTTPS listener, unless turned off.
+    pub web: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -92,7 +94,11 @@ impl Listeners {
             Some(addr) => Some(bind(addr, "plain listener, broker.plain_listen").await?),
             None => None,
         };
-        Ok(Listeners { tls, plain })
+        let web = match config.web {
+            Some(addr) => Some(bind(addr, "web app, web.listen").await?),
+            None => None,
+        };
+        Ok(Listeners { tls, plain, web })
     }
 }
 
@@ -134,6 +140,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     failure.map_or(Ok(()), Err)
 }
 
+/// What the broker's sessions share that the supervisor made first.
+struct BrokerParts {
+    router: broker::RouterHandle,
+    retained: broker::RetainedSink,
+    /// Failed logins per address, shared with the web app's sign-in.
+    throttle: Arc<crate::auth::Throttle>,
+}
+
 /// The running hub, as the supervisor holds it: what it needs to stop, and nothing that keeps the
 /// house running (the drivers end when every handle on them is gone).
 struct Hub {
@@ -155,7 +169,7 @@ struct Hub {
 
 impl Hub {
     /// Starts everything in the order of the module doc; returns once the hub is ready.
-    async fn start(config: Config, listeners: Listeners) -> Result<Hub, HubError> {
+    async fn start(config: Config, mut listeners: Listeners) -> Result<Hub, HubError> {
         let paths = CertPaths::new(&config.data_dir);
         let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
         let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
@@ -193,8 +207,13 @@ impl Hub {
         }
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
         hub.serve_control(&config, &store, &dispatcher, (settings, bridge));
-        let (tls_addr, plain_addr) =
-            hub.accept_clients(&config, (listeners, acceptor), router, retained, &store, dispatcher);
+        let throttle = Arc::new(crate::auth::Throttle::default());
+        if let Some(web) = listeners.web.take() {
+            let (links, acceptor, throttle) = (&router.links, acceptor.clone(), Arc::clone(&throttle));
+            crate::web::start(web, acceptor, links, &store, dispatcher.clone(), throttle, &hub.tasks, &hub.closing)?;
+        }
+        let parts = BrokerParts { router, retained, throttle };
+        let (tls_addr, plain_addr) = hub.accept_clients(&config, (listeners, acceptor), parts, &store, dispatcher);
         hub.announce("online", Duration::from_secs(1)).await;
         let (tls_text, plain_text) = (tls_addr.to_string(), plain_addr.map(|a| a.to_string()));
         store
@@ -244,8 +263,7 @@ impl Hub {
         &self,
         config: &Config,
         (listeners, acceptor): (Listeners, TlsAcceptor),
-        router: broker::RouterHandle,
-        retained: broker::RetainedSink,
+        BrokerParts { router, retained, throttle }: BrokerParts,
         store: &Store,
         dispatcher: Dispatcher,
     ) -> (SocketAddr, Option<SocketAddr>) {
@@ -254,7 +272,7 @@ impl Hub {
         let shared = Arc::new(Shared {
             router,
             auth: Authenticator::new(store.clone(), devices, config.broker.require_client_cert),
-            throttle: Arc::default(),
+            throttle,
             admission: broker::admission::Admission::new(config.broker.max_connections),
             sessions: Arc::clone(&self.sessions),
             limits: Limits {

@@ -21,3 +21,4 @@ pub mod reload;
 pub mod secret;
 pub mod store;
 pub mod topics;
+pub mod web;

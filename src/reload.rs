@@ -9,7 +9,7 @@
 //! takes the new `[store]` at its next interval, new devices are announced offline and may connect at
 //! once, and the connection of a device that is gone, or whose kind changed, is closed (its
 //! credentials are refused from then on, as the authenticator asks the dispatcher). What only a
-//! restart applies (`[broker]`, `data_dir`, `log_level`, `[bridge]`) is reported, never ignored.
+//! restart applies (`[broker]`, `data_dir`, `log_level`, `[bridge]`, `[web]`) is reported, never ignored.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -170,7 +170,8 @@ fn compare(old: &Config, new: &Config) -> Report {
         }
     }
     let b = (&old.broker, &new.broker);
-    let restart: [(&str, bool); 9] = [
+    let restart: [(&str, bool); 10] = [
+        ("web.listen", old.web != new.web),
         ("broker.tls_listen", b.0.tls_listen != b.1.tls_listen),
         ("broker.plain_listen", b.0.plain_listen != b.1.plain_listen),
         ("broker.server_names", b.0.server_names != b.1.server_names),

@@ -888,6 +888,16 @@ pub mod device_state {
         rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
     }
 
+    /// One device's history since `since` (RFC 3339), oldest first: (at, `state` or
+    /// `availability`, the value).
+    pub fn history(conn: &Connection, device: &str, since: &str) -> Result<Vec<(String, String, String)>> {
+        let mut stmt = conn
+            .prepare("SELECT at, kind, value FROM history WHERE device = ?1 AND at >= ?2 ORDER BY id LIMIT 10000")
+            .map_err(sql_err(conn))?;
+        let rows = stmt.query_map([device, since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).map_err(sql_err(conn))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(sql_err(conn))
+    }
+
     /// A counter's value (0 if never counted).
     pub fn counter(conn: &Connection, name: &str) -> Result<i64> {
         conn.query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| r.get(0))

@@ -114,7 +114,7 @@ async fn a_bad_file_changes_nothing_and_reload_exits_1_with_every_error() {
     hub.rewrite_config(&format!("{DOOR}[[device]]\nid = \"alice\"\nkind = \"motion\"\n"));
     let (code, _, err) = reload(&hub);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains(&format!("{path}:9:6:")) && err.contains("is a user's name"), "{err}");
+    assert!(err.contains(&format!("{path}:11:6:")) && err.contains("is a user's name"), "{err}");
     let (code, _, err) = run_cli(&["--config", &path, "check-config"], None);
     assert_eq!(code, 1, "check-config let the user's name through: {err}");
     assert!(err.contains("is a user's name"), "{err}");
@@ -292,7 +292,7 @@ fn sighup_applies_the_config_file_as_reload_does() {
     std::fs::write(&path, config_text(&data, "[[device]]\nid = \"Bad Id\"\nkind = \"motion\"\n")).unwrap();
     hub.signal("HUP");
     let log = log_until(&hub, "reload refused");
-    assert!(log.last().is_some_and(|l| l.contains(":5:6:")), "the error's line and column: {log:#?}");
+    assert!(log.last().is_some_and(|l| l.contains(":7:6:")), "the error's line and column: {log:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,3 +14,4 @@ mod lights;
 mod pipeline;
 mod reload;
 mod security;
+mod web;

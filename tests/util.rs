@@ -55,13 +55,17 @@ pub struct TestHub {
     pub data_dir: PathBuf,
     pub tls: SocketAddr,
     pub plain: Option<SocketAddr>,
+    pub web: Option<SocketAddr>,
     pub token: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<Result<(), hub::HubError>>>,
 }
 
 /// The config text every test hub starts from; `extra` is appended.
 pub fn config_text(data_dir: &Path, extra: &str) -> String {
-    format!("data_dir = {:?}\n[broker]\ntls_listen = \"127.0.0.1:0\"\n{extra}", data_dir.display().to_string())
+    format!(
+        "data_dir = {:?}\n[web]\nlisten = \"127.0.0.1:0\"\n[broker]\ntls_listen = \"127.0.0.1:0\"\n{extra}",
+        data_dir.display().to_string()
+    )
 }
 
 impl TestHub {
@@ -88,11 +92,16 @@ impl TestHub {
             Some(addr) => Some(TcpListener::bind(addr).await.unwrap()),
             None => None,
         };
+        let web = match config.web {
+            Some(addr) => Some(TcpListener::bind(addr).await.unwrap()),
+            None => None,
+        };
         let tls_addr = tls.local_addr().unwrap();
         let plain_addr = plain.as_ref().map(|p| p.local_addr().unwrap());
+        let web_addr = web.as_ref().map(|w| w.local_addr().unwrap());
         let token = CancellationToken::new();
-        let task = tokio::spawn(hub::run(config, Listeners { tls, plain }, token.clone()));
-        TestHub { dir, data_dir, tls: tls_addr, plain: plain_addr, token, task: Some(task) }
+        let task = tokio::spawn(hub::run(config, Listeners { tls, plain, web }, token.clone()));
+        TestHub { dir, data_dir, tls: tls_addr, plain: plain_addr, web: web_addr, token, task: Some(task) }
     }
 
     /// Stops this hub and starts a new one on the same data dir with `extra` config.
@@ -750,5 +759,125 @@ pub async fn until_routed(publisher: &AsyncClient, sub: &mut Client, topic: &str
             }
         }
         assert!(Instant::now() < deadline, "nothing on {topic} reached the subscriber in 10 s");
+    }
+}
+
+/// An HTTP response as the tests read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Opens a TLS connection to the web app and sends one HTTP/1.1 request.
+async fn https_send(
+    hub: &TestHub,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<&str>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let addr = hub.web.expect("the web app is off");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls_config(&hub.ca()));
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(c) = cookie {
+        request.push_str(&format!("Cookie: {c}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method == "POST" {
+        request.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// One HTTPS request to the hub's web app (a JSON body for POST), read to the end.
+pub async fn https(hub: &TestHub, method: &str, path: &str, cookie: Option<&str>, body: Option<&str>) -> HttpResponse {
+    use tokio::io::AsyncReadExt;
+    let mut stream = https_send(hub, method, path, cookie, body).await;
+    let mut raw = Vec::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw)).await.expect("no answer in 20 s");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<Vec<_>>();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    HttpResponse { status, headers, body }
+}
+
+/// The body of a chunked response.
+fn dechunk(mut text: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = text.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        text = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Signs in on the web app; the session cookie (`dpi_session=…`).
+pub async fn web_login(hub: &TestHub, user: &str, password: &str) -> String {
+    let body = serde_json::json!({ "user": user, "password": password }).to_string();
+    let r = https(hub, "POST", "/api/login", None, Some(&body)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let cookie = r.header("set-cookie").expect("no cookie");
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// The live event stream (`GET /api/events`), as data lines.
+pub struct EventStream {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+}
+
+impl EventStream {
+    pub async fn open(hub: &TestHub, cookie: &str) -> EventStream {
+        use tokio::io::AsyncBufReadExt;
+        let stream = https_send(hub, "GET", "/api/events", Some(cookie), None).await;
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        let status = lines.next_line().await.unwrap().unwrap_or_default();
+        assert!(status.contains(" 200 "), "{status}");
+        EventStream { lines }
+    }
+
+    /// The next event's data, as JSON.
+    pub async fn next(&mut self) -> serde_json::Value {
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+                .await
+                .expect("no event in 10 s")
+                .unwrap()
+                .expect("stream ended");
+            if let Some(data) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                return serde_json::from_str(data).unwrap();
+            }
+        }
     }
 }

@@ -1,0 +1,467 @@
+//! The residents' web API (SPEC §10) over HTTPS with the hub's own server certificate: sign-in,
+//! the house, live events, commands, history.
+//!
+//! The web is a client with the user's rights, never a way around them: sign-in checks the users'
+//! own argon2id passwords on the same bounded pool and per-address throttle as MQTT logins; every
+//! command goes through [`crate::broker::publish_checked`] (the guard, the ACL, the house's payload
+//! and alarm-code checks) as the signed-in user. Sessions are random 256-bit tokens in an
+//! `HttpOnly; Secure; SameSite=Strict` cookie, kept in memory: a hub restart asks everyone to sign
+//! in again. State changes take JSON bodies only (a cross-site form cannot act); every response
+//! carries a strict Content-Security-Policy. Live events come from an in-process router link of the
+//! web's own, fanned out to each `GET /api/events` stream.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::auth::{self, Identity, Throttle};
+use crate::broker::dispatch::Dispatch;
+use crate::broker::{BrokerError, HubLink, LinkFactory};
+use crate::dispatcher::Dispatcher;
+use crate::secret::Secret;
+use crate::store::{self, users::Role, Store};
+
+/// The session cookie's name.
+pub const COOKIE: &str = "dpi_session";
+
+/// How long a session lasts without use.
+const IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Sessions kept at most (the least recently used are ended past it).
+const MAX_SESSIONS: usize = 256;
+
+/// The web's in-process client id.
+const CLIENT_ID: &str = "\u{0}web";
+
+/// What the live stream carries.
+const WATCHED: [&str; 3] = ["dpi/+/state", "dpi/+/availability", "dpi/alarm/event"];
+
+/// Every response's security headers.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+/// A signed-in user.
+#[derive(Debug, Clone)]
+struct Session {
+    name: String,
+    role: Role,
+    used: Instant,
+}
+
+/// What every request handler shares.
+struct Web {
+    store: Store,
+    dispatcher: Dispatcher,
+    /// Routes commands, as the signed-in user.
+    link: HubLink,
+    throttle: Arc<Throttle>,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// Live messages: (topic, payload).
+    live: broadcast::Sender<(String, Bytes)>,
+    /// A valid hash to check a wrong user name against, so that names cannot be probed by timing.
+    dummy_hash: String,
+}
+
+/// Starts the web app on `listener` until `closing`; its connections are tracked on `tasks`.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    links: &LinkFactory,
+    store: &Store,
+    dispatcher: Dispatcher,
+    throttle: Arc<Throttle>,
+    tasks: &TaskTracker,
+    closing: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let (link, mut messages, reader) = HubLink::connect_as(links, CLIENT_ID, tokio::sync::mpsc::unbounded_channel().0)?;
+    tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
+    for filter in WATCHED.into_iter().chain(["dpi/alarm/state"]) {
+        link.subscribe(filter);
+    }
+    let (live, _) = broadcast::channel(1024);
+    let fan_out = live.clone();
+    tasks.spawn(closing.clone().run_until_cancelled_owned(async move {
+        while let Some(m) = messages.recv().await {
+            let _ = fan_out.send((m.topic, m.payload));
+        }
+    }));
+    let web = Arc::new(Web {
+        store: store.clone(),
+        dispatcher,
+        link,
+        throttle,
+        sessions: Mutex::new(HashMap::new()),
+        live,
+        dummy_hash: auth::hash(&Secret::new("not a real password")),
+    });
+    let router = routes(web);
+    let local = listener.local_addr().ok();
+    info!(listen = ?local, "web app listening (HTTPS)");
+    tasks.spawn(serve(listener, acceptor, router, tasks.clone(), closing.clone()));
+    Ok(())
+}
+
+fn routes(web: Arc<Web>) -> Router {
+    Router::new()
+        .route("/api/login", post(login))
+        .route("/api/logout", post(logout))
+        .route("/api/house", get(house))
+        .route("/api/events", get(events))
+        .route("/api/devices/:id/set", post(device_set))
+        .route("/api/alarm", post(alarm))
+        .route("/api/scenes/:id", post(scene))
+        .route("/api/history", get(history))
+        .with_state(web)
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// Accepts HTTPS connections until `closing`.
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    tasks: TaskTracker,
+    closing: CancellationToken,
+) {
+    loop {
+        let (socket, peer) = tokio::select! {
+            () = closing.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "web: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, router, closing) = (acceptor.clone(), router.clone(), closing.clone());
+        tasks.spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket)).await else {
+                debug!(%peer, "web: TLS handshake failed or timed out");
+                return;
+            };
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let mut router = router.clone();
+                async move { tower::Service::call(&mut router, request).await }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = closing.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_millis(250), connection).await;
+                }
+            }
+        });
+    }
+}
+
+/// A request without a valid session: 401.
+#[derive(Debug)]
+struct Unauthorized;
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        error(StatusCode::UNAUTHORIZED, "sign in first")
+    }
+}
+
+/// A JSON error with its status.
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+impl Web {
+    /// The signed-in user of a request.
+    fn user(&self, headers: &HeaderMap) -> Result<Session, Unauthorized> {
+        let token = cookie(headers).ok_or(Unauthorized)?;
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match sessions.get_mut(&token) {
+            Some(s) if s.used.elapsed() < IDLE => {
+                s.used = Instant::now();
+                Ok(s.clone())
+            }
+            _ => Err(Unauthorized),
+        }
+    }
+
+    /// Publishes as the signed-in user, through the broker's checks.
+    fn publish(&self, user: &Session, topic: &str, body: &Value) -> Response {
+        let identity = Identity::User { name: user.name.clone(), role: user.role };
+        let client = format!("web:{}", user.name);
+        let payload = Bytes::from(body.to_string());
+        match crate::broker::publish_checked(
+            &self.dispatcher as &dyn Dispatch,
+            &self.link,
+            &identity,
+            &client,
+            topic,
+            payload,
+        ) {
+            Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "ok": true }))).into_response(),
+            Err(reason) => error(StatusCode::FORBIDDEN, &reason),
+        }
+    }
+}
+
+/// The session token of the request's cookie.
+fn cookie(headers: &HeaderMap) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
+        let (name, value) = pair.trim().split_once('=')?;
+        (name == COOKIE).then(|| value.to_owned())
+    })
+}
+
+/// 32 random bytes, hex.
+fn new_token() -> String {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Deserialize)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+async fn login(
+    State(web): State<Arc<Web>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(login): Json<Login>,
+) -> Response {
+    let ip: IpAddr = peer.ip();
+    let delay = web.throttle.delay(ip, std::time::Instant::now());
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let name = login.user.clone();
+    let creds = web.store.call(move |c| store::users::credentials(c, &name)).await;
+    let creds = match creds {
+        Ok(creds) => creds,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let _slot = web.throttle.begin_check(ip).await;
+    let known = creds.is_some();
+    let hash = creds.as_ref().map_or_else(|| web.dummy_hash.clone(), |c| c.password_hash.clone());
+    let verified = match auth::verify_async(hash, Secret::new(login.password)).await {
+        Ok(ok) => ok && known,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let Some(creds) = creds.filter(|_| verified) else {
+        web.throttle.failed(ip, std::time::Instant::now());
+        warn!(%peer, user = %login.user, "web: sign-in refused");
+        return error(StatusCode::UNAUTHORIZED, "wrong user name or password");
+    };
+    let token = new_token();
+    {
+        let mut sessions = web.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.retain(|_, s| s.used.elapsed() < IDLE);
+        if sessions.len() >= MAX_SESSIONS {
+            if let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.used).map(|(t, _)| t.clone()) {
+                sessions.remove(&oldest);
+            }
+        }
+        sessions.insert(token.clone(), Session { name: login.user.clone(), role: creds.role, used: Instant::now() });
+    }
+    info!(%peer, user = %login.user, "web: signed in");
+    let cookie = format!("{COOKIE}={token}; HttpOnly; Secure; SameSite=Strict; Path=/");
+    let mut response = Json(json!({ "user": login.user, "role": creds.role.as_str() })).into_response();
+    if let Ok(value) = HeaderValue::from_str(&cookie) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+async fn logout(State(web): State<Arc<Web>>, headers: HeaderMap, Json(_): Json<Value>) -> Response {
+    if let Some(token) = cookie(&headers) {
+        web.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&token);
+    }
+    let mut response = Json(json!({ "ok": true })).into_response();
+    let expired = format!("{COOKIE}=; HttpOnly; Secure; SameSite=Strict; Path=/; Max-Age=0");
+    if let Ok(value) = HeaderValue::from_str(&expired) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+async fn house(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = web.user(&headers) {
+        return refused.into_response();
+    }
+    let config = Arc::clone(&web.dispatcher.house().config);
+    let stored = web.store.call(|c| Ok((store::device_state::all(c)?, store::alarm::load(c)?))).await;
+    let (rows, alarm) = match stored {
+        Ok(stored) => stored,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    };
+    let rows: HashMap<_, _> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let devices: Vec<Value> = config
+        .devices
+        .iter()
+        .map(|d| {
+            let row = rows.get(&d.id);
+            json!({
+                "id": d.id,
+                "kind": d.kind.as_str(),
+                "room": d.room,
+                "state": row.and_then(|r| r.state.as_deref()).and_then(|s| serde_json::from_str::<Value>(s).ok()),
+                "online": row.and_then(|r| r.online),
+                "last_seen": row.and_then(|r| r.seen_at.clone().or_else(|| r.state_at.clone())),
+            })
+        })
+        .collect();
+    let rooms: Vec<Value> = config.rooms.iter().map(|r| json!({ "id": r.id, "name": r.name })).collect();
+    let scenes: Vec<&str> = config.scenes.iter().map(|s| s.id.as_str()).collect();
+    let alarm = alarm
+        .as_deref()
+        .and_then(crate::alarm::stored_status)
+        .map(|(state, since)| json!({ "state": state, "since": since }));
+    Json(json!({ "house": config.house.name, "rooms": rooms, "devices": devices, "alarm": alarm, "scenes": scenes }))
+        .into_response()
+}
+
+async fn events(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = web.user(&headers) {
+        return refused.into_response();
+    }
+    let mut live = web.live.subscribe();
+    let stream =
+        async_stream(move |tx: tokio::sync::mpsc::Sender<Result<SseEvent, std::convert::Infallible>>| async move {
+            loop {
+                match live.recv().await {
+                    Ok((topic, payload)) => {
+                        let payload = serde_json::from_slice::<Value>(&payload)
+                            .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&payload).into_owned()));
+                        let event = SseEvent::default().data(json!({ "topic": topic, "payload": payload }).to_string());
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let event = SseEvent::default().event("lagged").data(n.to_string());
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// A stream fed by a task that sends into a bounded channel (and ends when the client leaves).
+fn async_stream<F, Fut>(
+    feed: F,
+) -> impl futures_util::Stream<Item = Result<SseEvent, std::convert::Infallible>> + Send + 'static
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, std::convert::Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(feed(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+async fn device_set(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    match web.user(&headers) {
+        Ok(_) if web.dispatcher.kind_of(&id).is_none() => error(StatusCode::NOT_FOUND, "no such device"),
+        Ok(user) => web.publish(&user, &crate::topics::device(&id, crate::topics::Leaf::Set), &body),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn alarm(State(web): State<Arc<Web>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    match web.user(&headers) {
+        Ok(user) => web.publish(&user, crate::topics::ALARM_SET, &body),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn scene(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(_): Json<Value>,
+) -> Response {
+    match web.user(&headers) {
+        Ok(user) => web.publish(&user, crate::topics::SCENE_SET, &json!({ "scene": id })),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    device: String,
+    #[serde(default = "day")]
+    hours: u32,
+}
+
+fn day() -> u32 {
+    24
+}
+
+async fn history(State(web): State<Arc<Web>>, headers: HeaderMap, Query(q): Query<HistoryQuery>) -> Response {
+    if let Err(refused) = web.user(&headers) {
+        return refused.into_response();
+    }
+    if web.dispatcher.kind_of(&q.device).is_none() {
+        return error(StatusCode::NOT_FOUND, "no such device");
+    }
+    let since =
+        store::rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(i64::from(q.hours.min(24 * 366))));
+    let device = q.device.clone();
+    let rows = web.store.call(move |c| store::device_state::history(c, &device, &since)).await;
+    match rows {
+        Ok(rows) => {
+            let rows: Vec<Value> =
+                rows.into_iter().map(|(at, kind, value)| json!({ "at": at, "kind": kind, "value": value })).collect();
+            Json(json!({ "device": q.device, "history": rows })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}

@@ -1,0 +1,140 @@
+//! The web API end to end (SPEC §10) over real HTTPS against the real daemon: sign-in, sessions,
+//! the house, commands through the same checks as MQTT, live events.
+
+use std::time::{Duration, Instant};
+
+use domoticpi::store::users::Role;
+use rumqttc::QoS;
+
+use crate::util::*;
+
+const DEVICES: &str = "[[room]]\nid = \"hall\"\nname = \"Hall\"\n\
+[[device]]\nid = \"front-door\"\nkind = \"contact\"\nzone = \"entry\"\nroom = \"hall\"\n\
+[[device]]\nid = \"hall-light\"\nkind = \"light\"\nroom = \"hall\"\n\
+[[scene]]\nid = \"evening\"\nset = { hall-light = { on = true } }\n";
+
+async fn house() -> TestHub {
+    let hub = TestHub::start(&format!("[alarm]\nexit_delay_s = 0\n{DEVICES}")).await;
+    hub.add_cheap_user("alice", Role::Resident, "alice-password");
+    let pin = domoticpi::auth::hash(&domoticpi::secret::Secret::new("4821"));
+    domoticpi::store::users::set_pin(&hub.db(), "alice", &pin).unwrap();
+    hub.wait_ready().await;
+    hub
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sign_in_sets_a_strict_cookie_and_every_api_needs_it() {
+    let hub = house().await;
+    let wrong = https(&hub, "POST", "/api/login", None, Some(r#"{"user":"alice","password":"nope"}"#)).await;
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    let nobody = https(&hub, "POST", "/api/login", None, Some(r#"{"user":"mallory","password":"x"}"#)).await;
+    assert_eq!(nobody.status, 401);
+    let ok = https(&hub, "POST", "/api/login", None, Some(r#"{"user":"alice","password":"alice-password"}"#)).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let cookie = ok.header("set-cookie").unwrap();
+    for attribute in ["dpi_session=", "HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    let csp = ok.header("content-security-policy").unwrap();
+    assert!(csp.contains("default-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(ok.header("x-content-type-options"), Some("nosniff"));
+
+    for (method, path) in [("GET", "/api/house"), ("GET", "/api/events"), ("GET", "/api/history?device=front-door")] {
+        assert_eq!(https(&hub, method, path, None, None).await.status, 401, "{path}");
+        assert_eq!(https(&hub, method, path, Some("dpi_session=forged"), None).await.status, 401, "{path}");
+    }
+    let session = cookie.split(';').next().unwrap();
+    let house = https(&hub, "GET", "/api/house", Some(session), None).await;
+    assert_eq!(house.status, 200, "{house:?}");
+    let v = house.json();
+    assert_eq!(v["rooms"][0]["name"], "Hall");
+    assert_eq!(v["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["scenes"][0], "evening");
+    // Not JSON: refused (no form can act across sites).
+    let form = https(&hub, "POST", "/api/alarm", Some(session), Some("action=panic")).await;
+    assert!(form.status >= 400 && form.status != 401, "{form:?}");
+    let out = https(&hub, "POST", "/api/logout", Some(session), Some("{}")).await;
+    assert_eq!(out.status, 200);
+    assert_eq!(https(&hub, "GET", "/api/house", Some(session), None).await.status, 401, "the session outlived logout");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_from_the_web_reaches_the_device_over_mqtt() {
+    let hub = house().await;
+    let session = web_login(&hub, "alice", "alice-password").await;
+    hub.set_device_password("hall-light", "secret");
+    let mut light = hub.device("hall-light", "secret").await.unwrap();
+    light.subscribe("dpi/hall-light/set", QOS1).await;
+    // The subscription is in place once a command the web sends arrives: send until one does.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let p = loop {
+        let r = https(&hub, "POST", "/api/devices/hall-light/set", Some(&session), Some(r#"{"on":true}"#)).await;
+        assert_eq!(r.status, 202, "{r:?}");
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(300), light.rx.recv()).await {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the light never got the web's command");
+    };
+    assert_eq!(&p.payload[..], br#"{"on":true}"#);
+    // Checked as MQTT checks it: a bad payload and an undeclared device are refused.
+    let bad = https(&hub, "POST", "/api/devices/front-door/set", Some(&session), Some(r#"{"on":"maybe"}"#)).await;
+    assert!(bad.status == 202 || bad.status == 403, "{bad:?}");
+    let ghost = https(&hub, "POST", "/api/devices/ghost/set", Some(&session), Some(r#"{"on":true}"#)).await;
+    assert_eq!(ghost.status, 404);
+    let scene = https(&hub, "POST", "/api/scenes/party", Some(&session), Some("{}")).await;
+    assert_eq!(scene.status, 403, "an unknown scene: {scene:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_alarm_codes_from_the_web_count_toward_the_lockout() {
+    let hub = house().await;
+    let session = web_login(&hub, "alice", "alice-password").await;
+    let arm = https(&hub, "POST", "/api/alarm", Some(&session), Some(r#"{"action":"arm_away","force":true}"#)).await;
+    assert_eq!(arm.status, 202, "{arm:?}");
+    eventually("armed", 10, || {
+        hub.db()
+            .query_row("SELECT snapshot FROM alarm", [], |r| r.get::<_, String>(0))
+            .is_ok_and(|s| s.contains("armed_away"))
+    })
+    .await;
+    for _ in 0..5 {
+        let r = https(&hub, "POST", "/api/alarm", Some(&session), Some(r#"{"action":"disarm","code":"0000"}"#)).await;
+        assert_eq!(r.status, 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hub.alarm_status().await.code_locked_out {
+        assert!(Instant::now() < deadline, "five wrong codes from the web did not lock code entry");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hub.alarm_status().await.state, "armed_away");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn live_events_carry_a_devices_state_as_it_is_published() {
+    let hub = house().await;
+    let session = web_login(&hub, "alice", "alice-password").await;
+    let mut events = EventStream::open(&hub, &session).await;
+    hub.set_device_password("front-door", "secret");
+    let door = hub.device("front-door", "secret").await.unwrap();
+    let mut latencies = Vec::new();
+    for n in 0..5 {
+        let state = if n % 2 == 0 { "OPEN" } else { "CLOSED" };
+        let sent = Instant::now();
+        door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, false, state).await.unwrap();
+        loop {
+            let e = events.next().await;
+            if e["topic"] == "dpi/front-door/state" && e["payload"] == state {
+                latencies.push(sent.elapsed());
+                break;
+            }
+        }
+    }
+    let worst = latencies.iter().max().unwrap();
+    assert!(*worst < Duration::from_secs(1), "an event took {worst:?}");
+    let history = https(&hub, "GET", "/api/history?device=front-door&hours=1", Some(&session), None).await;
+    assert_eq!(history.status, 200, "{history:?}");
+    hub.stop().await.unwrap();
+}
