@@ -168,6 +168,41 @@ pub async fn verify_async(hash: String, secret: Secret) -> Result<bool, CheckErr
     rx.await.map_err(|_| CheckError::Gone)
 }
 
+/// Why `name` cannot be a user's name: names become MQTT usernames and share one namespace with
+/// the device ids (`is_device`) and the hub's own ids.
+pub fn check_user_name(name: &str, is_device: impl Fn(&str) -> bool) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || name.chars().any(|c| c.is_control() || c.is_whitespace() || "+#/$".contains(c))
+    {
+        return Err(format!("user name {name:?} must be 1 to 64 characters without spaces or any of + # / $"));
+    }
+    if is_device(name) {
+        return Err(format!("{name:?} is a device id; users and devices share one namespace"));
+    }
+    if crate::topics::RESERVED_IDS.contains(&name) {
+        return Err(format!("{name:?} is reserved for the hub's own topics"));
+    }
+    Ok(())
+}
+
+/// Why `password` is too weak for a user: at least 8 characters.
+pub fn check_password(password: &Secret) -> Result<(), String> {
+    match password.expose().chars().count() >= 8 {
+        true => Ok(()),
+        false => Err("the password must be at least 8 characters".to_owned()),
+    }
+}
+
+/// Why `code` is not an alarm code: 4 to 8 digits.
+pub fn check_pin(code: &Secret) -> Result<(), String> {
+    let digits = code.expose();
+    match (4..=8).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+        true => Ok(()),
+        false => Err("the alarm code must be 4 to 8 digits".to_owned()),
+    }
+}
+
 /// Failed logins per address; past [`Throttle::FREE_FAILURES`] in [`Throttle::WINDOW`], the
 /// address waits before each answer, twice as long each time, up to [`Throttle::MAX_DELAY`].
 ///

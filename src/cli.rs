@@ -459,19 +459,8 @@ fn device_list(config: &Config) -> anyhow::Result<()> {
 
 /// User names share a namespace with device ids and become MQTT usernames.
 fn check_user_name(name: &str, config: &Config) -> anyhow::Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || name.chars().any(|c| c.is_control() || c.is_whitespace() || "+#/$".contains(c))
-    {
-        bail!("user name {name:?} must be 1 to 64 characters without spaces or any of + # / $");
-    }
-    if config.device(name).is_some() {
-        bail!("{name:?} is a device id in {}; users and devices share one namespace", config_name(config));
-    }
-    if crate::topics::RESERVED_IDS.contains(&name) {
-        bail!("{name:?} is reserved for the hub's own topics");
-    }
-    Ok(())
+    auth::check_user_name(name, |id| config.device(id).is_some())
+        .map_err(|e| anyhow::anyhow!("{e} (in {})", config_name(config)))
 }
 
 fn config_name(config: &Config) -> String {
@@ -483,9 +472,7 @@ fn user(cmd: &UserCommand, config: &Config) -> anyhow::Result<()> {
         UserCommand::Add { name, role, input } => {
             check_user_name(name, config)?;
             let password = read_secret(input, "Password", true)?;
-            if password.expose().chars().count() < 8 {
-                bail!("the password must be at least 8 characters");
-            }
+            auth::check_password(&password).map_err(|e| anyhow::anyhow!(e))?;
             let conn = open_db(config)?;
             store::users::add(&conn, name, (*role).into(), &auth::hash(&password))?;
             let role: Role = (*role).into();
@@ -494,10 +481,7 @@ fn user(cmd: &UserCommand, config: &Config) -> anyhow::Result<()> {
         }
         UserCommand::Pin { name, input } => {
             let pin = read_secret(input, "Alarm code", true)?;
-            let digits = pin.expose();
-            if !(4..=8).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-                bail!("the alarm code must be 4 to 8 digits");
-            }
+            auth::check_pin(&pin).map_err(|e| anyhow::anyhow!(e))?;
             let conn = open_db(config)?;
             store::users::set_pin(&conn, name, &auth::hash(&pin))?;
             store::events::record(&conn, "user", &format!("alarm code set for {name}"))?;

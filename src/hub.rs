@@ -209,8 +209,13 @@ impl Hub {
         hub.serve_control(&config, &store, &dispatcher, (settings, bridge));
         let throttle = Arc::new(crate::auth::Throttle::default());
         if let Some(web) = listeners.web.take() {
-            let (links, acceptor, throttle) = (&router.links, acceptor.clone(), Arc::clone(&throttle));
-            crate::web::start(web, acceptor, links, &store, dispatcher.clone(), throttle, &hub.tasks, &hub.closing)?;
+            let parts = crate::web::Parts {
+                store: store.clone(),
+                dispatcher: dispatcher.clone(),
+                throttle: Arc::clone(&throttle),
+                sessions: Arc::clone(&hub.sessions),
+            };
+            crate::web::start((web, acceptor.clone()), &router.links, parts, &hub.tasks, &hub.closing)?;
         }
         let parts = BrokerParts { router, retained, throttle };
         let (tls_addr, plain_addr) = hub.accept_clients(&config, (listeners, acceptor), parts, &store, dispatcher);

@@ -138,3 +138,78 @@ async fn live_events_carry_a_devices_state_as_it_is_published() {
     assert_eq!(history.status, 200, "{history:?}");
     hub.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_pages_are_for_admins_and_act_as_the_cli_does() {
+    let hub = house().await;
+    hub.add_cheap_user("root", Role::Admin, "root-password");
+    let resident = web_login(&hub, "alice", "alice-password").await;
+    let admin = web_login(&hub, "root", "root-password").await;
+    let endpoints = [
+        ("GET", "/api/users", None),
+        ("POST", "/api/users", Some(r#"{"name":"bob","role":"resident","password":"bob-password"}"#)),
+        ("DELETE", "/api/users/root", None),
+        ("POST", "/api/users/alice/pin", Some(r#"{"code":"1111"}"#)),
+        ("POST", "/api/devices/front-door/creds", Some("{}")),
+        ("POST", "/api/devices/front-door/revoke", Some("{}")),
+        ("GET", "/api/status", None),
+    ];
+    for (method, path, body) in endpoints {
+        let r = https(&hub, method, path, Some(&resident), body).await;
+        assert_eq!(r.status, 403, "a resident reached {method} {path}: {r:?}");
+        assert_eq!(https(&hub, method, path, None, body).await.status, 401, "{method} {path} without a session");
+    }
+
+    // Users: added, listed, signed in, given a code, removed.
+    let bad = https(
+        &hub,
+        "POST",
+        "/api/users",
+        Some(&admin),
+        Some(r#"{"name":"front-door","role":"resident","password":"long-enough"}"#),
+    )
+    .await;
+    assert_eq!(bad.status, 400, "a device's id as a user's name: {bad:?}");
+    let short =
+        https(&hub, "POST", "/api/users", Some(&admin), Some(r#"{"name":"bob","role":"resident","password":"short"}"#))
+            .await;
+    assert_eq!(short.status, 400);
+    let added = https(
+        &hub,
+        "POST",
+        "/api/users",
+        Some(&admin),
+        Some(r#"{"name":"bob","role":"resident","password":"bob-password"}"#),
+    )
+    .await;
+    assert_eq!(added.status, 201, "{added:?}");
+    let bob = web_login(&hub, "bob", "bob-password").await;
+    let list = https(&hub, "GET", "/api/users", Some(&admin), None).await.json();
+    assert!(list["users"].as_array().unwrap().iter().any(|u| u["name"] == "bob" && u["has_code"] == false), "{list}");
+    assert_eq!(https(&hub, "POST", "/api/users/bob/pin", Some(&admin), Some(r#"{"code":"12a4"}"#)).await.status, 400);
+    assert_eq!(https(&hub, "POST", "/api/users/bob/pin", Some(&admin), Some(r#"{"code":"2580"}"#)).await.status, 200);
+    assert_eq!(https(&hub, "DELETE", "/api/users/bob", Some(&admin), None).await.status, 200);
+    assert_eq!(
+        https(&hub, "GET", "/api/house", Some(&bob), None).await.status,
+        401,
+        "a removed user's session lived on"
+    );
+
+    // A device's credentials: shown once, usable at once; revoked: the connection closes.
+    let creds = https(&hub, "POST", "/api/devices/front-door/creds", Some(&admin), Some("{}")).await.json();
+    let password = creds["password"].as_str().unwrap().to_owned();
+    let mut door = hub.device("front-door", &password).await.unwrap();
+    let revoked = https(&hub, "POST", "/api/devices/front-door/revoke", Some(&admin), Some("{}")).await.json();
+    assert_eq!(revoked["revoked"], true);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), &mut door.task).await.is_ok(),
+        "the revoked device stayed connected"
+    );
+    assert!(hub.device("front-door", &password).await.is_err(), "a revoked password still works");
+    let status = https(&hub, "GET", "/api/status", Some(&admin), None).await.json();
+    assert!(
+        status["events"].as_array().unwrap().iter().any(|e| e["detail"].as_str().unwrap_or("").contains("revoked")),
+        "{status}"
+    );
+    hub.stop().await.unwrap();
+}

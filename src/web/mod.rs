@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::{self, Identity, Throttle};
 use crate::broker::dispatch::Dispatch;
+use crate::broker::sessions::Sessions;
 use crate::broker::{BrokerError, HubLink, LinkFactory};
 use crate::dispatcher::Dispatcher;
 use crate::secret::Secret;
@@ -72,6 +73,10 @@ struct Web {
     /// Routes commands, as the signed-in user.
     link: HubLink,
     throttle: Arc<Throttle>,
+    /// The broker's client connections.
+    clients: Arc<Sessions>,
+    /// When the web app started, for the status page.
+    started: Instant,
     sessions: Mutex<HashMap<String, Session>>,
     /// Live messages: (topic, payload).
     live: broadcast::Sender<(String, Bytes)>,
@@ -79,18 +84,28 @@ struct Web {
     dummy_hash: String,
 }
 
+/// What the web app works with.
+#[derive(Debug)]
+pub struct Parts {
+    /// Users, device credentials, states, history.
+    pub store: Store,
+    /// The house as configured, and the checks commands go through.
+    pub dispatcher: Dispatcher,
+    /// Failed logins per address, shared with MQTT.
+    pub throttle: Arc<Throttle>,
+    /// Client connections: closed when a device's credentials change; counted for the status page.
+    pub sessions: Arc<Sessions>,
+}
+
 /// Starts the web app on `listener` until `closing`; its connections are tracked on `tasks`.
-#[allow(clippy::too_many_arguments)]
 pub fn start(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
+    (listener, acceptor): (TcpListener, TlsAcceptor),
     links: &LinkFactory,
-    store: &Store,
-    dispatcher: Dispatcher,
-    throttle: Arc<Throttle>,
+    parts: Parts,
     tasks: &TaskTracker,
     closing: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    let Parts { store, dispatcher, throttle, sessions } = parts;
     let (link, mut messages, reader) = HubLink::connect_as(links, CLIENT_ID, tokio::sync::mpsc::unbounded_channel().0)?;
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
     for filter in WATCHED.into_iter().chain(["dpi/alarm/state"]) {
@@ -104,10 +119,12 @@ pub fn start(
         }
     }));
     let web = Arc::new(Web {
-        store: store.clone(),
+        store,
         dispatcher,
         link,
         throttle,
+        clients: sessions,
+        started: Instant::now(),
         sessions: Mutex::new(HashMap::new()),
         live,
         dummy_hash: auth::hash(&Secret::new("not a real password")),
@@ -129,6 +146,12 @@ fn routes(web: Arc<Web>) -> Router {
         .route("/api/alarm", post(alarm))
         .route("/api/scenes/:id", post(scene))
         .route("/api/history", get(history))
+        .route("/api/users", get(users).post(add_user))
+        .route("/api/users/:name", axum::routing::delete(remove_user))
+        .route("/api/users/:name/pin", post(set_pin))
+        .route("/api/devices/:id/creds", post(device_creds))
+        .route("/api/devices/:id/revoke", post(device_revoke))
+        .route("/api/status", get(status))
         .with_state(web)
         .layer(axum::middleware::map_response(security_headers))
 }
@@ -219,6 +242,15 @@ impl Web {
                 Ok(s.clone())
             }
             _ => Err(Unauthorized),
+        }
+    }
+
+    /// The signed-in admin of a request: 401 without a session, 403 for a resident.
+    fn admin(&self, headers: &HeaderMap) -> Result<Session, Response> {
+        match self.user(headers) {
+            Ok(user) if user.role == Role::Admin => Ok(user),
+            Ok(_) => Err(error(StatusCode::FORBIDDEN, "for admins only")),
+            Err(refused) => Err(refused.into_response()),
         }
     }
 
@@ -464,4 +496,187 @@ async fn history(State(web): State<Arc<Web>>, headers: HeaderMap, Query(q): Quer
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     }
+}
+
+/// Runs a store job; a failure is a 503.
+async fn stored<R, F>(web: &Web, f: F) -> Result<R, Response>
+where
+    R: Send + 'static,
+    F: FnOnce(&mut rusqlite::Connection) -> Result<R, store::StoreError> + Send + 'static,
+{
+    web.store.call(f).await.map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))
+}
+
+/// An argon2id hash, off the runtime.
+async fn hash_off_runtime(secret: Secret) -> Result<String, Response> {
+    tokio::task::spawn_blocking(move || auth::hash(&secret))
+        .await
+        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))
+}
+
+/// Unwraps a handler step: its error is already the response.
+macro_rules! step {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(response) => return response,
+        }
+    };
+}
+
+async fn users(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    step!(web.admin(&headers));
+    let list = step!(stored(&web, |c| store::users::list(c)).await);
+    let list: Vec<Value> =
+        list.iter().map(|u| json!({ "name": u.name, "role": u.role.as_str(), "has_code": u.has_pin })).collect();
+    Json(json!({ "users": list })).into_response()
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    name: String,
+    role: String,
+    password: String,
+}
+
+async fn add_user(State(web): State<Arc<Web>>, headers: HeaderMap, Json(new): Json<NewUser>) -> Response {
+    let admin = step!(web.admin(&headers));
+    let role = match new.role.as_str() {
+        "admin" => Role::Admin,
+        "resident" => Role::Resident,
+        _ => return error(StatusCode::BAD_REQUEST, "role must be admin or resident"),
+    };
+    let house = web.dispatcher.house();
+    if let Err(e) = auth::check_user_name(&new.name, |id| house.kind(id).is_some()) {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let password = Secret::new(new.password);
+    if let Err(e) = auth::check_password(&password) {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let hash = step!(hash_off_runtime(password).await);
+    let name = new.name.clone();
+    let by = admin.name.clone();
+    let added = web
+        .store
+        .call(move |c| {
+            store::users::add(c, &name, role, &hash)?;
+            store::events::record(c, "user", &format!("user {name} added ({}) by {by}", role.as_str()))
+        })
+        .await;
+    match added {
+        Ok(()) => {
+            info!(user = %new.name, by = %admin.name, "web: user added");
+            (StatusCode::CREATED, Json(json!({ "name": new.name, "role": role.as_str() }))).into_response()
+        }
+        Err(e) => error(StatusCode::CONFLICT, &e.to_string()),
+    }
+}
+
+async fn remove_user(State(web): State<Arc<Web>>, headers: HeaderMap, Path(name): Path<String>) -> Response {
+    let admin = step!(web.admin(&headers));
+    if name == admin.name {
+        return error(StatusCode::BAD_REQUEST, "you cannot remove yourself");
+    }
+    let target = name.clone();
+    let by = admin.name.clone();
+    step!(
+        stored(&web, move |c| {
+            store::users::remove(c, &target)?;
+            store::events::record(c, "user", &format!("user {target} removed by {by}"))
+        })
+        .await
+    );
+    // Signed-in sessions of that user end with it.
+    web.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|_, s| s.name != name);
+    Json(json!({ "ok": true })).into_response()
+}
+
+#[derive(Deserialize)]
+struct Pin {
+    code: String,
+}
+
+async fn set_pin(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Json(pin): Json<Pin>,
+) -> Response {
+    let admin = step!(web.admin(&headers));
+    let code = Secret::new(pin.code);
+    if let Err(e) = auth::check_pin(&code) {
+        return error(StatusCode::BAD_REQUEST, &e);
+    }
+    let hash = step!(hash_off_runtime(code).await);
+    let by = admin.name.clone();
+    step!(
+        stored(&web, move |c| {
+            store::users::set_pin(c, &name, &hash)?;
+            store::events::record(c, "user", &format!("alarm code set for {name} by {by}"))
+        })
+        .await
+    );
+    Json(json!({ "ok": true })).into_response()
+}
+
+async fn device_creds(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(_): Json<Value>,
+) -> Response {
+    let admin = step!(web.admin(&headers));
+    if web.dispatcher.kind_of(&id).is_none() {
+        return error(StatusCode::NOT_FOUND, "no such device");
+    }
+    let password = auth::random_secret();
+    let hash = auth::hash_token(&password);
+    let (target, by) = (id.clone(), admin.name.clone());
+    step!(
+        stored(&web, move |c| {
+            store::devices::set_password(c, &target, &hash)?;
+            store::events::record(c, "device", &format!("credentials issued for {target} by {by}"))
+        })
+        .await
+    );
+    // The connection with the old password closes.
+    web.clients.kick(&id);
+    info!(device = %id, by = %admin.name, "web: device credentials issued");
+    Json(json!({ "client_id": id, "username": id, "password": password.expose() })).into_response()
+}
+
+async fn device_revoke(
+    State(web): State<Arc<Web>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Json(_): Json<Value>,
+) -> Response {
+    let admin = step!(web.admin(&headers));
+    let (target, by) = (id.clone(), admin.name.clone());
+    let revoked = step!(
+        stored(&web, move |c| {
+            let revoked = store::devices::revoke(c, &target)?;
+            store::events::record(c, "device", &format!("credentials revoked for {target} by {by}"))?;
+            Ok(revoked)
+        })
+        .await
+    );
+    web.clients.kick(&id);
+    Json(json!({ "revoked": revoked })).into_response()
+}
+
+async fn status(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
+    step!(web.admin(&headers));
+    let events = step!(stored(&web, |c| store::events::latest(c, 20)).await);
+    let events: Vec<Value> =
+        events.into_iter().map(|(at, kind, detail)| json!({ "at": at, "kind": kind, "detail": detail })).collect();
+    Json(json!({
+        "uptime_s": web.started.elapsed().as_secs(),
+        "store_commits": web.store.commits(),
+        "connected": web.clients.connected(),
+        "client_ids": web.clients.held(),
+        "events": events,
+    }))
+    .into_response()
 }
