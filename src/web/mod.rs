@@ -226,6 +226,24 @@ impl IntoResponse for Unauthorized {
     }
 }
 
+/// Why an admin endpoint refused a request.
+#[derive(Debug)]
+enum Refused {
+    /// No valid session: 401.
+    Unauthorized,
+    /// A resident's session: 403.
+    NotAdmin,
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Unauthorized => Unauthorized.into_response(),
+            Refused::NotAdmin => error(StatusCode::FORBIDDEN, "for admins only"),
+        }
+    }
+}
+
 /// A JSON error with its status.
 fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
@@ -246,11 +264,11 @@ impl Web {
     }
 
     /// The signed-in admin of a request: 401 without a session, 403 for a resident.
-    fn admin(&self, headers: &HeaderMap) -> Result<Session, Response> {
+    fn admin(&self, headers: &HeaderMap) -> Result<Session, Refused> {
         match self.user(headers) {
             Ok(user) if user.role == Role::Admin => Ok(user),
-            Ok(_) => Err(error(StatusCode::FORBIDDEN, "for admins only")),
-            Err(refused) => Err(refused.into_response()),
+            Ok(_) => Err(Refused::NotAdmin),
+            Err(Unauthorized) => Err(Refused::Unauthorized),
         }
     }
 
@@ -519,7 +537,7 @@ macro_rules! step {
     ($e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(response) => return response,
+            Err(refused) => return IntoResponse::into_response(refused),
         }
     };
 }
