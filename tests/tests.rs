@@ -6,6 +6,7 @@ mod util;
 mod alarm;
 mod attacks;
 mod bridge;
+mod browser;
 mod cli;
 mod foundation;
 mod fuzz;

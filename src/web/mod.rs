@@ -51,7 +51,7 @@ const MAX_SESSIONS: usize = 256;
 /// The web's in-process client id.
 const CLIENT_ID: &str = "\u{0}web";
 
-/// What the live stream carries.
+/// What the live stream carries (`dpi/+/state` takes in `dpi/alarm/state`).
 const WATCHED: [&str; 3] = ["dpi/+/state", "dpi/+/availability", "dpi/alarm/event"];
 
 /// Every response's security headers.
@@ -80,6 +80,9 @@ struct Web {
     sessions: Mutex<HashMap<String, Session>>,
     /// Live messages: (topic, payload).
     live: broadcast::Sender<(String, Bytes)>,
+    /// The latest state and availability of each device as routed (the retained ones from the
+    /// start): fresher than the store, which writes once per commit interval.
+    latest: Arc<Mutex<HashMap<String, Bytes>>>,
     /// A valid hash to check a wrong user name against, so that names cannot be probed by timing.
     dummy_hash: String,
 }
@@ -108,13 +111,20 @@ pub fn start(
     let Parts { store, dispatcher, throttle, sessions } = parts;
     let (link, mut messages, reader) = HubLink::connect_as(links, CLIENT_ID, tokio::sync::mpsc::unbounded_channel().0)?;
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
-    for filter in WATCHED.into_iter().chain(["dpi/alarm/state"]) {
+    for filter in WATCHED {
         link.subscribe(filter);
     }
     let (live, _) = broadcast::channel(1024);
     let fan_out = live.clone();
+    let latest: Arc<Mutex<HashMap<String, Bytes>>> = Arc::default();
+    let keep = Arc::clone(&latest);
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move {
         while let Some(m) = messages.recv().await {
+            if !m.topic.ends_with("/event") {
+                keep.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(m.topic.clone(), m.payload.clone());
+            }
             let _ = fan_out.send((m.topic, m.payload));
         }
     }));
@@ -127,6 +137,7 @@ pub fn start(
         started: Instant::now(),
         sessions: Mutex::new(HashMap::new()),
         live,
+        latest,
         dummy_hash: auth::hash(&Secret::new("not a real password")),
     });
     let router = routes(web);
@@ -138,6 +149,9 @@ pub fn start(
 
 fn routes(web: Arc<Web>) -> Router {
     Router::new()
+        .route("/", get(|| async { page("text/html; charset=utf-8", include_str!("page/index.html")) }))
+        .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", include_str!("page/app.js")) }))
+        .route("/style.css", get(|| async { page("text/css; charset=utf-8", include_str!("page/style.css")) }))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
         .route("/api/house", get(house))
@@ -214,6 +228,11 @@ async fn serve(
             }
         });
     }
+}
+
+/// One of the page's files, embedded in the binary.
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// A request without a valid session: 401.
@@ -374,9 +393,10 @@ async fn logout(State(web): State<Arc<Web>>, headers: HeaderMap, Json(_): Json<V
 }
 
 async fn house(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = web.user(&headers) {
-        return refused.into_response();
-    }
+    let me = match web.user(&headers) {
+        Ok(user) => user,
+        Err(refused) => return refused.into_response(),
+    };
     let config = Arc::clone(&web.dispatcher.house().config);
     let stored = web.store.call(|c| Ok((store::device_state::all(c)?, store::alarm::load(c)?))).await;
     let (rows, alarm) = match stored {
@@ -384,29 +404,44 @@ async fn house(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
     let rows: HashMap<_, _> = rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let latest = web.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let live = |id: &str, leaf: crate::topics::Leaf| latest.get(&crate::topics::device(id, leaf)).cloned();
     let devices: Vec<Value> = config
         .devices
         .iter()
         .map(|d| {
             let row = rows.get(&d.id);
+            let stored = row.and_then(|r| r.state.as_deref()).and_then(|s| serde_json::from_str::<Value>(s).ok());
+            let state = live(&d.id, crate::topics::Leaf::State)
+                .and_then(|p| crate::decode::decode_state(d.kind, &p, usize::MAX).ok())
+                .and_then(|s| serde_json::from_str::<Value>(&s.to_json()).ok())
+                .or(stored);
+            let online = live(&d.id, crate::topics::Leaf::Availability)
+                .and_then(|p| crate::decode::decode_availability(&p).ok())
+                .or_else(|| row.and_then(|r| r.online));
             json!({
                 "id": d.id,
                 "kind": d.kind.as_str(),
                 "room": d.room,
-                "state": row.and_then(|r| r.state.as_deref()).and_then(|s| serde_json::from_str::<Value>(s).ok()),
-                "online": row.and_then(|r| r.online),
+                "state": state,
+                "online": online,
                 "last_seen": row.and_then(|r| r.seen_at.clone().or_else(|| r.state_at.clone())),
             })
         })
         .collect();
     let rooms: Vec<Value> = config.rooms.iter().map(|r| json!({ "id": r.id, "name": r.name })).collect();
     let scenes: Vec<&str> = config.scenes.iter().map(|s| s.id.as_str()).collect();
-    let alarm = alarm
-        .as_deref()
-        .and_then(crate::alarm::stored_status)
-        .map(|(state, since)| json!({ "state": state, "since": since }));
-    Json(json!({ "house": config.house.name, "rooms": rooms, "devices": devices, "alarm": alarm, "scenes": scenes }))
-        .into_response()
+    // The running alarm's own word, with the lockout and the time left; the stored one if it is gone.
+    let alarm = match web.dispatcher.alarm().status().await {
+        Ok(status) => serde_json::to_value(status).unwrap_or(Value::Null),
+        Err(_) => alarm
+            .as_deref()
+            .and_then(crate::alarm::stored_status)
+            .map_or(Value::Null, |(state, since)| json!({ "state": state, "since": since })),
+    };
+    let me = json!({ "user": me.name, "role": me.role.as_str() });
+    let body = json!({ "me": me, "house": config.house.name, "rooms": rooms, "devices": devices, "alarm": alarm, "scenes": scenes });
+    Json(body).into_response()
 }
 
 async fn events(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
