@@ -139,6 +139,17 @@ async fn a_resident_uses_the_house_page_in_a_real_browser() {
         assert!(Instant::now() < deadline);
     }
 
+    // Arming with the front door open is refused, the door named.
+    hub.set_device_password("front-door", "secret");
+    let door = hub.device("front-door", "secret").await.unwrap();
+    door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, false, "OPEN").await.unwrap();
+    text_until(&b, ".device[data-device=\"front-door\"] .state", |t| t.contains("OPEN") || t.contains("open")).await;
+    click(&b, "#keypad button[data-action=arm_away]").await;
+    text_until(&b, "#alarm-message", |t| t.contains("arm_refused") && t.contains("front-door")).await;
+    door.client.publish("dpi/front-door/state", QoS::AtLeastOnce, false, "CLOSED").await.unwrap();
+    text_until(&b, ".device[data-device=\"front-door\"] .state", |t| t.contains("CLOSED") || t.contains("closed"))
+        .await;
+
     // Arm, then disarm with the code.
     click(&b, "#keypad button[data-action=arm_away]").await;
     text_until(&b, "#alarm-state", |t| t.eq_ignore_ascii_case("armed away")).await;

@@ -331,6 +331,8 @@ async fn wait_connack(eventloop: &mut EventLoop) -> Result<(), ConnectionError> 
 pub struct HubProcess {
     pub child: Child,
     pub tls: SocketAddr,
+    /// The web app's address, when it is on.
+    pub web: Option<SocketAddr>,
     pub stderr: std::sync::mpsc::Receiver<String>,
 }
 
@@ -358,12 +360,16 @@ impl HubProcess {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut web = None;
         loop {
             let line =
                 rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("hub did not report ready");
+            if line.contains("web app listening") {
+                web = line.split("Some(").nth(1).and_then(|a| a.split(')').next()).and_then(|a| a.parse().ok());
+            }
             if line.contains("hub ready") {
                 let tls = line.split("tls=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-                return HubProcess { child, tls, stderr: rx };
+                return HubProcess { child, tls, web, stderr: rx };
             }
         }
     }
@@ -789,10 +795,21 @@ async fn https_send(
     cookie: Option<&str>,
     body: Option<&str>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    https_send_to(hub.web.expect("the web app is off"), &hub.ca(), method, path, cookie, body).await
+}
+
+/// [`https_send`] to the web app at `addr`, whose CA is `ca`.
+pub async fn https_send_to(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<&str>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     use tokio::io::AsyncWriteExt;
-    let addr = hub.web.expect("the web app is off");
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(tls_config(&hub.ca()));
+    let connector = tokio_rustls::TlsConnector::from(tls_config(ca));
     let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
     let mut stream = connector.connect(name, tcp).await.unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -811,8 +828,20 @@ async fn https_send(
 
 /// One HTTPS request to the hub's web app (a JSON body for POST), read to the end.
 pub async fn https(hub: &TestHub, method: &str, path: &str, cookie: Option<&str>, body: Option<&str>) -> HttpResponse {
+    https_to(hub.web.expect("the web app is off"), &hub.ca(), method, path, cookie, body).await
+}
+
+/// [`https`] to the web app at `addr`, whose CA is `ca`.
+pub async fn https_to(
+    addr: SocketAddr,
+    ca: &Path,
+    method: &str,
+    path: &str,
+    cookie: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
     use tokio::io::AsyncReadExt;
-    let mut stream = https_send(hub, method, path, cookie, body).await;
+    let mut stream = https_send_to(addr, ca, method, path, cookie, body).await;
     let mut raw = Vec::new();
     let _ =
         tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut raw)).await.expect("no answer in 20 s");
@@ -859,8 +888,13 @@ pub struct EventStream {
 
 impl EventStream {
     pub async fn open(hub: &TestHub, cookie: &str) -> EventStream {
+        Self::open_at(hub.web.expect("the web app is off"), &hub.ca(), cookie).await
+    }
+
+    /// [`EventStream::open`] on the web app at `addr`, whose CA is `ca`.
+    pub async fn open_at(addr: SocketAddr, ca: &Path, cookie: &str) -> EventStream {
         use tokio::io::AsyncBufReadExt;
-        let stream = https_send(hub, "GET", "/api/events", Some(cookie), None).await;
+        let stream = https_send_to(addr, ca, "GET", "/api/events", Some(cookie), None).await;
         let mut lines = tokio::io::BufReader::new(stream).lines();
         let status = lines.next_line().await.unwrap().unwrap_or_default();
         assert!(status.contains(" 200 "), "{status}");

@@ -213,3 +213,76 @@ async fn admin_pages_are_for_admins_and_act_as_the_cli_does() {
     );
     hub.stop().await.unwrap();
 }
+
+/// RSS of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A measurement (release: `cargo test --release --test integration web::measure -- --ignored
+/// --nocapture`): the first page load's bytes, the RSS five live streams add to a hub process, and
+/// MQTT publish → event latency over `DOMOTICPI_WEB_ROUNDS` (500) states.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: cargo test --release --test integration web::measure -- --ignored --nocapture"]
+async fn measure_the_web_app() {
+    let rounds: usize = std::env::var("DOMOTICPI_WEB_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    let (_dir, config, data) = process_config(DEVICES);
+    let hub = HubProcess::start(&config);
+    let (web, ca) = (hub.web.expect("no web app"), data.join("certs/ca.pem"));
+    let cfg = config.to_str().unwrap();
+    let (code, _, err) = run_cli(
+        &["--config", cfg, "user", "add", "alice", "--role", "resident", "--password-stdin"],
+        Some("alice-password\n"),
+    );
+    assert_eq!(code, 0, "{err}");
+
+    // The first load: the page's three files, the sign-in and the house, as a browser fetches them.
+    let mut bytes = 0;
+    for path in ["/", "/app.js", "/style.css"] {
+        let r = https_to(web, &ca, "GET", path, None, None).await;
+        assert_eq!(r.status, 200, "{path}");
+        bytes += r.body.len();
+    }
+    let login =
+        https_to(web, &ca, "POST", "/api/login", None, Some(r#"{"user":"alice","password":"alice-password"}"#)).await;
+    let cookie = login.header("set-cookie").unwrap().split(';').next().unwrap().to_owned();
+    let house = https_to(web, &ca, "GET", "/api/house", Some(&cookie), None).await;
+    println!(
+        "first page load: {bytes} bytes of page (uncompressed), {} of sign-in, {} of house",
+        login.body.len(),
+        house.body.len()
+    );
+
+    let before = rss_kib(hub.child.id());
+    let mut streams = Vec::new();
+    for _ in 0..5 {
+        streams.push(EventStream::open_at(web, &ca, &cookie).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(hub.child.id());
+    println!("RSS: {before} KiB, {after} KiB with 5 live streams (+{} KiB)", after.saturating_sub(before));
+
+    let (code, creds, err) = run_cli(&["--config", cfg, "device", "creds", "front-door"], None);
+    assert_eq!(code, 0, "{err}");
+    let password = creds.lines().find_map(|l| l.strip_prefix("password: ")).unwrap().to_owned();
+    let door = Client::connect(hub.tls, &ca, "front-door", Some(("front-door", &password))).await.unwrap();
+    let mut samples = Vec::new();
+    for n in 0..rounds {
+        let payload = format!(r#"{{"contact":"open","seq":{n}}}"#);
+        let sent = Instant::now();
+        door.client.publish("dpi/front-door/state", QoS::AtMostOnce, false, payload).await.unwrap();
+        loop {
+            let e = streams[0].next().await;
+            if e["topic"] == "dpi/front-door/state" && e["payload"]["seq"] == n {
+                samples.push(sent.elapsed());
+                break;
+            }
+        }
+    }
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+    println!("MQTT publish → event: p50 {:.2} ms, p99 {:.2} ms ({rounds} states)", at(0.5), at(0.99));
+}
