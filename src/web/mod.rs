@@ -1,5 +1,7 @@
-//! The residents' web API (SPEC §10) over HTTPS with the hub's own server certificate: sign-in,
-//! the house, live events, commands, history.
+//! The residents' web app (SPEC §10) over HTTPS with the hub's own server certificate: the page
+//! (`page/`: HTML, CSS and a script, embedded in the binary, nothing loaded from elsewhere) and the
+//! JSON API it uses, which any other client may use too: sign-in, the house, live events, commands,
+//! history, and for admins users, device credentials and the hub's status.
 //!
 //! The web is a client with the user's rights, never a way around them: sign-in checks the users'
 //! own argon2id passwords on the same bounded pool and per-address throttle as MQTT logins; every
