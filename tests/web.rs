@@ -109,6 +109,25 @@ async fn wrong_alarm_codes_from_the_web_count_toward_the_lockout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(hub.alarm_status().await.state, "armed_away");
+    // The house lists who armed, and the lockout.
+    let house = https(&hub, "GET", "/api/house", Some(&session), None).await.json();
+    assert_eq!(house["alarm"]["code_locked_out"], true, "{house}");
+    let recent: Vec<&str> = house["recent"].as_array().unwrap().iter().filter_map(|e| e["detail"].as_str()).collect();
+    assert!(recent.iter().any(|d| d.starts_with("armed") && d.contains("alice")), "who armed: {recent:?}");
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_sign_ins_slow_the_address_down_as_mqtt_logins_do() {
+    let hub = house().await;
+    for _ in 0..5 {
+        let r = https(&hub, "POST", "/api/login", None, Some(r#"{"user":"alice","password":"wrong"}"#)).await;
+        assert_eq!(r.status, 401);
+    }
+    let started = Instant::now();
+    let r = https(&hub, "POST", "/api/login", None, Some(r#"{"user":"alice","password":"alice-password"}"#)).await;
+    assert_eq!(r.status, 200, "the right password still signs in");
+    assert!(started.elapsed() >= Duration::from_millis(900), "no wait after five failures: {:?}", started.elapsed());
     hub.stop().await.unwrap();
 }
 

@@ -847,9 +847,10 @@ impl Alarm {
             self.event(EventKind::ArmRefused, open.first().cloned(), why, user);
             return;
         }
+        // Who armed is said even when no code named a user (arming needs none by default).
         let mut why = match self.config.exit_delay.as_secs() {
-            0 => format!("{} accepted", mode.armed()),
-            s => format!("{} accepted, exit delay {s} s", mode.armed()),
+            0 => format!("{} accepted from {by}", mode.armed()),
+            s => format!("{} accepted from {by}, exit delay {s} s", mode.armed()),
         };
         if !open.is_empty() {
             why.push_str(&format!(", bypassing {}", open.join(", ")));

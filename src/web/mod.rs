@@ -400,8 +400,11 @@ async fn house(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
         Err(refused) => return refused.into_response(),
     };
     let config = Arc::clone(&web.dispatcher.house().config);
-    let stored = web.store.call(|c| Ok((store::device_state::all(c)?, store::alarm::load(c)?))).await;
-    let (rows, alarm) = match stored {
+    let stored = web
+        .store
+        .call(|c| Ok((store::device_state::all(c)?, store::alarm::load(c)?, store::events::latest(c, 100)?)))
+        .await;
+    let (rows, alarm, recent) = match stored {
         Ok(stored) => stored,
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
     };
@@ -441,8 +444,18 @@ async fn house(State(web): State<Arc<Web>>, headers: HeaderMap) -> Response {
             .and_then(crate::alarm::stored_status)
             .map_or(Value::Null, |(state, since)| json!({ "state": state, "since": since })),
     };
+    // Who armed or disarmed, and when: the alarm's recent events, newest first.
+    let recent: Vec<Value> = recent
+        .into_iter()
+        .filter(|(_, kind, _)| kind == "alarm")
+        .take(20)
+        .map(|(at, _, detail)| json!({ "at": at, "detail": detail }))
+        .collect();
     let me = json!({ "user": me.name, "role": me.role.as_str() });
-    let body = json!({ "me": me, "house": config.house.name, "rooms": rooms, "devices": devices, "alarm": alarm, "scenes": scenes });
+    let body = json!({
+        "me": me, "house": config.house.name, "rooms": rooms, "devices": devices, "alarm": alarm, "scenes": scenes,
+        "recent": recent,
+    });
     Json(body).into_response()
 }
 

@@ -92,6 +92,8 @@ function renderHouse(house) {
     return b;
   }));
   setAlarm(house.alarm);
+  $("event-list").replaceChildren();
+  for (const e of (house.recent || []).slice().reverse()) addEvent(`${e.at}: ${e.detail}`);
 }
 
 function setAlarm(alarm) {
