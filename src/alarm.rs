@@ -216,6 +216,9 @@ pub struct Status {
     /// Milliseconds left of the state's delay (exit, entry) or siren time; absent when none runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining_ms: Option<u64>,
+    /// When code entry opens again (RFC 3339), while it is locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
 }
 
 /// One `dpi/alarm/event`, as published and as returned to the CLI.
@@ -667,6 +670,10 @@ impl Driver {
             bypassed: self.alarm.bypassed().map(str::to_owned).collect(),
             code_locked_out: self.alarm.code_locked_out(self.now()),
             remaining_ms: self.alarm.snapshot(self.now()).remaining.map(millis),
+            locked_until: self.alarm.snapshot(self.now()).lockout_remaining.map(|left| {
+                let now = time::OffsetDateTime::now_utc();
+                store::rfc3339(time::Duration::try_from(left).ok().and_then(|d| now.checked_add(d)).unwrap_or(now))
+            }),
         }
     }
 

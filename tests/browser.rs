@@ -165,7 +165,8 @@ async fn a_resident_uses_the_house_page_in_a_real_browser() {
         click(&b, "#keypad button[data-action=disarm]").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    text_until(&b, "#alarm-lockout", |t| t.contains("locked")).await;
+    // With its end.
+    text_until(&b, "#alarm-lockout", |t| t.contains("locked") && t.contains("until")).await;
     let alarm = b.find(Locator::Css("#alarm")).await.unwrap();
     let png = alarm.screenshot().await.unwrap();
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");

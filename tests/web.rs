@@ -275,6 +275,16 @@ async fn measure_the_web_app() {
         house.body.len()
     );
 
+    // What the web side adds to an idle hub: the same hub with `[web] listen = ""`.
+    let (_off_dir, off_config, _) = process_config(DEVICES);
+    let text = std::fs::read_to_string(&off_config).unwrap().replacen("listen = \"127.0.0.1:0\"", "listen = \"\"", 1);
+    std::fs::write(&off_config, text).unwrap();
+    let off = HubProcess::start(&off_config);
+    assert!(off.web.is_none());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("idle RSS: {} KiB with the web app, {} KiB without", rss_kib(hub.child.id()), rss_kib(off.child.id()));
+    drop(off);
+
     let before = rss_kib(hub.child.id());
     let mut streams = Vec::new();
     for _ in 0..5 {

@@ -99,7 +99,13 @@ function renderHouse(house) {
 function setAlarm(alarm) {
   if (!alarm) return;
   $("alarm-state").textContent = alarm.state.replace("_", " ");
-  if (alarm.code_locked_out !== undefined) $("alarm-lockout").hidden = !alarm.code_locked_out;
+  if (alarm.code_locked_out !== undefined) {
+    $("alarm-lockout").hidden = !alarm.code_locked_out;
+    if (alarm.locked_until) {
+      const until = new Date(alarm.locked_until).toLocaleTimeString();
+      $("alarm-lockout").textContent = `Code entry is locked after too many wrong codes, until ${until}.`;
+    }
+  }
 }
 
 function addEvent(text) {
@@ -118,7 +124,7 @@ function live() {
     if (topic === "dpi/alarm/event") {
       const who = payload.user || payload.device || "";
       addEvent(`${payload.at}: ${payload.event} ${who} — ${payload.reason}`);
-      if (payload.event === "code_lockout") $("alarm-lockout").hidden = false;
+      if (payload.event === "code_lockout") refreshAlarm();
       $("alarm-message").textContent = `${payload.event}: ${payload.reason}`;
       return;
     }
@@ -134,6 +140,12 @@ function live() {
   };
 }
 
+async function refreshAlarm() {
+  $("alarm-lockout").hidden = false;
+  const house = await api("GET", "/api/house");
+  if (house.data) setAlarm(house.data.alarm);
+}
+
 async function admin() {
   $("admin").hidden = false;
   const users = await api("GET", "/api/users");
@@ -144,7 +156,20 @@ async function admin() {
     remove.type = "button";
     remove.textContent = `Remove ${u.name}`;
     remove.addEventListener("click", async () => { await api("DELETE", `/api/users/${u.name}`); admin(); });
-    li.append(remove);
+    const code = document.createElement("input");
+    code.type = "password";
+    code.inputMode = "numeric";
+    code.setAttribute("aria-label", `New alarm code for ${u.name}`);
+    const set = document.createElement("button");
+    set.type = "button";
+    set.textContent = `Set ${u.name}'s code`;
+    set.addEventListener("click", async () => {
+      const r = await api("POST", `/api/users/${u.name}/pin`, { code: code.value });
+      code.value = "";
+      $("creds").textContent = r.status === 200 ? `${u.name}'s code is set.` : (r.data && r.data.error) || "refused";
+      admin();
+    });
+    li.append(remove, code, set);
     return li;
   }));
   const house = await api("GET", "/api/house");
