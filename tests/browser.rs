@@ -163,7 +163,6 @@ async fn a_resident_uses_the_house_page_in_a_real_browser() {
     for _ in 0..5 {
         type_into(&b, "#code", "0000").await;
         click(&b, "#keypad button[data-action=disarm]").await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // With its end.
     text_until(&b, "#alarm-lockout", |t| t.contains("locked") && t.contains("until")).await;
