@@ -82,6 +82,17 @@ pub enum BridgeCommand {
     Request,
 }
 
+/// How `device creds` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CredsFormat {
+    /// `key: value` lines.
+    Lines,
+    /// An ESPHome `mqtt:` block.
+    Esphome,
+    /// An Arduino header for PubSubClient.
+    Arduino,
+}
+
 /// `certs …`
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
@@ -102,6 +113,10 @@ pub enum DeviceCommand {
         /// Also issue a client certificate signed by the hub CA (CN = the device id).
         #[arg(long)]
         cert: bool,
+        /// How to print them: `key: value` lines, an ESPHome `mqtt:` block, or an Arduino header
+        /// for PubSubClient (ESP8266 fingerprint and ESP32 CA certificate).
+        #[arg(long, value_enum, default_value_t = CredsFormat::Lines)]
+        format: CredsFormat,
     },
     /// Devices from the config with online/offline, last seen and last state.
     List,
@@ -258,7 +273,7 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         }
         Command::Certs(CertsCommand::Show) => certs_show(config),
         Command::User(cmd) => user(cmd, config),
-        Command::Device(DeviceCommand::Creds { id, cert }) => device_creds(config, id, *cert),
+        Command::Device(DeviceCommand::Creds { id, cert, format }) => device_creds(config, id, *cert, *format),
         Command::Device(DeviceCommand::List) => device_list(config),
         Command::Device(DeviceCommand::Revoke { id }) => device_revoke(config, id),
         Command::Status => status(config),
@@ -341,7 +356,7 @@ fn certs_show(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()> {
+fn device_creds(config: &Config, id: &str, with_cert: bool, format: CredsFormat) -> anyhow::Result<()> {
     let Some(device) = config.device(id) else {
         bail!("no device {id:?} in {}; declare it in a [[device]] section first", config_name(config));
     };
@@ -357,6 +372,29 @@ fn device_creds(config: &Config, id: &str, with_cert: bool) -> anyhow::Result<()
     }
     store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
     close_device(config, id);
+    if format != CredsFormat::Lines {
+        let ca_pem = std::fs::read_to_string(&paths.ca_cert).with_context(|| paths.ca_cert.display().to_string())?;
+        let (host, port) = (device_host(config), device_port(config, &conn)?);
+        if port == 0 {
+            bail!(
+                "broker.tls_listen names port 0 and the hub is not running: start it, or give the port in the config"
+            );
+        }
+        let server_sha1 = certs::read_info(&paths.server_cert)?.sha1;
+        let creds = crate::snippets::Creds {
+            id,
+            host: &host,
+            port,
+            password: password.expose(),
+            ca_pem: &ca_pem,
+            server_sha1: &server_sha1,
+        };
+        match format {
+            CredsFormat::Esphome => print!("{}", crate::snippets::esphome(&creds)),
+            _ => print!("{}", crate::snippets::arduino(&creds)),
+        }
+        return Ok(());
+    }
     let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()).display().to_string();
     println!("host: {}", device_host(config));
     println!("port: {}", device_port(config, &conn)?);

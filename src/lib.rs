@@ -19,6 +19,7 @@ pub mod lights;
 pub mod logging;
 pub mod reload;
 pub mod secret;
+pub mod snippets;
 pub mod store;
 pub mod topics;
 pub mod web;

@@ -156,3 +156,64 @@ fn data_dir_option_overrides_the_config() {
     assert_eq!(code, 0, "{err}");
     assert!(other.join("certs/ca.pem").exists());
 }
+
+/// The test config with one motion sensor, and `device creds --format FORMAT` of it.
+fn creds_in_format(format: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("domoticpi.toml");
+    let data = dir.path().join("data").display().to_string();
+    let text = format!(
+        "data_dir = {data:?}\n[web]\nlisten = \"\"\n[broker]\ntls_listen = \"127.0.0.1:18883\"\n\
+         server_names = [\"192.168.1.10\"]\n[[device]]\nid = \"hall-motion\"\nkind = \"motion\"\n"
+    );
+    std::fs::write(&config, text).unwrap();
+    let (code, out, err) =
+        run_cli(&["--config", config.to_str().unwrap(), "device", "creds", "hall-motion", "--format", format], None);
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+#[test]
+fn the_esphome_block_is_valid_for_esphome_itself() {
+    let block = creds_in_format("esphome");
+    assert!(block.contains("broker: 192.168.1.10") && block.contains("certificate_authority: |"), "{block}");
+    // Validated by ESPHome (from PyPI), when installed.
+    if !have_tool("esphome") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("hall-motion.yaml");
+    let head = "esphome:\n  name: hall-motion\nesp32:\n  board: esp32dev\n  framework:\n    type: esp-idf\nwifi:\n  ssid: \"house\"\n  password: \"wifi-password\"\n";
+    std::fs::write(&node, format!("{head}{block}")).unwrap();
+    let out = std::process::Command::new("esphome").arg("config").arg(&node).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("Configuration is valid"), "{text}");
+    // ESPHome's defaults would publish elsewhere than the device may: every message goes to its availability.
+    for topic in text.lines().filter_map(|l| l.trim().strip_prefix("topic: ")) {
+        assert_eq!(topic, "dpi/hall-motion/availability", "{text}");
+    }
+}
+
+#[test]
+fn the_arduino_header_compiles_as_cpp() {
+    let header = creds_in_format("arduino");
+    assert!(header.contains("#define DPI_HOST \"192.168.1.10\"") && header.contains("DPI_FINGERPRINT"), "{header}");
+    if !have_tool("g++") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dpi_creds.h"), &header).unwrap();
+    let sketch = "#define PROGMEM\n#include \"dpi_creds.h\"\n#include <cstring>\nint main() { return std::strlen(DPI_CA_CERT) > 100 && DPI_PORT == 18883 ? 0 : 1; }\n";
+    std::fs::write(dir.path().join("sketch.cpp"), sketch).unwrap();
+    let out = std::process::Command::new("g++")
+        .args(["-std=c++11", "-Wall", "-Werror", "-o"])
+        .arg(dir.path().join("sketch"))
+        .arg(dir.path().join("sketch.cpp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        std::process::Command::new(dir.path().join("sketch")).status().unwrap().success(),
+        "the CA is not in the header"
+    );
+}
