@@ -975,3 +975,29 @@ async fn a_bridge_key_other_users_can_read_is_refused_and_status_says_why() {
     eventually("the bridge down for its key", 10, || status().contains("readable by other users")).await;
     hub.stop().await.unwrap();
 }
+
+#[test]
+fn a_hub_bridged_to_a_silent_listener_still_stops_within_five_seconds() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (accepted, attempt) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            let _ = accepted.send(());
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let bridge = unreachable_bridge(port, dir.path());
+    let (_dir, config, _) = process_config(&format!("{DOOR}{bridge}"));
+    let mut hub = HubProcess::start(&config);
+    // Its first attempt is under way, waiting on a listener that never speaks.
+    attempt.recv_timeout(Duration::from_secs(10)).expect("the bridge never tried");
+    hub.signal("TERM");
+    let (status, took) = hub.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+    let log: Vec<String> = hub.stderr.try_iter().collect();
+    assert!(!log.iter().any(|l| l.contains("did not stop in time") || l.contains("did not close in time")), "{log:#?}");
+}

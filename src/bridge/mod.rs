@@ -333,7 +333,12 @@ impl Sender {
         let (client, mut events) = AsyncClient::new(opts, WINDOW + 16);
         events.network_options.set_connection_timeout(CONNECT_TIMEOUT.as_secs());
         let refused = |reason: String| Failure { connected: false, reason };
-        match tokio::time::timeout(CONNECT_TIMEOUT, events.poll()).await {
+        // An attempt that hangs (a listener that never answers) must not hold up the hub's stop.
+        let attempt = tokio::select! {
+            () = closing.cancelled() => return Ok(()),
+            attempt = tokio::time::timeout(CONNECT_TIMEOUT, events.poll()) => attempt,
+        };
+        match attempt {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {}
             Ok(Ok(other)) => return Err(refused(format!("unexpected first packet {other:?}"))),
             Ok(Err(e)) => return Err(refused(e.to_string())),
