@@ -573,7 +573,12 @@ fn unreachable_bridge(port: u16, dir: &Path) -> String {
     std::fs::create_dir_all(dir).unwrap();
     let company = Company::new();
     let section = enrol(&company, dir);
-    section.replace(&format!("127.0.0.1:{}", company.port), &format!("127.0.0.1:{port}"))
+    // The company's files go with it: the bridge keeps a copy of its CA, so that it really tries.
+    let ca = dir.join("company-ca.pem");
+    std::fs::copy(company.ca(), &ca).unwrap();
+    section
+        .replace(&format!("127.0.0.1:{}", company.port), &format!("127.0.0.1:{port}"))
+        .replace(&company.ca().display().to_string(), &ca.display().to_string())
 }
 
 /// Motion → light on, off after 1 s; front door open while armed away → pending, triggered after
