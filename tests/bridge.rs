@@ -636,9 +636,12 @@ async fn with_the_upstream_unreachable_or_stalled_the_rules_and_the_alarm_keep_t
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&attempts);
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for stream in silent.incoming().flatten() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(stream);
         }
     });
@@ -658,6 +661,7 @@ async fn with_the_upstream_unreachable_or_stalled_the_rules_and_the_alarm_keep_t
             "{name}: {triggered:?}"
         );
     }
+    assert!(attempts.load(std::sync::atomic::Ordering::SeqCst) > 0, "the bridge never reached the silent listener");
 }
 
 #[tokio::test(flavor = "multi_thread")]
