@@ -78,6 +78,8 @@ pub struct Config {
     pub bridge: Option<Bridge>,
     /// The residents' web app: its HTTPS listener, `None` when turned off.
     pub web: Option<SocketAddr>,
+    /// Home Assistant discovery: the prefix to announce under, `None` when off (the default).
+    pub homeassistant: Option<String>,
 }
 
 /// The house the hub runs.
@@ -354,6 +356,8 @@ mod raw {
         pub bridge: Option<Bridge>,
         #[serde(default)]
         pub web: Web,
+        #[serde(default)]
+        pub homeassistant: HomeAssistant,
     }
 
     #[derive(Deserialize, Default)]
@@ -455,6 +459,13 @@ mod raw {
     pub struct Scene {
         pub id: Spanned<String>,
         pub set: Spanned<BTreeMap<Spanned<String>, SceneSetting>>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub struct HomeAssistant {
+        pub discovery: Option<bool>,
+        pub prefix: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize, Default)]
@@ -664,6 +675,16 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
     let rules = build_rules(file.rule, &refs, &house, c);
     let scenes = build_scenes(file.scene, &refs, c);
     let bridge = file.bridge.map(|b| build_bridge(b, c));
+    let homeassistant = file.homeassistant.discovery.unwrap_or(false).then(|| match file.homeassistant.prefix {
+        None => "homeassistant".to_owned(),
+        Some(prefix) => {
+            let p = prefix.get_ref().clone();
+            if p.is_empty() || p.contains(['+', '#']) || p.starts_with(['/', '$']) || p.ends_with('/') {
+                c.error(prefix.span(), format!("homeassistant prefix {p:?} must be a topic without wildcards"));
+            }
+            p
+        }
+    });
     let web = match file.web.listen {
         None => Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
         Some(listen) if listen.get_ref().is_empty() => None,
@@ -695,6 +716,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
         scenes,
         bridge,
         web,
+        homeassistant,
     }
 }
 

@@ -24,6 +24,7 @@ use crate::broker::dispatch::{Dispatch, Origin, Outbox, Verdict};
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::DeviceState;
 use crate::devices::{self, Judged, OutboxInput, Pipeline, RetainedChange};
+use crate::hass;
 use crate::lights::{self, LightsHandle};
 use crate::store::Store;
 use crate::topics::{self, Leaf, Topic};
@@ -106,6 +107,7 @@ impl Dispatcher {
         let house = RwLock::new(Arc::new(house));
         let dispatcher = Dispatcher(Arc::new(Inner { house, pipeline, alarm, lights, outbox, max_payload }));
         dispatcher.all_offline();
+        dispatcher.announce_to_home_assistant(None);
         (dispatcher, settings)
     }
 
@@ -148,7 +150,28 @@ impl Dispatcher {
             self.announce(&device.id, false);
             self.0.pipeline.availability(&device.id, false);
         }
+        self.announce_to_home_assistant(Some(&old));
         old
+    }
+
+    /// Announces every device and the alarm to Home Assistant (retained), when discovery is on;
+    /// after a reload, the entities of the `before` house that are gone are withdrawn (an empty
+    /// retained config).
+    fn announce_to_home_assistant(&self, before: Option<&House>) {
+        let house = self.house();
+        let now =
+            house.config.homeassistant.as_deref().map(|p| hass::announcements(&house.config, p)).unwrap_or_default();
+        if let Some(before) = before {
+            let earlier = before.config.homeassistant.as_deref().map(|p| hass::announcements(&before.config, p));
+            for (topic, _) in earlier.unwrap_or_default() {
+                if !now.iter().any(|(t, _)| *t == topic) {
+                    self.0.outbox.publish(topic, bytes::Bytes::new(), true);
+                }
+            }
+        }
+        for (topic, payload) in now {
+            self.0.outbox.publish(topic, payload, true);
+        }
     }
 
     /// Publishes a device's availability, retained.
@@ -206,6 +229,12 @@ enum Command {
 impl Dispatch for Dispatcher {
     fn publish(&self, from: Origin<'_>, topic: &str, payload: &Bytes) -> Verdict {
         let house = self.house();
+        // Home Assistant came (back) online: it wants the announcements again.
+        if let Some(prefix) = &house.config.homeassistant {
+            if topic.strip_prefix(prefix.as_str()) == Some("/status") && payload.eq_ignore_ascii_case(b"online") {
+                self.announce_to_home_assistant(None);
+            }
+        }
         match self.command(&house, topic, payload) {
             Err(reason) => return Verdict::Refuse(reason),
             Ok(Command::Alarm(command)) => {

@@ -14,6 +14,7 @@ pub mod control;
 pub mod decode;
 pub mod devices;
 pub mod dispatcher;
+pub mod hass;
 pub mod hub;
 pub mod lights;
 pub mod logging;

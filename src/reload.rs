@@ -152,7 +152,8 @@ fn compare(old: &Config, new: &Config) -> Report {
             report.applied.push(format!("{what}: {}", list.join(", ")));
         }
     }
-    let sections: [(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 6] = [
+    let sections: [(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
+        ("[homeassistant]", &old.homeassistant, &new.homeassistant),
         ("[house]", &old.house.name, &new.house.name),
         ("[[room]]", &old.rooms, &new.rooms),
         ("[rule]", &old.rules, &new.rules),

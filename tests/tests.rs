@@ -10,6 +10,7 @@ mod browser;
 mod cli;
 mod foundation;
 mod fuzz;
+mod hass;
 mod house;
 mod lights;
 mod pipeline;
