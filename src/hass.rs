@@ -162,4 +162,15 @@ mod tests {
             (Some("REMOTE_CODE"), Some(true))
         );
     }
+
+    #[test]
+    fn a_fifty_device_house_announces_fifty_one_messages() {
+        let kinds = ["motion", "contact", "light", "lux", "temperature"];
+        let toml: String =
+            (0..50).map(|n| format!("[[device]]\nid = \"d{n}\"\nkind = \"{}\"\n", kinds[n % kinds.len()])).collect();
+        let all = announcements(&Config::from_toml(&toml, None).unwrap(), "homeassistant");
+        let bytes: usize = all.iter().map(|(t, p)| t.len() + p.len()).sum();
+        assert_eq!(all.len(), 51);
+        println!("50 devices: {} discovery messages, {bytes} bytes of topics and payloads", all.len());
+    }
 }
