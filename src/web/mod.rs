@@ -120,6 +120,7 @@ pub fn start(
     let fan_out = live.clone();
     let latest: Arc<Mutex<HashMap<String, Bytes>>> = Arc::default();
     let keep = Arc::clone(&latest);
+    let house = dispatcher.clone();
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move {
         while let Some(m) = messages.recv().await {
             if !m.topic.ends_with("/event") {
@@ -127,7 +128,8 @@ pub fn start(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .insert(m.topic.clone(), m.payload.clone());
             }
-            let _ = fan_out.send((m.topic, m.payload));
+            let payload = decoded(&house, &m.topic, m.payload);
+            let _ = fan_out.send((m.topic, payload));
         }
     }));
     let web = Arc::new(Web {
@@ -229,6 +231,19 @@ async fn serve(
                 }
             }
         });
+    }
+}
+
+/// A device's state as `/api/house` shows it (its kind's canonical JSON: `OPEN` from a tiny sketch
+/// becomes `{"contact":"open"}`); anything else as it was routed.
+fn decoded(house: &Dispatcher, topic: &str, payload: Bytes) -> Bytes {
+    let Some(crate::topics::Topic::Device { id, leaf: crate::topics::Leaf::State }) = crate::topics::parse(topic)
+    else {
+        return payload;
+    };
+    match house.kind_of(id).map(|kind| crate::decode::decode_state(kind, &payload, usize::MAX)) {
+        Some(Ok(state)) => Bytes::from(state.to_json()),
+        _ => payload,
     }
 }
 
