@@ -208,6 +208,10 @@ async fn admin_pages_are_for_admins_and_act_as_the_cli_does() {
     assert!(list["users"].as_array().unwrap().iter().any(|u| u["name"] == "bob" && u["has_code"] == false), "{list}");
     assert_eq!(https(&hub, "POST", "/api/users/bob/pin", Some(&admin), Some(r#"{"code":"12a4"}"#)).await.status, 400);
     assert_eq!(https(&hub, "POST", "/api/users/bob/pin", Some(&admin), Some(r#"{"code":"2580"}"#)).await.status, 200);
+    assert_eq!(
+        https(&hub, "POST", "/api/users/nobody/pin", Some(&admin), Some(r#"{"code":"2580"}"#)).await.status,
+        404
+    );
     assert_eq!(https(&hub, "DELETE", "/api/users/bob", Some(&admin), None).await.status, 200);
     assert_eq!(
         https(&hub, "GET", "/api/house", Some(&bob), None).await.status,

@@ -587,7 +587,10 @@ where
     R: Send + 'static,
     F: FnOnce(&mut rusqlite::Connection) -> Result<R, store::StoreError> + Send + 'static,
 {
-    web.store.call(f).await.map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()))
+    web.store.call(f).await.map_err(|e| match e {
+        store::StoreError::NoSuchUser(_) => error(StatusCode::NOT_FOUND, &e.to_string()),
+        e => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    })
 }
 
 /// An argon2id hash, off the runtime.
