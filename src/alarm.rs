@@ -56,6 +56,7 @@ use crate::auth::{self, Identity};
 use crate::broker::dispatch::Outbox;
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::{self, Contact, DeviceState, Main};
+use crate::dispatcher::Commands;
 use crate::secret::Secret;
 use crate::store::{self, Store};
 use crate::topics::{self, Leaf, Topic};
@@ -435,7 +436,7 @@ pub struct Parts {
     /// Snapshots, codes and the event log.
     pub store: Store,
     /// The state, events and commands to sirens.
-    pub outbox: Outbox,
+    pub commands: Commands,
     /// The light rules, for `lights_on_trigger`.
     pub lights: crate::lights::LightsHandle,
     /// Checkpoints during delays, for the periodic writer.
@@ -446,8 +447,8 @@ pub struct Parts {
 /// control socket have ended).
 pub async fn run(config: Arc<Config>, parts: Parts, inbox: Inbox) {
     let mut inbox = inbox.0;
-    let Parts { store, outbox, lights, checkpoints } = parts;
-    let mut driver = Driver::start(&config, store, outbox, lights, checkpoints).await;
+    let Parts { store, commands, lights, checkpoints } = parts;
+    let mut driver = Driver::start(&config, store, commands, lights, checkpoints).await;
     drop(config);
     driver.carry_out().await;
     driver.replay_retained().await;
@@ -502,8 +503,10 @@ struct Driver {
     origin: tokio::time::Instant,
     /// For snapshots, codes and the event log.
     store: Store,
-    /// For the state, events and commands to sirens.
+    /// For the state and events.
     outbox: Outbox,
+    /// For commands to sirens.
+    commands: Commands,
     /// Each declared device's kind, to decode stored states.
     kinds: HashMap<String, DeviceKind>,
     /// The sirens, to know whose coming online deserves a second command.
@@ -537,7 +540,7 @@ impl Driver {
     async fn start(
         config: &Config,
         store: Store,
-        outbox: Outbox,
+        commands: Commands,
         lights: crate::lights::LightsHandle,
         checkpoints: mpsc::UnboundedSender<store::alarm::Checkpoint>,
     ) -> Driver {
@@ -590,7 +593,8 @@ impl Driver {
             alarm,
             origin,
             store,
-            outbox,
+            outbox: commands.outbox().clone(),
+            commands,
             kinds,
             sirens: ids_of(config, DeviceKind::Siren).into_iter().collect(),
             lights,
@@ -901,11 +905,7 @@ impl Driver {
     }
 
     fn siren(&self, device: &str, on: bool) {
-        self.outbox.publish(
-            topics::device(device, Leaf::Set),
-            if on { r#"{"on":true}"# } else { r#"{"on":false}"# },
-            false,
-        );
+        self.commands.set(device, if on { r#"{"on":true}"# } else { r#"{"on":false}"# });
         info!(%device, on, "siren");
     }
 }

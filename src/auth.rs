@@ -292,8 +292,29 @@ impl Throttle {
 pub enum Identity {
     /// A person, with a role.
     User { name: String, role: Role },
-    /// A declared device; its id is its client id and username.
-    Device { id: String, kind: DeviceKind },
+    /// A declared device; its id is its client id and username. A device that speaks its own
+    /// firmware's topics (SPEC §11) is confined to its `scope` instead of `dpi/ID/…`.
+    Device { id: String, kind: DeviceKind, scope: Option<Arc<Scope>> },
+}
+
+/// The topics a client speaking for off-the-shelf devices may use (SPEC §11), as MQTT filters: it
+/// may publish on a topic one of `publish` matches, and subscribe to a filter within one of
+/// `subscribe`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scope {
+    /// Filters of the topics it may publish on.
+    pub publish: Vec<String>,
+    /// Filters it may subscribe within.
+    pub subscribe: Vec<String>,
+}
+
+/// A declared device, as the authenticator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    /// What it is.
+    pub kind: DeviceKind,
+    /// The firmware topics it is confined to, if it speaks its own.
+    pub scope: Option<Arc<Scope>>,
 }
 
 impl Identity {
@@ -362,8 +383,8 @@ impl Presented {
     }
 }
 
-/// The kind of a declared device, by id; `None` for any other name.
-pub type DeviceLookup = Arc<dyn Fn(&str) -> Option<DeviceKind> + Send + Sync>;
+/// A declared device, by id; `None` for any other name.
+pub type DeviceLookup = Arc<dyn Fn(&str) -> Option<Declared> + Send + Sync>;
 
 /// Checks the credentials of a connecting client against the config and the database.
 #[derive(Clone)]
@@ -405,7 +426,7 @@ impl Authenticator {
         // hub accepts only the last one it issued for that device.
         if let Some(cert) = &p.cert {
             let cn = &cert.cn;
-            let Some(kind) = (self.devices)(cn) else {
+            let Some(Declared { kind, scope }) = (self.devices)(cn) else {
                 return Err(Refusal::UnknownCertificate(cn.clone()));
             };
             let id = cn.clone();
@@ -416,12 +437,12 @@ impl Authenticator {
             if p.client_id != *cn || p.username.as_ref().is_some_and(|u| u != cn) {
                 return Err(Refusal::ClientId(format!("a device's client id and username must be its id {cn:?}")));
             }
-            return Ok(Identity::Device { id: cn.clone(), kind });
+            return Ok(Identity::Device { id: cn.clone(), kind, scope });
         }
         let (Some(name), Some(password)) = (p.username, p.password) else {
             return Err(Refusal::Anonymous);
         };
-        if let Some(kind) = (self.devices)(&name) {
+        if let Some(Declared { kind, scope }) = (self.devices)(&name) {
             if self.require_client_cert {
                 return Err(Refusal::CertificateRequired);
             }
@@ -432,7 +453,7 @@ impl Authenticator {
             if p.client_id != name {
                 return Err(Refusal::ClientId(format!("a device's client id must be its id {name:?}")));
             }
-            return Ok(Identity::Device { id: name, kind });
+            return Ok(Identity::Device { id: name, kind, scope });
         }
         let lookup = name.clone();
         let creds = self.lookup(move |c| users::credentials(c, &lookup)).await?;

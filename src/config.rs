@@ -164,6 +164,9 @@ pub enum DeviceKind {
     Lux,
     Temperature,
     Smoke,
+    /// A client that speaks for other devices in their own firmware's topics (Zigbee2MQTT, an
+    /// ESPHome node); it has no state of its own.
+    Bridge,
 }
 
 impl DeviceKind {
@@ -180,6 +183,7 @@ impl DeviceKind {
             DeviceKind::Lux => "lux",
             DeviceKind::Temperature => "temperature",
             DeviceKind::Smoke => "smoke",
+            DeviceKind::Bridge => "bridge",
         }
     }
 }
@@ -208,8 +212,118 @@ pub struct Device {
     pub room: Option<String>,
     /// Its alarm zone.
     pub zone: Zone,
+    /// The firmware topics it speaks instead of `dpi/ID/…`, if any (SPEC §11).
+    pub source: Option<Source>,
     /// Line and column of its id in the file, for errors found after validation.
     pub at: (usize, usize),
+}
+
+/// The topics an off-the-shelf device speaks (SPEC §11): who speaks them is in [`Source::speaker`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A Tasmota device's `%topic%`: `tele/TOPIC/…`, `stat/TOPIC/…`, `cmnd/TOPIC/…`.
+    Tasmota(String),
+    /// A Zigbee2MQTT friendly name: `zigbee2mqtt/NAME`, `…/set`, `…/availability`.
+    Zigbee2mqtt(String),
+    /// An ESPHome component: `NODE/COMPONENT/OBJECT/state` and `…/command`, `NODE/status`.
+    Esphome {
+        /// The node's topic prefix (its name), also the id of the `bridge` device that speaks for it.
+        node: String,
+        /// `binary_sensor`, `sensor`, `switch` or `light`.
+        component: String,
+        /// The component's object id.
+        object: String,
+    },
+}
+
+impl Source {
+    /// The id Zigbee2MQTT logs in as.
+    pub const ZIGBEE2MQTT: &'static str = "zigbee2mqtt";
+
+    /// The id of the device that speaks for this source's device (`own` is the device's id).
+    pub fn speaker<'a>(&'a self, own: &'a str) -> &'a str {
+        match self {
+            Source::Tasmota(_) => own,
+            Source::Zigbee2mqtt(_) => Source::ZIGBEE2MQTT,
+            Source::Esphome { node, .. } => node,
+        }
+    }
+
+    /// Reads `{ tasmota = … }`, `{ zigbee2mqtt = … }` or `{ esphome = "NODE/COMPONENT/OBJECT" }`
+    /// for a device of `kind`, or says what is wrong.
+    fn parse(raw: &raw::Source, kind: DeviceKind) -> Result<Source, String> {
+        use DeviceKind::*;
+        let source = match (&raw.tasmota, &raw.zigbee2mqtt, &raw.esphome) {
+            (Some(topic), None, None) => {
+                let ok = (1..=32).contains(&topic.len())
+                    && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !ok {
+                    return Err(format!("tasmota topic {topic:?} must be 1 to 32 of A-Z, a-z, 0-9, _ and -"));
+                }
+                Source::Tasmota(topic.clone())
+            }
+            (None, Some(name), None) => {
+                let reserved = name == "bridge"
+                    || name.starts_with("bridge/")
+                    || ["/set", "/get", "/availability"].iter().any(|s| name.ends_with(s));
+                let ok = (1..=64).contains(&name.len())
+                    && name.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'+' && b != b'#')
+                    && !name.starts_with('/')
+                    && !name.ends_with('/')
+                    && !name.contains("//");
+                if !ok || reserved {
+                    return Err(format!(
+                        "zigbee2mqtt name {name:?} must be 1 to 64 printable ASCII characters without + or #, \
+                         not bridge, and not end in /set, /get or /availability"
+                    ));
+                }
+                Source::Zigbee2mqtt(name.clone())
+            }
+            (None, None, Some(path)) => {
+                let parts: Vec<&str> = path.split('/').collect();
+                let [node, component, object] = parts[..] else {
+                    return Err(format!("esphome {path:?} must be NODE/COMPONENT/OBJECT_ID"));
+                };
+                if !is_valid_id(node) || Source::FOREIGN_ROOTS.contains(&node) {
+                    return Err(format!(
+                        "esphome node {node:?} must be a device id (1 to 32 of a-z, 0-9 and -) other than {}",
+                        Source::FOREIGN_ROOTS.join(", ")
+                    ));
+                }
+                let object_ok = (1..=64).contains(&object.len())
+                    && object.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                if !object_ok {
+                    return Err(format!("esphome object id {object:?} must be 1 to 64 of a-z, 0-9, _ and -"));
+                }
+                Source::Esphome { node: node.to_owned(), component: component.to_owned(), object: object.to_owned() }
+            }
+            _ => return Err("source takes exactly one of tasmota, zigbee2mqtt or esphome".to_owned()),
+        };
+        let (project, kinds): (&str, &[DeviceKind]) = match &source {
+            Source::Tasmota(_) => ("a Tasmota device", &[Light, Switch, Siren, Temperature, Lux]),
+            Source::Zigbee2mqtt(_) => {
+                ("a Zigbee2MQTT device", &[Motion, Contact, Light, Switch, Button, Lux, Temperature, Smoke])
+            }
+            Source::Esphome { component, .. } => match component.as_str() {
+                "binary_sensor" => ("an ESPHome binary_sensor", &[Motion, Contact, Smoke]),
+                "sensor" => ("an ESPHome sensor", &[Temperature, Lux]),
+                "switch" => ("an ESPHome switch", &[Switch, Siren, Light]),
+                "light" => ("an ESPHome light", &[Light]),
+                other => {
+                    return Err(format!("esphome component {other:?} must be binary_sensor, sensor, switch or light"))
+                }
+            },
+        };
+        if !kinds.contains(&kind) {
+            let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            return Err(format!("{project} cannot be a {}; it can be {}", kind.as_str(), names.join(", ")));
+        }
+        Ok(source)
+    }
+
+    /// First topic levels that belong to another namespace: never an ESPHome node's prefix.
+    pub const FOREIGN_ROOTS: &'static [&'static str] =
+        &["dpi", "zigbee2mqtt", "tele", "stat", "cmnd", "tasmota", "homeassistant", "esphome"];
 }
 
 /// Alarm options.
@@ -403,6 +517,15 @@ mod raw {
         pub room: Option<Spanned<String>>,
         #[serde(default)]
         pub zone: Zone,
+        pub source: Option<Spanned<Source>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Source {
+        pub tasmota: Option<String>,
+        pub zigbee2mqtt: Option<String>,
+        pub esphome: Option<String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -595,6 +718,46 @@ impl Config {
     }
 }
 
+/// Checks the devices' sources together: each speaker declared with the right kind (a Tasmota
+/// device speaks for itself, not a bridge), and no two devices on the same firmware topics.
+/// `spans[i]` is where device `i`'s source (or id) is written.
+fn check_sources(devices: &[Device], spans: &[Range<usize>], kinds: &HashMap<String, DeviceKind>, c: &mut Checker<'_>) {
+    let mut seen = HashMap::new();
+    for (device, span) in devices.iter().zip(spans) {
+        let foreign = Source::FOREIGN_ROOTS.contains(&device.id.as_str());
+        if device.kind == DeviceKind::Bridge && device.id != Source::ZIGBEE2MQTT && foreign {
+            c.error(
+                span.clone(),
+                format!(
+                    "bridge {:?} would speak on another namespace's topics; name it after its ESPHome node",
+                    device.id
+                ),
+            );
+        }
+        let Some(source) = &device.source else { continue };
+        if device.kind == DeviceKind::Bridge {
+            c.error(
+                span.clone(),
+                format!("device {:?} is a bridge: it speaks for others and has no source", device.id),
+            );
+            continue;
+        }
+        let speaker = source.speaker(&device.id);
+        if speaker != device.id && kinds.get(speaker) != Some(&DeviceKind::Bridge) {
+            c.error(
+                span.clone(),
+                format!(
+                    "device {:?} is spoken for by {speaker:?}, which must be declared as a device of kind \"bridge\"",
+                    device.id
+                ),
+            );
+        }
+        if let Some(first) = seen.insert(source.clone(), device.id.clone()) {
+            c.error(span.clone(), format!("device {:?} has the same source as {first:?}", device.id));
+        }
+    }
+}
+
 fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
     let house = build_house(file.house, c);
     let broker = build_broker(file.broker, c);
@@ -639,6 +802,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
 
     let mut kinds: HashMap<String, DeviceKind> = HashMap::new();
     let mut devices = Vec::new();
+    let mut spans = Vec::new();
     for device in file.device {
         let id = device.id.get_ref().clone();
         if !is_valid_id(&id) {
@@ -653,15 +817,28 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
                 c.error(room.span(), format!("device {id:?} is in room {:?}, which is not declared", room.get_ref()));
             }
         }
+        let source = device.source.as_ref().and_then(|raw| match Source::parse(raw.get_ref(), device.kind) {
+            Ok(source) => Some(source),
+            Err(e) => {
+                c.error(raw.span(), format!("device {id:?}: {e}"));
+                None
+            }
+        });
+        if device.kind == DeviceKind::Bridge && device.zone != Zone::None {
+            c.error(device.id.span(), format!("device {id:?} is a bridge, which has no alarm zone"));
+        }
         let at = line_column(c.source, device.id.span().start);
+        spans.push(device.source.map_or(device.id.span(), |s| s.span()));
         devices.push(Device {
             id,
             kind: device.kind,
             room: device.room.map(Spanned::into_inner),
             zone: device.zone,
+            source,
             at,
         });
     }
+    check_sources(&devices, &spans, &kinds, c);
 
     let alarm = Alarm {
         exit_delay: secs(c, file.alarm.exit_delay_s, "exit_delay_s", 30, 0..3601),
@@ -1025,7 +1202,25 @@ mod tests {
         }
     }
 
+    const Z2M: &str = "[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n";
+
     rejects! {
+        tasmota_topic_with_slash: "[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { tasmota = \"a/b\" }\n" => (4, 10), "tasmota topic";
+        tasmota_motion_sensor: "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { tasmota = \"pir\" }\n" => (4, 10), "cannot be a motion";
+        two_sources: "[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { tasmota = \"a\", zigbee2mqtt = \"b\" }\n" => (4, 10), "exactly one";
+        unknown_source: "[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { shelly = \"a\" }\n" => (4, 12), "unknown field";
+        zigbee_without_its_bridge: "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { zigbee2mqtt = \"hall\" }\n" => (4, 10), "kind \"bridge\"";
+        zigbee_wildcard_name: concat!("[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n", "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { zigbee2mqtt = \"hall/#\" }\n") => (7, 10), "without + or #";
+        zigbee_bridge_name: concat!("[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n", "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { zigbee2mqtt = \"bridge\" }\n") => (7, 10), "not bridge";
+        zigbee_twice: concat!("[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n", "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { zigbee2mqtt = \"a\" }\n", "[[device]]\nid = \"q\"\nkind = \"motion\"\nsource = { zigbee2mqtt = \"a\" }\n") => (11, 10), "same source";
+        esphome_node_not_a_bridge: "[[device]]\nid = \"desk\"\nkind = \"light\"\n[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { esphome = \"desk/light/lamp\" }\n" => (7, 10), "kind \"bridge\"";
+        esphome_short_path: "[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { esphome = \"desk/lamp\" }\n" => (4, 10), "NODE/COMPONENT/OBJECT_ID";
+        esphome_foreign_node: "[[device]]\nid = \"p\"\nkind = \"light\"\nsource = { esphome = \"dpi/light/lamp\" }\n" => (4, 10), "other than dpi";
+        esphome_wrong_component: "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { esphome = \"desk/light/lamp\" }\n" => (4, 10), "ESPHome light cannot be a motion";
+        esphome_unknown_component: "[[device]]\nid = \"p\"\nkind = \"motion\"\nsource = { esphome = \"desk/climate/x\" }\n" => (4, 10), "binary_sensor, sensor, switch or light";
+        bridge_with_a_zone: "[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\nzone = \"entry\"\n" => (2, 6), "no alarm zone";
+        bridge_with_a_source: "[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\nsource = { tasmota = \"x\" }\n" => (4, 10), "cannot be a bridge";
+        bridge_on_foreign_topics: "[[device]]\nid = \"tele\"\nkind = \"bridge\"\n" => (2, 6), "another namespace";
         unknown_top_level_key: "colour = 1\n" => (1, 1), "unknown field";
         unknown_nested_key: "[broker]\ntls_port = 1\n" => (2, 1), "unknown field";
         bad_listen_address: "[broker]\ntls_listen = \"localhost\"\n" => (2, 14), "not an IP:port";
@@ -1045,6 +1240,20 @@ mod tests {
         scene_unknown_light: "[[scene]]\nid = \"evening\"\nset = { \"ghost\" = { on = true } }\n" => (3, 9), "not a declared device";
         duplicate_scene: "[[scene]]\nid = \"a\"\nset = {}\n[[scene]]\nid = \"a\"\nset = {}\n" => (5, 6), "duplicate scene";
         out_of_range_integer: "[broker]\nmax_connections = 0\n" => (2, 19), "out of range";
+    }
+
+    #[test]
+    fn sources_of_each_project_are_accepted() {
+        let text = format!(
+            "{Z2M}[[device]]\nid = \"desk\"\nkind = \"bridge\"\n\
+             [[device]]\nid = \"pir\"\nkind = \"motion\"\nzone = \"interior\"\nsource = {{ zigbee2mqtt = \"Hall PIR/1\" }}\n\
+             [[device]]\nid = \"plug\"\nkind = \"light\"\nsource = {{ tasmota = \"tasmota_5A3F10\" }}\n\
+             [[device]]\nid = \"lamp\"\nkind = \"light\"\nsource = {{ esphome = \"desk/light/desk_lamp\" }}\n"
+        );
+        let c = Config::from_toml(&text, None).unwrap();
+        assert_eq!(c.device("pir").unwrap().source, Some(Source::Zigbee2mqtt("Hall PIR/1".into())));
+        assert_eq!(c.device("plug").unwrap().source.as_ref().map(|s| s.speaker("plug")), Some("plug"));
+        assert_eq!(c.device("lamp").unwrap().source.as_ref().map(|s| s.speaker("lamp")), Some("desk"));
     }
 
     #[test]

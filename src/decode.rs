@@ -66,6 +66,9 @@ pub enum DecodeError {
     /// A bare word that this kind does not accept (e.g. `OPEN` for a light, `ON` for a lux sensor).
     #[error("bare word {word:?} is not valid for a {} device (send a JSON object)", .kind.as_str())]
     BareWordNotValid { word: String, kind: DeviceKind },
+    /// A bridge (Zigbee2MQTT, an ESPHome node) speaks for other devices and has no state.
+    #[error("a bridge has no state of its own; its devices' states come on their own topics")]
+    NoState,
 }
 
 /// The accepted range of a numeric field, for [`DecodeError::OutOfRange`]'s message.
@@ -166,6 +169,9 @@ pub fn decode_state(kind: DeviceKind, payload: &[u8], max_bytes: usize) -> Resul
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge { len: payload.len(), max: max_bytes });
     }
+    if kind == DeviceKind::Bridge {
+        return Err(DecodeError::NoState);
+    }
     let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8)?.trim();
     if text.is_empty() {
         return Err(DecodeError::NotJson("the payload is empty".to_owned()));
@@ -224,7 +230,9 @@ fn decode_bare_word(kind: DeviceKind, word: &str) -> Result<DeviceState, DecodeE
         DeviceKind::Light => (Main::Light { on: value, brightness: None }, "on", Value::Bool(value)),
         DeviceKind::Switch => (Main::Switch { on: Some(value), action: None }, "on", Value::Bool(value)),
         DeviceKind::Siren => (Main::Siren { on: value }, "on", Value::Bool(value)),
-        DeviceKind::Button | DeviceKind::Keypad | DeviceKind::Lux | DeviceKind::Temperature => return Err(refuse()),
+        DeviceKind::Button | DeviceKind::Keypad | DeviceKind::Lux | DeviceKind::Temperature | DeviceKind::Bridge => {
+            return Err(refuse())
+        }
     };
     let mut fields = Map::new();
     fields.insert(key.to_owned(), json);
@@ -258,6 +266,7 @@ fn decode_object(kind: DeviceKind, fields: Map<String, Value>) -> Result<DeviceS
         DeviceKind::Keypad => action_field(&fields)?.map(|action| Main::Keypad { action: Some(action) }),
         DeviceKind::Lux => number_field(&fields, "lux", 0.0, f64::INFINITY)?.map(Main::Lux),
         DeviceKind::Temperature => number_field(&fields, "temperature", -60.0, 100.0)?.map(Main::Temperature),
+        DeviceKind::Bridge => return Err(DecodeError::NoState),
     };
     if main.is_none() && tamper.is_none() && battery.is_none() {
         return Err(DecodeError::MissingField { field: main_field(kind) });
@@ -276,6 +285,7 @@ fn main_field(kind: DeviceKind) -> &'static str {
         DeviceKind::Lux => "lux",
         DeviceKind::Temperature => "temperature",
         DeviceKind::Smoke => "smoke",
+        DeviceKind::Bridge => "nothing",
     }
 }
 

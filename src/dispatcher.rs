@@ -7,6 +7,11 @@
 //! driver, states to the light rules' driver, `dpi/alarm/set` and `dpi/scene/set` to theirs. It
 //! announces each device's availability (retained), the hub's word on it.
 //!
+//! Devices on their own firmware's topics (SPEC §11) are translated by [`sources`] both ways: a
+//! firmware state is judged and recorded as the device's `dpi/ID/state` (which the hub then
+//! publishes, retained), and a command to such a device, from a client or from a driver through
+//! [`Commands`], is also published in the firmware's words.
+//!
 //! The configured house is one value, [`House`], built from the config and swapped whole at a
 //! reload ([`Dispatcher::swap`]): a message is judged against one house, never half of two.
 //! This module must not speak MQTT (that is the broker's) nor decide anything a rule decides.
@@ -19,13 +24,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::alarm::{self, AlarmHandle};
-use crate::auth::Identity;
+use crate::auth::{Declared, Identity};
 use crate::broker::dispatch::{Dispatch, Origin, Outbox, Verdict};
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::DeviceState;
 use crate::devices::{self, Judged, OutboxInput, Pipeline, RetainedChange};
 use crate::hass;
 use crate::lights::{self, LightsHandle};
+use crate::sources::{Mapped, Sources};
 use crate::store::Store;
 use crate::topics::{self, Leaf, Topic};
 
@@ -42,6 +48,8 @@ pub struct House {
     lights_watch: HashSet<String>,
     /// Declared scene ids.
     scenes: HashSet<String>,
+    /// The devices on their own firmware's topics.
+    sources: Sources,
 }
 
 impl House {
@@ -50,12 +58,59 @@ impl House {
         let kinds = config.kinds();
         let alarm_watch = alarm::watched(&config);
         let (lights_watch, scenes) = lights::interests(&config);
-        House { config: Arc::new(config), kinds, alarm_watch, lights_watch, scenes }
+        let sources = Sources::new(&config);
+        House { config: Arc::new(config), kinds, alarm_watch, lights_watch, scenes, sources }
     }
 
     /// The kind of a declared device.
     pub fn kind(&self, id: &str) -> Option<DeviceKind> {
         self.kinds.get(id).copied()
+    }
+}
+
+/// The house now, shared by the dispatcher and the [`Commands`] of its drivers.
+type Current = Arc<RwLock<Arc<House>>>;
+
+/// Reads the house now.
+fn current(house: &Current) -> Arc<House> {
+    Arc::clone(&house.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// How the drivers command devices: `dpi/ID/set`, and the firmware's own words for a device on
+/// firmware topics. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Commands {
+    house: Current,
+    outbox: Outbox,
+}
+
+impl Commands {
+    /// Publishes a command (`{"on":…}`, `{"brightness":…}`) to device `id`.
+    pub fn set(&self, id: &str, json: &str) {
+        self.outbox.publish(topics::device(id, Leaf::Set), json.to_owned(), false);
+        if let Err(reason) = translate(&current(&self.house), &self.outbox, id, json.as_bytes()) {
+            tracing::warn!(device = %id, command = %json, %reason, "command not sent in the device's firmware's words");
+        }
+    }
+
+    /// The hub's outbox, for what is not a device command.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+}
+
+/// Publishes a command to `id` in its firmware's words, when it is on firmware topics. A command
+/// the firmware cannot say is refused with the reason.
+fn translate(house: &House, outbox: &Outbox, id: &str, payload: &[u8]) -> Result<(), String> {
+    match house.sources.command(id, payload) {
+        None => Ok(()),
+        Some(Err(reason)) => Err(reason),
+        Some(Ok(messages)) => {
+            for (topic, payload) in messages {
+                outbox.publish(topic, payload, false);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -66,7 +121,7 @@ pub struct Dispatcher(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     /// The house now; replaced whole at a reload.
-    house: RwLock<Arc<House>>,
+    house: Current,
     /// Records states and availability for the writer.
     pipeline: Pipeline,
     /// The alarm driver.
@@ -94,17 +149,18 @@ impl Dispatcher {
     ) -> (Dispatcher, watch::Sender<config::Store>) {
         let (retained, queued) = writer;
         let config = Arc::clone(&house.config);
+        let house: Current = Arc::new(RwLock::new(Arc::new(house)));
+        let commands = Commands { house: Arc::clone(&house), outbox: outbox.clone() };
         let ((lights, lights_inbox), (alarm, alarm_inbox)) = (lights::channel(), alarm::channel());
         let (checkpoints, checkpoints_rx) = mpsc::unbounded_channel();
-        tasks.spawn(lights::run(Arc::clone(&config), store.clone(), outbox.clone(), lights_inbox));
-        let parts = alarm::Parts { store: store.clone(), outbox: outbox.clone(), lights: lights.clone(), checkpoints };
+        tasks.spawn(lights::run(Arc::clone(&config), store.clone(), commands.clone(), lights_inbox));
+        let parts = alarm::Parts { store: store.clone(), commands, lights: lights.clone(), checkpoints };
         tasks.spawn(alarm::run(Arc::clone(&config), parts, alarm_inbox));
         let (pipeline, events) = Pipeline::new();
         let (settings, settings_rx) = watch::channel(config.store.clone());
         let inputs = devices::WriterInputs { events, retained, alarm: checkpoints_rx, outbox: queued };
         tasks.spawn(devices::run(store.clone(), inputs, settings_rx));
         let max_payload = config.broker.max_payload_bytes;
-        let house = RwLock::new(Arc::new(house));
         let dispatcher = Dispatcher(Arc::new(Inner { house, pipeline, alarm, lights, outbox, max_payload }));
         dispatcher.all_offline();
         dispatcher.announce_to_home_assistant(None);
@@ -118,12 +174,18 @@ impl Dispatcher {
 
     /// The house now.
     pub fn house(&self) -> Arc<House> {
-        Arc::clone(&self.0.house.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+        current(&self.0.house)
     }
 
     /// The kind of a device declared now; `None` for any other name.
     pub fn kind_of(&self, id: &str) -> Option<DeviceKind> {
         self.house().kind(id)
+    }
+
+    /// A device declared now, as the broker's authenticator sees it.
+    pub fn declared(&self, id: &str) -> Option<Declared> {
+        let house = self.house();
+        house.kind(id).map(|kind| house.sources.declared(id, kind))
     }
 
     /// Announces every declared device offline until it connects (at start).
@@ -202,6 +264,40 @@ impl Dispatcher {
         }
     }
 
+    /// Acts on a firmware message of a device on firmware topics: a state is judged as the
+    /// device's own and published as its `dpi/ID/state` (retained); the message itself is routed.
+    fn firmware(&self, house: &House, mapped: Result<Mapped, String>, len: usize) -> Verdict {
+        if len > self.0.max_payload {
+            return Verdict::Refuse(format!(
+                "payload of {len} bytes is larger than the limit of {} bytes",
+                self.0.max_payload
+            ));
+        }
+        match mapped {
+            Err(reason) => Verdict::Refuse(reason),
+            Ok(Mapped::Nothing) => Verdict::Route,
+            Ok(Mapped::Availability { ids, online }) => {
+                for id in &ids {
+                    self.announce(id, online);
+                    self.availability(house, id, online);
+                }
+                Verdict::Route
+            }
+            Ok(Mapped::State { id, json }) => {
+                let topic = topics::device(&id, Leaf::State);
+                match devices::judge(&house.kinds, usize::MAX, &topic, json.as_bytes()) {
+                    Judged::State(_, state) => {
+                        self.state(house, &id, state);
+                        self.0.outbox.publish(topic, json, true);
+                        Verdict::Route
+                    }
+                    Judged::Invalid(reason) => Verdict::Refuse(reason),
+                    Judged::Other | Judged::Undeclared(_) | Judged::Availability(..) => Verdict::Route,
+                }
+            }
+        }
+    }
+
     /// What a command on the hub's own topics asks for, checked against `house`.
     fn command(&self, house: &House, topic: &str, payload: &[u8]) -> Result<Command, String> {
         match topics::parse(topic) {
@@ -233,6 +329,14 @@ impl Dispatch for Dispatcher {
         if let Some(prefix) = &house.config.homeassistant {
             if topic.strip_prefix(prefix.as_str()) == Some("/status") && payload.eq_ignore_ascii_case(b"online") {
                 self.announce_to_home_assistant(None);
+            }
+        }
+        if let Some(mapped) = house.sources.inbound(topic, payload) {
+            return self.firmware(&house, mapped, payload.len());
+        }
+        if let Some(Topic::Device { id, leaf: Leaf::Set }) = topics::parse(topic) {
+            if let Err(reason) = translate(&house, &self.0.outbox, id, payload) {
+                return Verdict::Refuse(reason);
             }
         }
         match self.command(&house, topic, payload) {
@@ -268,6 +372,9 @@ impl Dispatch for Dispatcher {
 
     fn check_will(&self, _from: Origin<'_>, topic: &str, payload: &[u8]) -> Result<(), String> {
         let house = self.house();
+        if let Some(mapped) = house.sources.inbound(topic, payload) {
+            return mapped.map(drop);
+        }
         self.command(&house, topic, payload)?;
         match devices::judge(&house.kinds, self.0.max_payload, topic, payload) {
             Judged::Undeclared(id) => Err(format!("{id:?} is not a declared device")),
@@ -279,8 +386,14 @@ impl Dispatch for Dispatcher {
     fn connection(&self, identity: &Identity, up: bool) {
         let Identity::Device { id, .. } = identity else { return };
         // A device whose reload removed it is still recorded going offline, for the truth of the table.
+        let house = self.house();
         self.announce(id, up);
-        self.availability(&self.house(), id, up);
+        self.availability(&house, id, up);
+        // The devices it speaks for come and go with it.
+        for member in house.sources.members(id) {
+            self.announce(member, up);
+            self.availability(&house, member, up);
+        }
     }
 }
 
@@ -305,7 +418,7 @@ mod tests {
         let (link, _, _) = crate::broker::HubLink::connect(&router.links, retained).unwrap();
         let (pipeline, events) = Pipeline::new();
         let ((alarm, _), (lights, _)) = (alarm::channel(), lights::channel());
-        let house = RwLock::new(Arc::new(house(toml)));
+        let house = Arc::new(RwLock::new(Arc::new(house(toml))));
         let inner = Inner { house, pipeline, alarm, lights, outbox: Outbox::new(link), max_payload: 1024 };
         (Dispatcher(Arc::new(inner)), events)
     }
@@ -370,7 +483,7 @@ mod tests {
     #[test]
     fn checking_a_will_acts_on_nothing() {
         let (d, mut events) = dispatcher(DOOR);
-        let door = Identity::Device { id: "door".into(), kind: DeviceKind::Contact };
+        let door = Identity::Device { id: "door".into(), kind: DeviceKind::Contact, scope: None };
         assert!(d.check_will(from(&door), "dpi/door/availability", b"offline").is_ok());
         assert!(d.check_will(from(&door), "dpi/door/availability", b"maybe").is_err());
         assert!(d.check_will(from(&door), "dpi/ghost/state", b"OPEN").is_err());

@@ -59,7 +59,7 @@ pub fn announcements(config: &Config, prefix: &str) -> Vec<Announcement> {
 }
 
 /// The component and its kind-specific keys for a device; `None` for kinds Home Assistant has
-/// nothing to show for (a keypad: its commands are the alarm's).
+/// nothing to show for (a keypad: its commands are the alarm's; a bridge, which speaks for others).
 fn component(id: &str, kind: DeviceKind) -> Option<(&'static str, Value)> {
     let state = topics::device(id, Leaf::State);
     let set = topics::device(id, Leaf::Set);
@@ -113,7 +113,7 @@ fn component(id: &str, kind: DeviceKind) -> Option<(&'static str, Value)> {
                 "payload_off": "{\"on\": false}",
             }),
         ),
-        DeviceKind::Keypad => return None,
+        DeviceKind::Keypad | DeviceKind::Bridge => return None,
     })
 }
 

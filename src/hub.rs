@@ -273,7 +273,7 @@ impl Hub {
         dispatcher: Dispatcher,
     ) -> (SocketAddr, Option<SocketAddr>) {
         let lookup = dispatcher.clone();
-        let devices: crate::auth::DeviceLookup = Arc::new(move |id| lookup.kind_of(id));
+        let devices: crate::auth::DeviceLookup = Arc::new(move |id| lookup.declared(id));
         let shared = Arc::new(Shared {
             router,
             auth: Authenticator::new(store.clone(), devices, config.broker.require_client_cert),

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod reload;
 pub mod secret;
 pub mod snippets;
+pub mod sources;
 pub mod store;
 pub mod topics;
 pub mod web;

@@ -31,11 +31,11 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::broker::dispatch::Outbox;
 use crate::config::{self, Config, DeviceKind};
 use crate::decode::{self, DeviceState, Main};
+use crate::dispatcher::Commands;
 use crate::store::{self, Store};
-use crate::topics::{self, Leaf};
+use crate::topics;
 
 /// Longest scene id quoted back in an error.
 const MAX_QUOTED: usize = 32;
@@ -254,10 +254,10 @@ impl LightsHandle {
 
 /// Runs the light rules until every handle on them is gone (at shutdown, once the dispatcher and
 /// the alarm driver have ended).
-pub async fn run(config: Arc<Config>, store: Store, outbox: Outbox, inbox: Inbox) {
+pub async fn run(config: Arc<Config>, store: Store, commands: Commands, inbox: Inbox) {
     let mut inbox = inbox.0;
     let mut driver =
-        Driver { lights: Lights::new(lights_config(&config)), origin: tokio::time::Instant::now(), outbox };
+        Driver { lights: Lights::new(lights_config(&config)), origin: tokio::time::Instant::now(), commands };
     driver.seed(&config, &store).await;
     drop((config, store));
     let now = driver.now();
@@ -287,7 +287,7 @@ struct Driver {
     /// The monotonic origin: the machine's `Instant(0)`.
     origin: tokio::time::Instant,
     /// For the lights' commands and errors.
-    outbox: Outbox,
+    commands: Commands,
 }
 
 impl Driver {
@@ -339,7 +339,7 @@ impl Driver {
             Input::Scene { id, client } => {
                 if let Err(e) = self.lights.handle_event(Event::Scene { id: id.clone() }, now, wall) {
                     warn!(%client, error = %e, "scene refused");
-                    self.outbox.report_error(topics::SCENE_SET, &client, &e.to_string());
+                    self.commands.outbox().report_error(topics::SCENE_SET, &client, &e.to_string());
                 } else {
                     info!(scene = %id, %client, "scene applied");
                 }
@@ -357,7 +357,7 @@ impl Driver {
         while let Some(Action::Set { light, command }) = self.lights.poll_action() {
             let json = command_json(&command);
             info!(%light, command = %json, "light command");
-            self.outbox.publish(topics::device(&light, Leaf::Set), json, false);
+            self.commands.set(&light, &json);
         }
     }
 }

@@ -91,13 +91,10 @@ impl Reloader {
         };
         let mut report = compare(&old, &new);
         self.settings.send_replace(new.store.clone());
-        let gone: Vec<String> = old
-            .devices
-            .iter()
-            .filter(|d| new.device(&d.id).map(|n| n.kind) != Some(d.kind))
-            .map(|d| d.id.clone())
-            .collect();
+        let before: Vec<_> = old.devices.iter().map(|d| (d.id.clone(), self.dispatcher.declared(&d.id))).collect();
         self.dispatcher.swap(House::new(new));
+        // A device gone, or whose kind or firmware topics changed, must log in again.
+        let gone = before.into_iter().filter(|(id, was)| self.dispatcher.declared(id) != *was).map(|(id, _)| id);
         // After the swap: a device that reconnects at once is judged against the new house.
         for id in gone {
             if self.sessions.kick(&id) {
@@ -111,7 +108,7 @@ impl Reloader {
             warn!(key = %key, "reload: changed, applies at the next restart");
         }
         for id in &report.closed {
-            info!(device = %id, "reload: connection closed, the device is no longer declared as it was");
+            info!(device = %id, "reload: connection closed, the device is no longer declared as it was (kind, or topics it speaks)");
         }
         info!(took = ?started.elapsed(), changes = report.applied.len(), "config reloaded");
         Ok(report)

@@ -16,4 +16,5 @@ mod lights;
 mod pipeline;
 mod reload;
 mod security;
+mod sources;
 mod web;
