@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth;
 use crate::certs::{self, CertPaths};
-use crate::config::{self, Config};
+use crate::config::{self, Config, DeviceKind};
 use crate::hub;
 use crate::secret::Secret;
 use crate::store::{self, users::Role};
@@ -356,10 +356,33 @@ fn certs_show(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Why a device's firmware takes no ESPHome block or Arduino header, if it does not.
+fn snippet_unfit(device: &config::Device, format: CredsFormat) -> Option<String> {
+    let id = &device.id;
+    match (&device.source, device.kind) {
+        (_, DeviceKind::Bridge) if id == config::Source::ZIGBEE2MQTT => {
+            Some("Zigbee2MQTT takes these in the mqtt: section of its configuration.yaml".to_owned())
+        }
+        (_, DeviceKind::Bridge) if format == CredsFormat::Arduino => {
+            Some(format!("{id:?} is an ESPHome node (a bridge): ask for --format esphome"))
+        }
+        (Some(config::Source::Tasmota(_)), _) => {
+            Some("a Tasmota device takes these in its web page (Configuration, MQTT)".to_owned())
+        }
+        (Some(config::Source::Esphome { node, .. }), _) => {
+            Some(format!("{id:?} is a component of ESPHome node {node:?}, which logs in: `device creds {node}`"))
+        }
+        _ => None,
+    }
+}
+
 fn device_creds(config: &Config, id: &str, with_cert: bool, format: CredsFormat) -> anyhow::Result<()> {
     let Some(device) = config.device(id) else {
         bail!("no device {id:?} in {}; declare it in a [[device]] section first", config_name(config));
     };
+    if let Some(problem) = snippet_unfit(device, format).filter(|_| format != CredsFormat::Lines) {
+        bail!("{problem}; `device creds {id}` prints its credentials as lines");
+    }
     hub::init(config)?;
     let paths = CertPaths::new(&config.data_dir);
     let password = auth::random_secret();
@@ -373,6 +396,7 @@ fn device_creds(config: &Config, id: &str, with_cert: bool, format: CredsFormat)
     store::events::record(&conn, "device", &format!("credentials issued for {id}"))?;
     close_device(config, id);
     if format != CredsFormat::Lines {
+        let node = device.kind == DeviceKind::Bridge;
         let ca_pem = std::fs::read_to_string(&paths.ca_cert).with_context(|| paths.ca_cert.display().to_string())?;
         let (host, port) = (device_host(config), device_port(config, &conn)?);
         if port == 0 {
@@ -388,6 +412,7 @@ fn device_creds(config: &Config, id: &str, with_cert: bool, format: CredsFormat)
             password: password.expose(),
             ca_pem: &ca_pem,
             server_sha1: &server_sha1,
+            node,
         };
         match format {
             CredsFormat::Esphome => print!("{}", crate::snippets::esphome(&creds)),
@@ -405,6 +430,12 @@ fn device_creds(config: &Config, id: &str, with_cert: bool, format: CredsFormat)
     if let Some((cert, key)) = cert {
         println!("cert: {}", abs(&cert));
         println!("key: {}", abs(&key));
+    }
+    // A device on its own firmware's topics (or one that speaks for such devices) is held to them.
+    if let Some(scope) = crate::sources::Sources::new(config).declared(id, device.kind).scope {
+        println!("publish: {}", scope.publish.join(", "));
+        println!("subscribe: {}", scope.subscribe.join(", "));
+        return Ok(());
     }
     use crate::topics::{self, Leaf};
     let mut publish = vec![topics::device(id, Leaf::State), topics::device(id, Leaf::Availability)];

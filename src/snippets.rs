@@ -19,11 +19,17 @@ pub struct Creds<'a> {
     pub ca_pem: &'a str,
     /// SHA-1 of the server certificate, colon-separated hex.
     pub server_sha1: &'a str,
+    /// The device is an ESPHome node (a `bridge`) whose components speak their own topics under
+    /// `ID/…` (SPEC §11), rather than firmware written for `dpi/ID/…`.
+    pub node: bool,
 }
 
 /// The ESPHome `mqtt:` block: the hub's broker over TLS, the device's own topics, `online` as
 /// the birth message and `offline` as the will on its availability topic.
 pub fn esphome(c: &Creds<'_>) -> String {
+    if c.node {
+        return esphome_node(c);
+    }
     let availability = topics::device(c.id, Leaf::Availability);
     let ca: String = c.ca_pem.trim_end().lines().map(|l| format!("    {l}\n")).collect();
     format!(
@@ -49,6 +55,32 @@ pub fn esphome(c: &Creds<'_>) -> String {
         prefix = format_args!("dpi/{}", c.id),
         state = topics::device(c.id, Leaf::State),
         set = topics::device(c.id, Leaf::Set),
+    )
+}
+
+/// The ESPHome `mqtt:` block of a node whose components keep ESPHome's own topics: prefix = its
+/// id, ESPHome's own `ID/status` birth and will, no discovery (the hub announces to Home Assistant).
+fn esphome_node(c: &Creds<'_>) -> String {
+    let ca: String = c.ca_pem.trim_end().lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "# DomoticPi credentials for ESPHome node {id}: add to the node's YAML. Its components keep their\n\
+         # own topics ({id}/COMPONENT/OBJECT_ID/state and /command); declare each one in the hub's config\n\
+         # with source = {{ esphome = \"{id}/COMPONENT/OBJECT_ID\" }}.\n\
+         mqtt:\n  \
+         broker: {host}\n  \
+         port: {port}\n  \
+         client_id: {id}\n  \
+         username: {id}\n  \
+         password: \"{password}\"\n  \
+         discovery: false\n  \
+         discover_ip: false\n  \
+         topic_prefix: {id}\n  \
+         log_topic: null\n  \
+         certificate_authority: |\n{ca}",
+        id = c.id,
+        host = c.host,
+        port = c.port,
+        password = c.password.replace('\\', "\\\\").replace('"', "\\\""),
     )
 }
 
@@ -98,7 +130,17 @@ mod tests {
             password: "s3cr\"et",
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
             server_sha1: "AB:CD:EF",
+            node: false,
         }
+    }
+
+    #[test]
+    fn a_nodes_block_keeps_esphomes_own_topics_under_its_id() {
+        let block = esphome(&Creds { id: "desk", node: true, ..creds() });
+        for line in ["  topic_prefix: desk", "  discovery: false", "  username: desk", "  password: \"s3cr\\\"et\""] {
+            assert!(block.lines().any(|l| l == line), "no {line:?} in:\n{block}");
+        }
+        assert!(!block.contains("dpi/"), "{block}");
     }
 
     #[test]

@@ -678,6 +678,74 @@ mod tests {
         );
     }
 
+    /// Whatever a speaker sends on a mapped topic, the mapping answers (never panics), and a
+    /// state it makes is a JSON object. Payloads: the documented ones, mutated at random.
+    #[test]
+    fn random_payloads_on_every_mapped_topic_get_an_answer() {
+        let file: toml::Value = toml::from_str(include_str!("../tests/fixtures/sources.toml")).unwrap();
+        let seeds: Vec<Vec<u8>> = file["message"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["payload"].as_str().unwrap().as_bytes().to_vec())
+            .collect();
+        let topics = ["stat/t/POWER", "tele/t/STATE", "stat/t/RESULT", "tele/t/SENSOR", "tele/t/LWT"];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let pieces: [&[u8]; 10] = [b"{", b"}", b"\"", b":", b",", b"null", b"-1e999", b"\xff\xfe", b"[]", b"\"ON\""];
+        for kind in [Motion, Contact, Light, Switch, Button, Siren, Lux, Temperature, Smoke] {
+            let sourced = [
+                "cmnd/t/POWER",
+                "zigbee2mqtt/z",
+                "n/binary_sensor/o/state",
+                "n/sensor/o/state",
+                "n/switch/o/state",
+                "n/light/o/state",
+            ];
+            for topic in sourced {
+                let text = |k: DeviceKind| {
+                    let parts: Vec<&str> = topic.split('/').collect();
+                    match parts[0] {
+                        "cmnd" => format!("[[device]]\nid = \"dev\"\nkind = \"{}\"\nsource = {{ tasmota = \"t\" }}\n", k.as_str()),
+                        "zigbee2mqtt" => format!("[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n[[device]]\nid = \"dev\"\nkind = \"{}\"\nsource = {{ zigbee2mqtt = \"z\" }}\n", k.as_str()),
+                        _ => format!("[[device]]\nid = \"n\"\nkind = \"bridge\"\n[[device]]\nid = \"dev\"\nkind = \"{}\"\nsource = {{ esphome = \"n/{}/o\" }}\n", k.as_str(), parts[1]),
+                    }
+                };
+                // Only the kinds the source can be.
+                let Ok(config) = Config::from_toml(&text(kind), None) else { continue };
+                let sources = Sources::new(&config);
+                let mapped: Vec<String> =
+                    sources.inbound.keys().cloned().chain(topics.iter().map(|t| t.to_string())).collect();
+                for _ in 0..300 {
+                    let mut payload = seeds[(next() % seeds.len() as u64) as usize].clone();
+                    for _ in 0..(next() % 4) {
+                        let at = (next() as usize) % (payload.len() + 1);
+                        match next() % 3 {
+                            0 => payload.truncate(at),
+                            1 => payload.splice(at..at, pieces[(next() % 10) as usize].iter().copied()).for_each(drop),
+                            _ => {
+                                if at < payload.len() {
+                                    payload[at] = next() as u8;
+                                }
+                            }
+                        }
+                    }
+                    for topic in &mapped {
+                        if let Some(Ok(Mapped::State { json, .. })) = sources.inbound(topic, &payload) {
+                            assert!(serde_json::from_str::<Map<String, Value>>(&json).is_ok(), "{topic}: {json}");
+                        }
+                    }
+                    let _ = sources.command("dev", &payload);
+                }
+            }
+        }
+    }
+
     #[test]
     fn scales_round_both_ways() {
         assert_eq!((scale(80, 100, 255), scale(204, 255, 100)), (204, 80));

@@ -159,18 +159,82 @@ fn data_dir_option_overrides_the_config() {
 
 /// The test config with one motion sensor, and `device creds --format FORMAT` of it.
 fn creds_in_format(format: &str) -> String {
+    creds_of("hall-motion", format).1
+}
+
+/// Devices of the test config for `device creds`: a native motion sensor, an ESPHome node with a
+/// component, a Tasmota plug, Zigbee2MQTT.
+const CREDS_HOUSE: &str = "[[device]]\nid = \"hall-motion\"\nkind = \"motion\"\n\
+    [[device]]\nid = \"desk\"\nkind = \"bridge\"\n\
+    [[device]]\nid = \"desk-pir\"\nkind = \"motion\"\nsource = { esphome = \"desk/binary_sensor/pir\" }\n\
+    [[device]]\nid = \"plug\"\nkind = \"light\"\nsource = { tasmota = \"plug_1\" }\n\
+    [[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\n";
+
+/// `device creds ID --format FORMAT` on the test config: exit code, stdout, stderr.
+fn creds_of(id: &str, format: &str) -> (i32, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("domoticpi.toml");
     let data = dir.path().join("data").display().to_string();
     let text = format!(
         "data_dir = {data:?}\n[web]\nlisten = \"\"\n[broker]\ntls_listen = \"127.0.0.1:18883\"\n\
-         server_names = [\"192.168.1.10\"]\n[[device]]\nid = \"hall-motion\"\nkind = \"motion\"\n"
+         server_names = [\"192.168.1.10\"]\n{CREDS_HOUSE}"
     );
     std::fs::write(&config, text).unwrap();
     let (code, out, err) =
-        run_cli(&["--config", config.to_str().unwrap(), "device", "creds", "hall-motion", "--format", format], None);
+        run_cli(&["--config", config.to_str().unwrap(), "device", "creds", id, "--format", format], None);
+    if id == "hall-motion" {
+        assert_eq!(code, 0, "{err}");
+    }
+    (code, out, err)
+}
+
+/// Runs `esphome config` on a node named `name` with `block`; its output, when ESPHome is installed.
+fn esphome_config(name: &str, block: &str) -> Option<String> {
+    if !have_tool("esphome") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join(format!("{name}.yaml"));
+    let head = format!("esphome:\n  name: {name}\nesp32:\n  board: esp32dev\n  framework:\n    type: esp-idf\nwifi:\n  ssid: \"house\"\n  password: \"wifi-password\"\n");
+    std::fs::write(&node, format!("{head}{block}")).unwrap();
+    let out = std::process::Command::new("esphome").arg("config").arg(&node).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("Configuration is valid"), "{text}");
+    Some(text)
+}
+
+#[test]
+fn an_esphome_nodes_block_is_valid_and_keeps_to_the_nodes_topics() {
+    let (code, block, err) = creds_of("desk", "esphome");
     assert_eq!(code, 0, "{err}");
-    out
+    assert!(block.contains("topic_prefix: desk") && !block.contains("dpi/"), "{block}");
+    // With a binary sensor as the hub's config declares it.
+    let pir = "binary_sensor:\n  - platform: gpio\n    pin: GPIO4\n    name: pir\n    device_class: motion\n";
+    let Some(text) = esphome_config("desk", &format!("{block}{pir}")) else { return };
+    // Every topic ESPHome will use is under the node's own prefix, which the hub lets it use.
+    for topic in text.lines().filter_map(|l| l.trim().strip_prefix("topic: ")) {
+        assert!(topic.starts_with("desk/"), "{topic} in:\n{text}");
+    }
+    assert!(text.contains("desk/binary_sensor/pir/state") || !text.contains("state_topic"), "{text}");
+}
+
+#[test]
+fn devices_that_take_no_snippet_say_where_their_credentials_go() {
+    for (id, format, says) in [
+        ("plug", "esphome", "Tasmota"),
+        ("zigbee2mqtt", "arduino", "configuration.yaml"),
+        ("desk-pir", "esphome", "device creds desk"),
+        ("desk", "arduino", "--format esphome"),
+    ] {
+        let (code, out, err) = creds_of(id, format);
+        assert_eq!(code, 1, "{id} --format {format}: {out}");
+        assert!(err.contains(says), "{id}: {err}");
+    }
+    // As lines, each still gets its credentials.
+    let (code, out, err) = creds_of("plug", "lines");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("username: plug"), "{out}");
+    assert!(out.contains("publish: tele/plug_1/#, stat/plug_1/#\nsubscribe: cmnd/plug_1/#"), "{out}");
 }
 
 #[test]
@@ -178,16 +242,7 @@ fn the_esphome_block_is_valid_for_esphome_itself() {
     let block = creds_in_format("esphome");
     assert!(block.contains("broker: 192.168.1.10") && block.contains("certificate_authority: |"), "{block}");
     // Validated by ESPHome (from PyPI), when installed.
-    if !have_tool("esphome") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let node = dir.path().join("hall-motion.yaml");
-    let head = "esphome:\n  name: hall-motion\nesp32:\n  board: esp32dev\n  framework:\n    type: esp-idf\nwifi:\n  ssid: \"house\"\n  password: \"wifi-password\"\n";
-    std::fs::write(&node, format!("{head}{block}")).unwrap();
-    let out = std::process::Command::new("esphome").arg("config").arg(&node).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("Configuration is valid"), "{text}");
+    let Some(text) = esphome_config("hall-motion", &block) else { return };
     // ESPHome's defaults would publish elsewhere than the device may: every message goes to its availability.
     for topic in text.lines().filter_map(|l| l.trim().strip_prefix("topic: ")) {
         assert_eq!(topic, "dpi/hall-motion/availability", "{text}");

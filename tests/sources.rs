@@ -318,3 +318,85 @@ async fn mosquitto_pub_as_zigbee2mqtt_drives_the_rule() {
     until(&mut plug, "the plug's POWER ON", |t, p| t == power && p == b"ON").await;
     hub.stop().await.unwrap();
 }
+
+/// A measurement, not a check (run it in release; README, "Benchmarks"): the time from a
+/// Zigbee2MQTT-format motion message to the Tasmota plug's `cmnd/…/POWER`, against a native
+/// sensor's `dpi/ID/state` to a native light's `dpi/ID/set`, through the same motion-light rule
+/// kind on the same hub, interleaved. N rounds each (`DOMOTICPI_SOURCE_ROUNDS`, 1,000).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement: cargo test --release --test integration sources::measure -- --ignored --nocapture"]
+async fn measure_zigbee_motion_to_tasmota_power_against_native() {
+    let rounds: usize = std::env::var("DOMOTICPI_SOURCE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let native = "[[device]]\nid = \"pir\"\nkind = \"motion\"\n[[device]]\nid = \"lamp\"\nkind = \"light\"\n\
+                  [[rule.motion_light]]\nsensors = [\"pir\"]\nlights = [\"lamp\"]\noff_after_s = 600\nwhen = \"always\"\n";
+    let hub = TestHub::start(&format!("{HOUSE}{native}")).await;
+    hub.add_cheap_user("admin", Role::Admin, "admin-password");
+    let admin = hub.client("admin-tool", "admin", "admin-password").await.unwrap();
+    let mut plug = firmware(&hub, "plug", None).await;
+    listen(&mut plug, &admin, &format!("cmnd/{PLUG}/#"), &format!("cmnd/{PLUG}/probe")).await;
+    let mut z2m = firmware(&hub, "zigbee2mqtt", None).await;
+    listen(&mut z2m, &admin, "zigbee2mqtt/#", "zigbee2mqtt/probe").await;
+    let pir = firmware(&hub, "pir", None).await;
+    let mut lamp = firmware(&hub, "lamp", None).await;
+    listen(&mut lamp, &admin, "dpi/lamp/set", "dpi/lamp/set").await;
+    let (power, motion) = (format!("cmnd/{PLUG}/POWER"), fixture("z2m_motion_rtcgq11lm_occupied"));
+    let still = motion.replace("\"occupancy\":true", "\"occupancy\":false");
+    let (mut adopted, mut own) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for _ in 0..rounds {
+        // The lamps report off and the sensors still; then motion, timed to the lamp's command.
+        publish(&plug, &format!("stat/{PLUG}/POWER"), "OFF").await;
+        publish(&z2m, "zigbee2mqtt/Hall PIR", &still).await;
+        publish(&lamp, "dpi/lamp/state", r#"{"on":false}"#).await;
+        publish(&pir, "dpi/pir/state", r#"{"motion":false}"#).await;
+        until_routed(&admin.client, &mut plug, &format!("cmnd/{PLUG}/probe")).await;
+        until_routed(&admin.client, &mut lamp, "dpi/lamp/set").await;
+        while z2m.rx.try_recv().is_ok() {}
+        let t = std::time::Instant::now();
+        publish(&z2m, "zigbee2mqtt/Hall PIR", &motion).await;
+        until(&mut plug, "POWER ON", |topic, p| topic == power && p == b"ON").await;
+        adopted.push(t.elapsed());
+        // Each lamp confirms, as its firmware would, before a person switches it off again.
+        publish(&plug, &format!("stat/{PLUG}/POWER"), "ON").await;
+        let t = std::time::Instant::now();
+        publish(&pir, "dpi/pir/state", r#"{"motion":true}"#).await;
+        until(&mut lamp, "dpi/lamp/set", |topic, p| topic == "dpi/lamp/set" && p != b"probe").await;
+        own.push(t.elapsed());
+        publish(&lamp, "dpi/lamp/state", r#"{"on":true}"#).await;
+    }
+    let pct = |v: &mut Vec<Duration>, q: f64| {
+        v.sort();
+        v[((v.len() as f64 * q) as usize).min(v.len() - 1)].as_secs_f64() * 1e3
+    };
+    println!("| path | rounds | p50 ms | p99 ms |\n| --- | --- | --- | --- |");
+    for (name, v) in
+        [("Zigbee2MQTT motion → Tasmota cmnd/…/POWER", &mut adopted), ("native dpi/ID/state → dpi/ID/set", &mut own)]
+    {
+        println!("| {name} | {rounds} | {:.3} | {:.3} |", pct(v, 0.5), pct(v, 0.99));
+    }
+    hub.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_that_moves_a_device_to_other_topics_closes_its_speakers_connection() {
+    let (hub, admin, mut alice) = house().await;
+    let mut plug = firmware(&hub, "plug", None).await;
+    let z2m = firmware(&hub, "zigbee2mqtt", None).await;
+    listen(&mut plug, &admin, &format!("cmnd/{PLUG}/#"), &format!("cmnd/{PLUG}/probe")).await;
+    // The plug was re-flashed with another topic; Zigbee2MQTT's devices are unchanged.
+    hub.rewrite_config(&HOUSE.replace(PLUG, "kitchen_plug"));
+    let (code, out, err) = run_cli(&["--config", &hub.config_path(), "reload"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("closed: the connection of device plug"), "{out}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), &mut plug.task).await;
+    assert!(ended.is_ok(), "the plug kept its old topics' connection");
+    assert!(!z2m.task.is_finished(), "Zigbee2MQTT, whose topics did not change, was disconnected");
+    // Logged in again, it speaks its new topics; its old ones are refused.
+    let plug = firmware(&hub, "plug", None).await;
+    publish(&plug, "stat/kitchen_plug/POWER", "ON").await;
+    state_of(&mut alice, "plug", |s| s["on"] == true).await;
+    alice.subscribe("dpi/hub/error", QOS1).await;
+    publish(&plug, &format!("stat/{PLUG}/POWER"), "OFF").await;
+    let old = format!("stat/{PLUG}/POWER");
+    until(&mut alice, "the refusal", |t, p| t == "dpi/hub/error" && json(p)["topic"] == old.as_str()).await;
+    hub.stop().await.unwrap();
+}

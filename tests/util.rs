@@ -255,6 +255,11 @@ impl Client {
     /// Connects with the given options and waits for the CONNACK.
     pub async fn connect_with(opts: MqttOptions) -> Result<Client, ConnectionError> {
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
+        // Without it, a publish written just after an acknowledgement waits for the hub's delayed
+        // ACK (40 ms): the tests' clients send at once, as the hub does.
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         tokio::time::timeout(Duration::from_secs(10), wait_connack(&mut eventloop))
             .await
             .expect("no CONNACK within 10 s")?;
