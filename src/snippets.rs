@@ -25,59 +25,51 @@ pub struct Creds<'a> {
 }
 
 /// The ESPHome `mqtt:` block: the hub's broker over TLS, the device's own topics, `online` as
-/// the birth message and `offline` as the will on its availability topic.
+/// the birth message and `offline` as the will on its availability topic. A node whose components
+/// keep ESPHome's own topics ([`Creds::node`]) gets its id as prefix, ESPHome's own `ID/status`
+/// birth and will, and no discovery (the hub announces to Home Assistant).
 pub fn esphome(c: &Creds<'_>) -> String {
-    if c.node {
-        return esphome_node(c);
-    }
-    let availability = topics::device(c.id, Leaf::Availability);
+    let id = c.id;
+    let (comment, topics) = if c.node {
+        (
+            format!(
+                "# DomoticPi credentials for ESPHome node {id}: add to the node's YAML. Its components keep their\n\
+                 # own topics ({id}/COMPONENT/OBJECT_ID/state and /command); declare each one in the hub's config\n\
+                 # with source = {{ esphome = \"{id}/COMPONENT/OBJECT_ID\" }}.\n"
+            ),
+            format!("  discover_ip: false\n  topic_prefix: {id}\n  log_topic: null\n"),
+        )
+    } else {
+        let availability = topics::device(id, Leaf::Availability);
+        let message = |name: &str, payload: &str| {
+            format!("  {name}:\n    topic: {availability}\n    payload: {payload}\n    retain: true\n")
+        };
+        (
+            format!(
+                "# DomoticPi credentials for device {id}: add to the node's YAML. Publish the device's state on\n\
+                 # {} (state_topic on its component); its commands arrive on {}.\n",
+                topics::device(id, Leaf::State),
+                topics::device(id, Leaf::Set)
+            ),
+            format!(
+                "  topic_prefix: dpi/{id}\n  log_topic: null\n{}{}{}",
+                message("birth_message", "online"),
+                message("will_message", "offline"),
+                message("shutdown_message", "offline")
+            ),
+        )
+    };
     let ca: String = c.ca_pem.trim_end().lines().map(|l| format!("    {l}\n")).collect();
     format!(
-        "# DomoticPi credentials for device {id}: add to the node's YAML. Publish the device's state on\n\
-         # {state} (state_topic on its component); its commands arrive on {set}.\n\
-         mqtt:\n  \
+        "{comment}mqtt:\n  \
          broker: {host}\n  \
          port: {port}\n  \
          client_id: {id}\n  \
          username: {id}\n  \
          password: \"{password}\"\n  \
-         discovery: false\n  \
-         topic_prefix: {prefix}\n  \
-         log_topic: null\n  \
-         birth_message:\n    topic: {availability}\n    payload: online\n    retain: true\n  \
-         will_message:\n    topic: {availability}\n    payload: offline\n    retain: true\n  \
-         shutdown_message:\n    topic: {availability}\n    payload: offline\n    retain: true\n  \
+         discovery: false\n\
+         {topics}  \
          certificate_authority: |\n{ca}",
-        id = c.id,
-        host = c.host,
-        port = c.port,
-        password = c.password.replace('\\', "\\\\").replace('"', "\\\""),
-        prefix = format_args!("dpi/{}", c.id),
-        state = topics::device(c.id, Leaf::State),
-        set = topics::device(c.id, Leaf::Set),
-    )
-}
-
-/// The ESPHome `mqtt:` block of a node whose components keep ESPHome's own topics: prefix = its
-/// id, ESPHome's own `ID/status` birth and will, no discovery (the hub announces to Home Assistant).
-fn esphome_node(c: &Creds<'_>) -> String {
-    let ca: String = c.ca_pem.trim_end().lines().map(|l| format!("    {l}\n")).collect();
-    format!(
-        "# DomoticPi credentials for ESPHome node {id}: add to the node's YAML. Its components keep their\n\
-         # own topics ({id}/COMPONENT/OBJECT_ID/state and /command); declare each one in the hub's config\n\
-         # with source = {{ esphome = \"{id}/COMPONENT/OBJECT_ID\" }}.\n\
-         mqtt:\n  \
-         broker: {host}\n  \
-         port: {port}\n  \
-         client_id: {id}\n  \
-         username: {id}\n  \
-         password: \"{password}\"\n  \
-         discovery: false\n  \
-         discover_ip: false\n  \
-         topic_prefix: {id}\n  \
-         log_topic: null\n  \
-         certificate_authority: |\n{ca}",
-        id = c.id,
         host = c.host,
         port = c.port,
         password = c.password.replace('\\', "\\\\").replace('"', "\\\""),
