@@ -56,6 +56,11 @@ id = "siren"
 kind = "siren"
 source = { esphome = "desk/switch/siren" }
 [[device]]
+id = "desk-window"
+kind = "contact"
+zone = "perimeter"
+source = { esphome = "desk/binary_sensor/window" }
+[[device]]
 id = "hall-light"
 kind = "light"
 [[rule.motion_light]]
@@ -209,7 +214,7 @@ async fn a_zigbee_door_opened_triggers_the_alarm_and_sounds_an_esphome_siren() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_esphome_motion_sensor_switches_an_esphome_light_and_the_node_brings_its_devices() {
+async fn esphome_sensors_switch_an_esphome_light_and_trip_the_alarm_and_the_node_brings_its_devices() {
     let (hub, admin, mut alice) = house().await;
     let mut desk = firmware(&hub, "desk", Some(("desk/status", "offline"))).await;
     // The node comes online, and with it the devices it speaks for.
@@ -222,6 +227,13 @@ async fn an_esphome_motion_sensor_switches_an_esphome_light_and_the_node_brings_
     state_of(&mut alice, "desk-lamp", |s| s["on"] == true && s["brightness"] == 255).await;
     // Sensors the hub does not know on the node's own prefix are its own business: routed as sent.
     publish(&desk, "desk/sensor/uptime/state", "1234").await;
+    // Its window sensor guards the perimeter: closed when armed, then opened.
+    publish(&desk, "desk/binary_sensor/window/state", &fixture("esphome_binary_sensor_state_off")).await;
+    state_of(&mut alice, "desk-window", |s| s["contact"] == "closed").await;
+    publish(&alice, "dpi/alarm/set", r#"{"action":"arm_away"}"#).await;
+    until(&mut alice, "armed_away", |t, p| t == "dpi/alarm/state" && json(p)["state"] == "armed_away").await;
+    publish(&desk, "desk/binary_sensor/window/state", &fixture("esphome_binary_sensor_state_on")).await;
+    until(&mut alice, "triggered", |t, p| t == "dpi/alarm/state" && json(p)["state"] == "triggered").await;
     // The node says it goes offline (as its will would): all its devices do.
     publish(&desk, "desk/status", &fixture("esphome_status_offline")).await;
     until(&mut alice, "desk-pir offline", |t, p| t == "dpi/desk-pir/availability" && p == b"offline").await;
