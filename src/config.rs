@@ -862,6 +862,14 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
             p
         }
     });
+    // An ESPHome node may write anything under its name: never Home Assistant's discovery prefix.
+    let ha_root = homeassistant.as_deref().and_then(|p| p.split('/').next());
+    for d in devices.iter().filter(|d| d.kind == DeviceKind::Bridge && Some(d.id.as_str()) == ha_root) {
+        let (line, column) = d.at;
+        let message =
+            format!("bridge {:?} would speak on Home Assistant's discovery prefix; rename it or the prefix", d.id);
+        c.diagnostics.push(Diagnostic { line, column, message });
+    }
     let web = match file.web.listen {
         None => Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
         Some(listen) if listen.get_ref().is_empty() => None,
@@ -1221,6 +1229,7 @@ mod tests {
         bridge_with_a_zone: "[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\nzone = \"entry\"\n" => (2, 6), "no alarm zone";
         bridge_with_a_source: "[[device]]\nid = \"zigbee2mqtt\"\nkind = \"bridge\"\nsource = { tasmota = \"x\" }\n" => (4, 10), "cannot be a bridge";
         bridge_on_foreign_topics: "[[device]]\nid = \"tele\"\nkind = \"bridge\"\n" => (2, 6), "another namespace";
+        bridge_on_discovery_prefix: "[homeassistant]\ndiscovery = true\nprefix = \"ha/x\"\n[[device]]\nid = \"ha\"\nkind = \"bridge\"\n" => (5, 6), "discovery prefix";
         unknown_top_level_key: "colour = 1\n" => (1, 1), "unknown field";
         unknown_nested_key: "[broker]\ntls_port = 1\n" => (2, 1), "unknown field";
         bad_listen_address: "[broker]\ntls_listen = \"localhost\"\n" => (2, 14), "not an IP:port";
