@@ -68,8 +68,18 @@ pub enum Command {
     Status,
     /// Consistent copy of the database (SQLite online backup), safe while the hub runs.
     Backup {
-        /// Where to write the copy: a new file, created with mode 0600 (an existing one is never replaced).
+        /// Where to write the archive: a new file, created with mode 0600 (an existing one is never replaced).
         path: PathBuf,
+    },
+    /// With the hub stopped, put a backup back into the data dir: the database, the certificates
+    /// (the CA too: every device keeps working) and the config it held, written beside them for
+    /// you to put in place. Refuses a data dir that is not empty, unless --force.
+    Restore {
+        /// The archive `backup` wrote.
+        path: PathBuf,
+        /// Replace the database and certificates of a data dir that has some.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -222,10 +232,13 @@ impl From<RoleArg> for Role {
     }
 }
 
-/// Loads the config the options point at, or the built-in defaults.
+/// Loads the config the options point at; without `--config` or `--data-dir`, the installed
+/// hub's (`/etc/domoticpi/domoticpi.toml`) when there is one; else the built-in defaults.
 pub fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let system = std::path::Path::new(config::SYSTEM_CONFIG_PATH);
     let mut config = match &cli.config {
         Some(path) => Config::load(path)?,
+        None if cli.data_dir.is_none() && system.exists() => Config::load(system)?,
         None => Config::default(),
     };
     if let Some(dir) = &cli.data_dir {
@@ -279,13 +292,26 @@ pub fn execute(cli: &Cli, config: &Config) -> anyhow::Result<()> {
         Command::Status => status(config),
         Command::Alarm(cmd) => alarm(cmd, config),
         Command::Backup { path } => {
-            let db = hub::db_path(&config.data_dir);
-            if !db.exists() {
-                bail!("no database at {}; nothing to back up", db.display());
+            let written = crate::backup::create(config, path)?;
+            println!(
+                "backup written to {} ({} files, {} bytes: database, certificates with the CA key, config)",
+                path.display(),
+                written.files,
+                written.bytes
+            );
+            Ok(())
+        }
+        Command::Restore { path, force } => {
+            let restored = crate::backup::restore(path, &config.data_dir, *force)?;
+            println!("restored {} files into {} ({})", restored.files, config.data_dir.display(), restored.manifest);
+            match &restored.config {
+                Some(at) => println!(
+                    "config from the backup: {} (check it, then put it in place: {})",
+                    at.display(),
+                    config.source.as_ref().map_or(config::SYSTEM_CONFIG_PATH.into(), |p| p.display().to_string())
+                ),
+                None => println!("the backup held no config file (the hub ran on built-in defaults)"),
             }
-            let conn = store::open(&db)?;
-            store::backup(&conn, path)?;
-            println!("backup written to {}", path.display());
             Ok(())
         }
     }
@@ -608,6 +634,9 @@ fn read_secret(input: &SecretInput, what: &str, confirm: bool) -> anyhow::Result
 }
 
 fn status(config: &Config) -> anyhow::Result<()> {
+    let source = config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string());
+    println!("config: {source}");
+    println!("data_dir: {}", config.data_dir.display());
     let db = hub::db_path(&config.data_dir);
     if !db.exists() {
         println!("hub: down (no database at {}; never started)", db.display());

@@ -17,7 +17,8 @@ use std::time::Duration;
 use domoticpi_rules::lights::TimeExpr;
 use toml::Spanned;
 
-/// Where the file lives when systemd runs the hub.
+/// Where the file lives on an installed hub; the CLI and the daemon read it when given no
+/// `--config` or `--data-dir`.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/domoticpi/domoticpi.toml";
 
 /// One problem in a config file, with where it is.

@@ -5,6 +5,7 @@
 
 pub mod alarm;
 pub mod auth;
+pub mod backup;
 pub mod bridge;
 pub mod broker;
 pub mod certs;

@@ -203,12 +203,17 @@ async fn a_backup_taken_under_load_opens_and_matches() {
             > 0
     };
     eventually("history written", 10, history).await;
-    let backup = hub.dir.path().join("backup.db");
+    let backup = hub.dir.path().join("backup.tar");
     let (code, out, err) = run_cli(&["--config", &hub.config_path(), "backup", backup.to_str().unwrap()], None);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("backup written"));
     let _sensor = load.await.unwrap();
-    let copy = rusqlite::Connection::open(&backup).unwrap();
+    // Its database, put back elsewhere by `restore`.
+    let elsewhere = hub.dir.path().join("elsewhere");
+    let (code, out, err) =
+        run_cli(&["--data-dir", elsewhere.to_str().unwrap(), "restore", backup.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let copy = rusqlite::Connection::open(elsewhere.join("hub.db")).unwrap();
     let check: String = copy.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
     let users_tables: i64 =

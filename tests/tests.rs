@@ -5,6 +5,7 @@ mod util;
 
 mod alarm;
 mod attacks;
+mod backup;
 mod bridge;
 mod browser;
 mod cli;
