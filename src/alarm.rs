@@ -274,6 +274,8 @@ enum Input {
     Status { reply: oneshot::Sender<Status> },
     /// The config was reloaded.
     Reconfigure(Arc<Config>),
+    /// The health fault switch: stop answering, for good.
+    Stall,
 }
 
 /// A command waiting for its turn.
@@ -339,6 +341,11 @@ impl AlarmHandle {
         let queued = Queued { command, source: Source::Cli, client: String::new(), reply: Some(reply) };
         self.inputs.send(Input::Command(queued)).map_err(|_| AlarmError::Gone)?;
         answer.await.map_err(|_| AlarmError::Gone)?
+    }
+
+    /// Stops the driver for good (the health fault switch; never in normal use).
+    pub fn stall(&self) {
+        let _ = self.inputs.send(Input::Stall);
     }
 
     /// The alarm's status now.
@@ -474,6 +481,7 @@ pub async fn run(config: Arc<Config>, parts: Parts, inbox: Inbox) {
                     let _ = reply.send(driver.status());
                 }
                 Some(Input::Reconfigure(config)) => driver.reconfigure(&config),
+                Some(Input::Stall) => std::future::pending::<()>().await,
                 None => break,
             },
             verdict = async {

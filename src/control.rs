@@ -95,6 +95,8 @@ pub struct Handles {
     pub reloader: std::sync::Arc<crate::reload::Reloader>,
     /// The bridge's connection, when there is one.
     pub bridge: Option<crate::bridge::SharedStatus>,
+    /// The health probes, when the fault switch is armed (`DOMOTICPI_TEST_FAULTS=1`).
+    pub faults: Option<crate::health::Probes>,
 }
 
 /// Figures of the running hub, for `domoticpi status`.
@@ -142,6 +144,12 @@ pub enum Request {
         /// The command object.
         command: Value,
     },
+    /// Stall a part of the hub for good, to test the watchdog; refused unless the daemon was
+    /// started with `DOMOTICPI_TEST_FAULTS=1`.
+    Fault {
+        /// Which part.
+        part: crate::health::Fault,
+    },
 }
 
 impl std::fmt::Debug for Request {
@@ -150,6 +158,7 @@ impl std::fmt::Debug for Request {
             Request::AlarmStatus => f.write_str("AlarmStatus"),
             Request::Stats => f.write_str("Stats"),
             Request::Reload => f.write_str("Reload"),
+            Request::Fault { part } => f.debug_struct("Fault").field("part", part).finish(),
             Request::CloseDevice { id } => f.debug_struct("CloseDevice").field("id", id).finish(),
             Request::Alarm { command } => {
                 f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
@@ -299,6 +308,15 @@ async fn answer(request: Request, handles: &Handles) -> Response {
             }
             ok
         }
+        Request::Fault { part } => match &handles.faults {
+            Some(probes) => {
+                probes.stall(part);
+                ok
+            }
+            None => {
+                Response::error(format!("the fault switch is off (start the hub with {}=1)", crate::health::FAULTS_ENV))
+            }
+        },
         Request::AlarmStatus => match alarm.status().await {
             Ok(status) => Response { alarm: Some(status), ..ok },
             Err(e) => Response::error(e.to_string()),

@@ -159,8 +159,9 @@ struct Hub {
     router: tokio::task::JoinHandle<broker::BrokerError>,
     /// The hub's own link, for its status.
     link: HubLink,
-    /// What the router routes back to the hub's link: its own status, to know it was routed.
-    echo: tokio::sync::mpsc::UnboundedReceiver<broker::Message>,
+    /// What the router routes back to the hub's link: its own status, to know it was routed, and
+    /// the health probe's messages.
+    echo: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<broker::Message>>>,
     /// Client ids and connections, for the shutdown log.
     sessions: Arc<broker::sessions::Sessions>,
     /// The database, and the thread to join once every handle is gone.
@@ -178,6 +179,7 @@ impl Hub {
         let router = broker::start_router(config.broker.max_connections);
         let (retained, retained_rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, echo, reader) = HubLink::connect(&router.links, retained.clone())?;
+        let echo = Arc::new(tokio::sync::Mutex::new(echo));
         let router_task = tokio::spawn(reader.run());
         let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
         if let Some(skipped) = broker::lag::skipped_clients() {
@@ -205,8 +207,15 @@ impl Hub {
         if let Some(commands) = remote {
             tasks.spawn(commands.run(Arc::new(dispatcher.clone())));
         }
+        let probes = crate::health::Probes {
+            link: link.clone(),
+            echo: Arc::clone(&echo),
+            store: store.clone(),
+            alarm: dispatcher.alarm(),
+        };
         let mut hub = Hub { closing, tasks, router: router_task, link, echo, sessions, store: None };
-        hub.serve_control(&config, &store, &dispatcher, (settings, bridge));
+        let faults = std::env::var(crate::health::FAULTS_ENV).is_ok_and(|v| v == "1").then(|| probes.clone());
+        hub.serve_control(&config, &store, &dispatcher, (settings, bridge, faults));
         let throttle = Arc::new(crate::auth::Throttle::default());
         if let Some(web) = listeners.web.take() {
             let parts = crate::web::Parts {
@@ -230,8 +239,9 @@ impl Hub {
         hub.store = Some((store, store_thread));
         info!(tls = %tls_addr, plain = %plain_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()), "hub ready: listeners accepting");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        if let Some(watchdog) = watchdog() {
-            hub.tasks.spawn(hub.closing.clone().run_until_cancelled_owned(watchdog));
+        if let Some(period) = watchdog_period() {
+            info!(?period, "watchdog: pinged while the router, the store and the alarm answer");
+            hub.tasks.spawn(hub.closing.clone().run_until_cancelled_owned(crate::health::run(probes, period)));
         }
         Ok(hub)
     }
@@ -242,7 +252,7 @@ impl Hub {
         config: &Config,
         store: &Store,
         dispatcher: &Dispatcher,
-        (settings, bridge): (StoreSettings, Option<crate::bridge::SharedStatus>),
+        (settings, bridge, faults): (StoreSettings, Option<crate::bridge::SharedStatus>, Option<crate::health::Probes>),
     ) {
         match crate::control::bind(&config.data_dir) {
             Ok((listener, path)) => {
@@ -255,6 +265,7 @@ impl Hub {
                     started: std::time::Instant::now(),
                     reloader: Arc::new(reloader),
                     bridge,
+                    faults,
                 };
                 self.tasks.spawn(crate::control::serve(listener, path, handles, self.closing.clone()));
             }
@@ -307,8 +318,8 @@ impl Hub {
         let link = &self.link;
         link.subscribe(topics::HUB_STATUS);
         link.publish(topics::HUB_STATUS, status, true);
-        let echo = &mut self.echo;
         let routed = tokio::time::timeout(wait, async {
+            let mut echo = self.echo.lock().await;
             while let Some(m) = echo.recv().await {
                 if m.topic == topics::HUB_STATUS && m.payload == status.as_bytes() {
                     return;
@@ -458,20 +469,10 @@ fn resident_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Pings systemd's watchdog at half its interval, when the service has one.
-fn watchdog() -> Option<impl std::future::Future<Output = ()>> {
+/// How often to ping systemd's watchdog (half its interval), when the service has one.
+fn watchdog_period() -> Option<Duration> {
     let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
-    let period = Duration::from_micros(usec / 2);
-    Some(async move {
-        let mut tick = tokio::time::interval(period);
-        loop {
-            tick.tick().await;
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-        }
-    })
+    (sd_notify::watchdog_enabled(false, &mut usec) && usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
 #[cfg(test)]

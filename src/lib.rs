@@ -16,6 +16,7 @@ pub mod decode;
 pub mod devices;
 pub mod dispatcher;
 pub mod hass;
+pub mod health;
 pub mod hub;
 pub mod lights;
 pub mod logging;

@@ -18,4 +18,5 @@ mod pipeline;
 mod reload;
 mod security;
 mod sources;
+mod watchdog;
 mod web;

@@ -346,8 +346,23 @@ impl HubProcess {
     // The child is reaped by `HubProcess::drop` once the guard holds it.
     #[allow(clippy::zombie_processes)]
     pub fn start(config: &Path) -> HubProcess {
-        let mut child = Command::new(bin())
-            .args(["--config", config.to_str().unwrap(), "run"])
+        let mut command = Command::new(bin());
+        command.args(["--config", config.to_str().unwrap(), "run"]);
+        Self::spawn(command)
+    }
+
+    /// [`HubProcess::start`] as systemd starts a service with a watchdog: these environment
+    /// variables (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, …) and `WATCHDOG_PID` set to the hub's own pid.
+    pub fn start_as_service(config: &Path, env: &[(&str, &str)]) -> HubProcess {
+        let mut command = Command::new("sh");
+        command.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" --config \"$1\" run", bin(), config.to_str().unwrap()]);
+        command.envs(env.iter().copied());
+        Self::spawn(command)
+    }
+
+    #[allow(clippy::zombie_processes)]
+    fn spawn(mut command: Command) -> HubProcess {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -45,6 +45,15 @@ pub fn report(client: &str) {
     let _ = channel().tx.send(client.to_owned());
 }
 
+/// Set by the fault switch ([`crate::health::Fault::Router`]): the router thread stops at its next
+/// span (the next packet it handles), for good.
+static STALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stalls the router thread at the next packet it handles (the health fault switch; never in normal use).
+pub fn stall_router() {
+    STALL.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The tracing layer; install it with a filter that passes rumqttd's INFO spans and WARN events.
 #[derive(Debug, Default)]
 pub struct LagLayer;
@@ -80,6 +89,11 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if STALL.load(std::sync::atomic::Ordering::Relaxed) {
+            loop {
+                std::thread::park();
+            }
+        }
         if attrs.metadata().name() != SPAN {
             return;
         }

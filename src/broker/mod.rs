@@ -350,6 +350,10 @@ impl Push for LinkTx {
 
 use std::future::Future as _;
 
+/// The topic of the [`Message`] that stands for a SUBACK to the link (no real topic holds a NUL):
+/// the router handled a subscription (the health probe re-subscribes to a filter it has).
+pub const SUBACK: &str = "\0suback";
+
 /// Reads what the router sends to the hub's link.
 pub struct LinkReader {
     rx: LinkRx,
@@ -364,6 +368,11 @@ impl LinkReader {
                 Ok(Some(Notification::Forward(f))) => {
                     let topic = String::from_utf8_lossy(&f.publish.topic).into_owned();
                     let _ = self.messages.send(Message { topic, payload: f.publish.payload });
+                }
+                // The link publishes at QoS 0 only: the one acknowledgement it gets is a SUBACK
+                // (rumqttd does not export the type to match it by name).
+                Ok(Some(Notification::DeviceAck(_))) => {
+                    let _ = self.messages.send(Message { topic: SUBACK.to_owned(), payload: Bytes::new() });
                 }
                 Ok(Some(Notification::Unschedule)) => {
                     if let Err(e) = self.rx.wake().await {
