@@ -221,7 +221,8 @@ impl Inputs {
 /// This is the hub's one periodic writer: device states, their history, the retained messages
 /// and the alarm's checkpoint changed during an interval go to SQLite together, in one
 /// transaction, so the SD card sees at most one commit per `interval` whatever the load (history
-/// is pruned in that same transaction, hourly). A write that fails (a full disk) is kept in
+/// is pruned in that same transaction, hourly); each device and retained topic writes within its
+/// budget ([`crate::wear`]). A write that fails (a full disk) is kept in
 /// memory, bounded, and retried an interval later. `settings` (`[store]`) may change at a reload:
 /// a new interval applies to the one being gathered, counted from its start.
 pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiver<crate::config::Store>) {
@@ -239,10 +240,12 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
     let mut failing = false;
     let mut refused_logged = false;
     let mut last_prune = tokio::time::Instant::now() - Duration::from_secs(3600);
+    let mut thinner = crate::wear::Thinner::default();
     while inputs.any_open() {
-        // Wait for something to write (unless a failed write is waiting), then gather for one interval.
+        // Wait for something to write (unless a failed write is waiting, or a held change's
+        // budget returns), then gather for one interval.
         if pending.is_empty() {
-            let next = inputs.next(None).await;
+            let next = inputs.next(thinner.next_release()).await;
             pending.take(next, &mut known);
         }
         // A reload that changes the interval moves the end of the one being gathered.
@@ -258,6 +261,10 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
             }
         }
         let history_days = settings.borrow().history_days;
+        // What each device and retained topic may write now; the rest waits for its budget.
+        let now = tokio::time::Instant::now();
+        pending.states = thinner.states(std::mem::take(&mut pending.states), now);
+        pending.retained = thinner.retained(std::mem::take(&mut pending.retained), now);
         if pending.is_empty() {
             continue;
         }
@@ -272,6 +279,7 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
             prune_before,
             outbox: std::mem::take(&mut pending.outbox),
             outbox_max,
+            thinned: thinner.take_thinned(),
         };
         let retry_outbox = batch.outbox.clone();
         let retry = batch.states.clone();
@@ -306,6 +314,22 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
                 let keep = retry_outbox.len().min(outbox_max);
                 pending.outbox = retry_outbox[retry_outbox.len() - keep..].to_vec();
             }
+        }
+    }
+    // Stopping: what waited for its budget is written now.
+    let (states, retained) = thinner.drain();
+    if !states.is_empty() || !retained.is_empty() {
+        let batch = store::Batch {
+            states,
+            retained: retained.into_iter().map(|(t, p)| (t, p.map(|b| b.to_vec()))).collect(),
+            alarm: None,
+            prune_before: None,
+            outbox: Vec::new(),
+            outbox_max,
+            thinned: thinner.take_thinned(),
+        };
+        if let Err(e) = store.call(move |c| store::write_batch(c, &batch)).await {
+            warn!(error = %e, "device states held for the disk's sake not saved at shutdown");
         }
     }
 }

@@ -26,4 +26,5 @@ pub mod snippets;
 pub mod sources;
 pub mod store;
 pub mod topics;
+pub mod wear;
 pub mod web;

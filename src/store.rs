@@ -312,13 +312,16 @@ pub struct Batch {
     pub outbox: Vec<outbox::Entry>,
     /// The outbox's bound (`bridge.max_queue`).
     pub outbox_max: usize,
+    /// Changes replaced while they waited for their device's write budget (counted as
+    /// `history_thinned`).
+    pub thinned: u64,
 }
 
 /// Writes one interval's batch in a single transaction, so that the SD card sees at most one
 /// commit per interval whatever the load. Returns the retained topics not stored because the
 /// table is full.
 pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> {
-    let Batch { states, retained, alarm, prune_before, outbox: queued, outbox_max } = batch;
+    let Batch { states, retained, alarm, prune_before, outbox: queued, outbox_max, thinned } = batch;
     let path = PathBuf::from(conn.path().unwrap_or_default());
     let tx = conn.transaction().map_err(|source| StoreError::Sqlite { path, source })?;
     if !states.is_empty() {
@@ -334,6 +337,14 @@ pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> 
         outbox::append(&tx, queued, *outbox_max)?;
     }
     let refused = if retained.is_empty() { Vec::new() } else { retained::write(&tx, retained)? };
+    if *thinned > 0 {
+        tx.execute(
+            "INSERT INTO counters (name, value) VALUES ('history_thinned', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            [*thinned as i64],
+        )
+        .map_err(sql_err(&tx))?;
+    }
     tx.commit().map_err(sql_err(conn))?;
     Ok(refused)
 }
@@ -1090,6 +1101,7 @@ mod tests {
                 class: outbox::Class::State,
             }],
             outbox_max: 10,
+            thinned: 0,
         };
         let refused = store.call(move |c| write_batch(c, &batch)).await.unwrap();
         assert!(refused.is_empty());

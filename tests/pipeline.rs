@@ -168,16 +168,21 @@ fn kill_9_during_a_burst_leaves_a_sound_database_with_every_older_state() {
     let conn = rusqlite::Connection::open(data.join("hub.db")).unwrap();
     let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
     assert_eq!(check, "ok");
-    // Every state published more than one interval (plus margin) before the kill is on disk:
-    // the history holds it, and the latest stored state is at least that recent.
+    // The burst is far over the sensor's write budget (domoticpi::wear): what the budget let
+    // through, more than one interval (plus margin) before the kill, is on disk, in order.
     let old_enough = killed_at - Duration::from_millis(200 + 500);
-    let last_old = published.iter().rev().find(|(t, _)| *t < old_enough).map(|(_, v)| *v).expect("burst too short");
+    assert!(published.iter().any(|(t, _)| *t >= old_enough), "burst too short");
+    let budget = domoticpi::wear::BURST as usize;
     let history: Vec<String> = {
-        let mut stmt =
-            conn.prepare("SELECT value FROM history WHERE device = 'kitchen-temp' AND kind = 'state'").unwrap();
+        let mut stmt = conn
+            .prepare("SELECT value FROM history WHERE device = 'kitchen-temp' AND kind = 'state' ORDER BY id")
+            .unwrap();
         stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
     };
-    assert!(history.contains(&format!("{{\"temperature\":{last_old}}}")), "state {last_old} missing from history");
+    let first: Vec<String> = published.iter().take(budget).map(|(_, v)| format!("{{\"temperature\":{v}}}")).collect();
+    assert!(published[budget].0 < old_enough, "the budget's worth was published too late to be sure of");
+    assert_eq!(history.get(..budget), Some(&first[..]), "the states within budget are not all on disk, in order");
+    assert!(history.len() <= budget + 1, "{} rows: the budget did not hold", history.len());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -336,7 +341,9 @@ fn a_full_disk_fails_writes_loudly_while_routing_goes_on_and_writes_resume_after
             .publish("dpi/kitchen-temp/state", QoS::AtLeastOnce, false, r#"{"temperature":99}"#)
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Within the sensor's write budget's refill (domoticpi::wear::REFILL), which the 50
+        // states above may have spent.
+        let deadline = Instant::now() + domoticpi::wear::REFILL + Duration::from_secs(10);
         while stored().as_deref() != Some(r#"{"temperature":99}"#) {
             assert!(Instant::now() < deadline, "writes did not resume: {:?}", stored());
             tokio::time::sleep(Duration::from_millis(50)).await;
