@@ -674,6 +674,10 @@ fn status(config: &Config) -> anyhow::Result<()> {
     let rows = store::device_state::all(&conn)?;
     let online = rows.iter().filter(|r| r.online == Some(true) && config.device(&r.id).is_some()).count();
     println!("devices: {} declared, {online} online, {} offline", config.devices.len(), config.devices.len() - online);
+    let thinned = store::device_state::counter(&conn, store::device_state::THINNED)?;
+    if thinned > 0 {
+        println!("store: {thinned} states not written, replaced while a flooding device waited for its disk budget");
+    }
     match store::alarm::load(&conn)?.as_deref().and_then(crate::alarm::stored_status) {
         Some((state, since)) => println!("alarm: {state} (since {})", since.as_deref().unwrap_or("-")),
         None => println!("alarm: disarmed (never armed)"),

@@ -36,9 +36,29 @@ pub enum StoreError {
     /// The store thread is gone (the hub is shutting down or it crashed).
     #[error("the store is closed")]
     Closed,
+    /// The disk holding the database has no room left.
+    #[error("database {path}: the disk is full ({free} bytes free); free some space and start again")]
+    DiskFull { path: PathBuf, free: u64 },
     /// A file that must be created new exists already.
     #[error("{0} exists already; choose another name (a backup never replaces a file)")]
     Exists(PathBuf),
+}
+
+/// Free space under which a failure to open the database is reported as a full disk.
+const LOW_SPACE: u64 = 1024 * 1024;
+
+/// Bytes free for an unprivileged user on the file system holding `path` (or its directory).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    let dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `dir` is a NUL-terminated path and `stat` a valid out-parameter for the call.
+    if unsafe { libc::statvfs(dir.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    // Narrower than u64 on 32-bit ARM (an armv7 Pi): the conversions are not useless there.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(stat.f_bavail).saturating_mul(u64::from(stat.f_frsize)))
 }
 
 /// A short alias used throughout the module.
@@ -136,6 +156,15 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Opens (creating if needed) and migrates the database at `path`.
 pub fn open(path: &Path) -> Result<Connection> {
+    open_or_create(path).map_err(|e| match free_bytes(path) {
+        // SQLite says "disk I/O error" (or worse) on a full disk: say what it is.
+        Some(free) if free < LOW_SPACE => StoreError::DiskFull { path: path.to_owned(), free },
+        _ => e,
+    })
+}
+
+/// [`open`], without looking at the disk when it fails.
+fn open_or_create(path: &Path) -> Result<Connection> {
     let sql = |source| StoreError::Sqlite { path: path.to_owned(), source };
     let conn = Connection::open_with_flags(
         path,
@@ -339,9 +368,9 @@ pub fn write_batch(conn: &mut Connection, batch: &Batch) -> Result<Vec<String>> 
     let refused = if retained.is_empty() { Vec::new() } else { retained::write(&tx, retained)? };
     if *thinned > 0 {
         tx.execute(
-            "INSERT INTO counters (name, value) VALUES ('history_thinned', ?1)
+            "INSERT INTO counters (name, value) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-            [*thinned as i64],
+            rusqlite::params![device_state::THINNED, *thinned as i64],
         )
         .map_err(sql_err(&tx))?;
     }
@@ -798,6 +827,9 @@ pub mod device_state {
         pub online: Option<bool>,
         pub seen_at: Option<String>,
     }
+
+    /// The counter of states replaced while they waited for their device's write budget.
+    pub const THINNED: &str = "history_thinned";
 
     /// Undeclared ids kept in `rejected_devices`; the least recently seen are dropped past it.
     pub const MAX_REJECTED: i64 = 100;

@@ -353,3 +353,33 @@ fn a_full_disk_fails_writes_loudly_while_routing_goes_on_and_writes_resume_after
     let (status, _) = hub.wait(Duration::from_secs(5));
     assert!(status.success());
 }
+
+#[test]
+fn a_full_disk_at_start_is_one_clear_line_and_a_failed_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    let Some(_disk) = SmallDisk::mount(&disk, "256k") else {
+        if std::env::var("DOMOTICPI_REQUIRE_TOOLS").is_ok_and(|v| v == "1") {
+            panic!("mounting a tmpfs is required here (run as root)");
+        }
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    };
+    let config = dir.path().join("domoticpi.toml");
+    std::fs::write(&config, config_text(&disk.join("data"), DEVICES)).unwrap();
+    // Full before the hub ever started: not even the database fits.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(disk.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).and_then(|_| f.sync_all()).is_ok() {}
+    }
+    let (code, out, err) = run_cli(&["--config", config.to_str().unwrap(), "run"], None);
+    assert_eq!(code, 1, "{out}{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    // Said once, whichever file found it first (a certificate, the database).
+    let full = ["the disk is full", "No space left on device"];
+    assert!(full.iter().map(|f| errors[0].matches(f).count()).sum::<usize>() == 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

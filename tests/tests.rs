@@ -15,6 +15,7 @@ mod hass;
 mod house;
 mod lights;
 mod pipeline;
+mod powercut;
 mod reload;
 mod security;
 mod sources;
