@@ -1244,6 +1244,19 @@ mod tests {
             "start | wall +7h | wait 60s => porch-light:off@00:01 | until 2024-01-16T12:00";
         wall_clock_stepped_back_into_a_window_does_not_refire: schedule("18:00", "23:00", "all"), "2024-01-15T17:59",
             "start | wait 2m => porch-light:on@18:00 | wall -5m | wait 10m";
+        // A Pi has no RTC: it boots years in the past, then NTP steps the clock to now. The
+        // skipped years' edges collapse into the state they end in, applied once, then the
+        // schedule runs at the right local times.
+        booted_years_in_the_past_then_stepped_to_now_applies_now_once: schedule("18:00", "23:00", "all"),
+            "2019-01-01T12:00",
+            "start | wall +1826d | wait 60s => porch-light:off@12:01 | until 2024-01-02T00:00 => porch-light:on@18:00 porch-light:off@23:00";
+        booted_years_in_the_past_then_stepped_into_a_window: schedule("18:00", "23:00", "all"), "2019-01-01T12:00",
+            "start | wall +1826d | wall +8h | wait 60s => porch-light:on@20:01 | until 2024-01-02T00:00 => porch-light:off@23:00";
+        wall_clock_set_years_back_fires_nothing_until_it_catches_up: schedule("18:00", "23:00", "all"),
+            "2024-01-15T17:00",
+            "start | wall -1826d | until 2019-01-17T00:00";
+        motion_delay_keeps_its_length_across_a_years_step: motion(When::Always, None), "2019-01-01T12:00",
+            "motion hall-pir => hall-light:on | wall +1826d | wait 119s | wait 1s => hall-light:off@12:02";
     }
 
     // ---- Switches, scenes, alarm --------------------------------------------------------------
