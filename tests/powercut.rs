@@ -144,3 +144,31 @@ fn power_cuts_under_load_lose_nothing_and_change_nothing() {
     }
     eprintln!("power cuts: {rounds} rounds survived; exit delay left {:?} ms", left);
 }
+
+/// What the hub restores at start and cannot use is skipped and logged, never a failed start
+/// (SPEC §9): a damaged alarm snapshot (logged; the alarm starts disarmed), a stored state that is
+/// no longer valid for its device's kind, a retained message on a topic the router cannot take.
+#[test]
+fn rows_the_hub_cannot_use_at_start_are_skipped_and_logged() {
+    let (_dir, config, data) = process_config("[[device]]\nid = \"door\"\nkind = \"contact\"\nzone = \"entry\"\n");
+    let (code, _, err) = run_cli(&["--config", config.to_str().unwrap(), "init"], None);
+    assert_eq!(code, 0, "{err}");
+    {
+        let db = rusqlite::Connection::open(data.join("hub.db")).unwrap();
+        db.execute("INSERT INTO alarm (id, snapshot, saved_at) VALUES (1, '{\"state\": 42', '')", []).unwrap();
+        db.execute("INSERT INTO device_state (id, state, state_at) VALUES ('door', '{\"on\":\"maybe\"}', '')", [])
+            .unwrap();
+        db.execute("INSERT INTO retained (topic, payload, updated_at) VALUES ('éclairage/salon', x'7b7d', '')", [])
+            .unwrap();
+        db.execute("INSERT INTO retained (topic, payload, updated_at) VALUES ('dpi/door/state', x'ff00', '')", [])
+            .unwrap();
+    }
+    let hub = HubProcess::start(&config);
+    let answer = control::request(&data, &Request::AlarmStatus).unwrap();
+    assert_eq!(answer.alarm.map(|a| a.state).as_deref(), Some("disarmed"));
+    let log: Vec<String> = hub.early.iter().cloned().chain(hub.stderr.try_iter()).collect();
+    let said = |text: &str| log.iter().any(|l| l.contains(text));
+    assert!(said("stored alarm state is not readable"), "{log:#?}");
+    assert!(said("stored retained message skipped"), "{log:#?}");
+    drop(hub);
+}

@@ -339,6 +339,8 @@ pub struct HubProcess {
     /// The web app's address, when it is on.
     pub web: Option<SocketAddr>,
     pub stderr: std::sync::mpsc::Receiver<String>,
+    /// The log lines up to "hub ready".
+    pub early: Vec<String>,
 }
 
 impl HubProcess {
@@ -381,15 +383,17 @@ impl HubProcess {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut web = None;
+        let mut early = Vec::new();
         loop {
             let line =
                 rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("hub did not report ready");
+            early.push(line.clone());
             if line.contains("web app listening") {
                 web = line.split("Some(").nth(1).and_then(|a| a.split(')').next()).and_then(|a| a.parse().ok());
             }
             if line.contains("hub ready") {
                 let tls = line.split("tls=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
-                return HubProcess { child, tls, web, stderr: rx };
+                return HubProcess { child, tls, web, stderr: rx, early };
             }
         }
     }
