@@ -846,7 +846,8 @@ pub mod device_state {
     }
 
     /// Writes changes inside the caller's transaction ([`super::write_batch`]): latest rows,
-    /// history, rejected counts, and one more `state_commits`.
+    /// history, rejected counts. (Commits are counted in memory, [`super::Store::commits`]: a
+    /// counter row rewritten at every commit would be one more page on the SD card each time.)
     pub fn write(tx: &Connection, changes: &[Change]) -> Result<()> {
         let e = sql_err(tx);
         for change in changes {
@@ -896,12 +897,6 @@ pub mod device_state {
             )
             .map_err(&e)?;
         }
-        tx.execute(
-            "INSERT INTO counters (name, value) VALUES ('state_commits', 1)
-             ON CONFLICT (name) DO UPDATE SET value = value + 1",
-            [],
-        )
-        .map_err(&e)?;
         Ok(())
     }
 
