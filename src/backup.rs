@@ -190,6 +190,16 @@ pub fn restore(archive: &Path, data_dir: &Path, force: bool) -> Result<Restored,
     }
     fs::create_dir_all(data_dir).map_err(io_at(data_dir))?;
     fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)).map_err(io_at(data_dir))?;
+    // The database is checked before anything in the data dir is replaced.
+    let checking = data_dir.join("hub.db.restoring");
+    let _ = fs::remove_file(&checking);
+    if let Some((_, bytes)) = entries.iter().find(|(name, _)| name == Path::new("hub.db")) {
+        write_new(&checking, bytes, 0o600)?;
+    }
+    if let Err(e) = integrity(&checking) {
+        let _ = fs::remove_file(&checking);
+        return Err(e);
+    }
     // Forced: what the archive replaces goes first (the WAL of another database must not be
     // replayed into this one; another CA's certificates must not linger).
     for stale in ["hub.db", "hub.db-wal", "hub.db-shm", RESTORED_CONFIG] {
@@ -213,23 +223,34 @@ pub fn restore(archive: &Path, data_dir: &Path, force: bool) -> Result<Restored,
             fs::create_dir_all(parent).map_err(io_at(parent))?;
             fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(io_at(parent))?;
         }
-        let public = name.extension().is_some_and(|e| e == "pem");
-        let mode = if public { 0o644 } else { 0o600 };
-        let mut file =
-            OpenOptions::new().write(true).create_new(true).mode(mode).open(&target).map_err(io_at(&target))?;
-        file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(io_at(&target))?;
+        if name == Path::new("hub.db") {
+            fs::rename(&checking, &target).map_err(io_at(&target))?;
+        } else {
+            let public = name.extension().is_some_and(|e| e == "pem");
+            write_new(&target, &bytes, if public { 0o644 } else { 0o600 })?;
+        }
         files += 1;
-    }
-    let db = crate::hub::db_path(data_dir);
-    let conn = rusqlite::Connection::open(&db).map_err(|e| BackupError::Damaged(db.clone(), e.to_string()))?;
-    let check: Result<String, _> = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0));
-    match check {
-        Ok(ok) if ok == "ok" => {}
-        Ok(problem) => return Err(BackupError::Damaged(db, problem)),
-        Err(e) => return Err(BackupError::Damaged(db, e.to_string())),
     }
     let manifest = manifest.lines().skip(1).collect::<Vec<_>>().join(", ");
     Ok(Restored { files, config, manifest })
+}
+
+/// Writes `bytes` to a new file at `path` with `mode`, synced.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), BackupError> {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_at(path))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_at(path))
+}
+
+/// Whether the database at `db` passes `integrity_check`.
+fn integrity(db: &Path) -> Result<(), BackupError> {
+    let damaged = |why: String| BackupError::Damaged(db.to_owned(), why);
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+    let conn = rusqlite::Connection::open_with_flags(db, flags).map_err(|e| damaged(e.to_string()))?;
+    match conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)) {
+        Ok(ok) if ok == "ok" => Ok(()),
+        Ok(problem) => Err(damaged(problem)),
+        Err(e) => Err(damaged(e.to_string())),
+    }
 }
 
 /// The allowed entries of an archive: (relative path, bytes).

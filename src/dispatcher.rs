@@ -266,13 +266,7 @@ impl Dispatcher {
 
     /// Acts on a firmware message of a device on firmware topics: a state is judged as the
     /// device's own and published as its `dpi/ID/state` (retained); the message itself is routed.
-    fn firmware(&self, house: &House, mapped: Result<Mapped, String>, len: usize) -> Verdict {
-        if len > self.0.max_payload {
-            return Verdict::Refuse(format!(
-                "payload of {len} bytes is larger than the limit of {} bytes",
-                self.0.max_payload
-            ));
-        }
+    fn firmware(&self, house: &House, mapped: Result<Mapped, String>) -> Verdict {
         match mapped {
             Err(reason) => Verdict::Refuse(reason),
             Ok(Mapped::Nothing) => Verdict::Route,
@@ -332,7 +326,7 @@ impl Dispatch for Dispatcher {
             }
         }
         if let Some(mapped) = house.sources.inbound(topic, payload) {
-            return self.firmware(&house, mapped, payload.len());
+            return self.firmware(&house, mapped);
         }
         if let Some(Topic::Device { id, leaf: Leaf::Set }) = topics::parse(topic) {
             if let Err(reason) = translate(&house, &self.0.outbox, id, payload) {

@@ -83,12 +83,14 @@ pub struct Sources {
     scopes: HashMap<String, Arc<Scope>>,
     /// Speaking client id → the other devices it speaks for.
     members: HashMap<String, Vec<String>>,
+    /// The largest payload read (`broker.max_payload_bytes`); a larger one is refused unread.
+    max_payload: usize,
 }
 
 impl Sources {
     /// The sources of a validated config.
     pub fn new(config: &Config) -> Sources {
-        let mut s = Sources::default();
+        let mut s = Sources { max_payload: config.broker.max_payload_bytes, ..Sources::default() };
         for device in config.devices.iter().filter(|d| d.kind == DeviceKind::Bridge) {
             let scope = if device.id == Source::ZIGBEE2MQTT {
                 Scope { publish: vec!["zigbee2mqtt/bridge/#".into()], subscribe: vec!["zigbee2mqtt/#".into()] }
@@ -165,6 +167,10 @@ impl Sources {
     /// why a payload that does not fit is refused.
     pub fn inbound(&self, topic: &str, payload: &[u8]) -> Option<Result<Mapped, String>> {
         let inbound = self.inbound.get(topic)?;
+        if payload.len() > self.max_payload {
+            let (len, max) = (payload.len(), self.max_payload);
+            return Some(Err(format!("payload of {len} bytes is larger than the limit of {max} bytes")));
+        }
         let Ok(text) = std::str::from_utf8(payload) else {
             return Some(Err("payload is not UTF-8 text".to_owned()));
         };
@@ -606,6 +612,8 @@ mod tests {
         }
         assert!(matches!(sources.inbound("zigbee2mqtt/pir/availability", b"maybe"), Some(Err(_))));
         assert_eq!(sources.inbound("zigbee2mqtt/other", b"{}"), None, "an undeclared name is not the hub's to map");
+        let huge = format!("{{\"occupancy\":true,\"pad\":\"{}\"}}", "x".repeat(20_000));
+        assert!(matches!(sources.inbound("zigbee2mqtt/pir", huge.as_bytes()), Some(Err(e)) if e.contains("limit")));
         let tasmota = Sources::new(&house_for("stat/plug/POWER", Light));
         assert!(matches!(tasmota.inbound("stat/plug/POWER", b"TOGGLE"), Some(Err(e)) if e.contains("ON or OFF")));
         assert!(matches!(tasmota.inbound("tele/plug/STATE", br#"{"POWER":"ON","Dimmer":140}"#), Some(Err(_))));

@@ -70,10 +70,17 @@ impl Thinner {
     /// Takes one token of `key`'s budget, if it has one.
     fn take(&mut self, key: &str, now: Instant) -> bool {
         if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(key) {
+            // Full budgets hold nothing worth keeping; past the bound still (a client inventing
+            // topics faster than they refill), only the budgets of held changes are kept.
             self.buckets.retain(|_, b| {
                 b.refill(now);
                 b.tokens < BURST
             });
+            if self.buckets.len() >= MAX_BUCKETS {
+                let held: std::collections::HashSet<String> =
+                    self.held.keys().map(key_of).chain(self.held_retained.keys().map(|t| retained_key(t))).collect();
+                self.buckets.retain(|k, _| held.contains(k));
+            }
         }
         let bucket = self.buckets.entry(key.to_owned()).or_insert(Bucket { tokens: BURST, at: now });
         bucket.refill(now);
@@ -248,6 +255,17 @@ mod tests {
         assert_eq!(t.take_thinned(), 2);
         let (held, _) = t.drain();
         assert_eq!(held, vec![state("pir", 100)]);
+    }
+
+    /// A client inventing retained topics cannot grow the budgets past their bound.
+    #[tokio::test(start_paused = true)]
+    async fn budgets_stay_bounded_whatever_the_topics() {
+        let mut t = Thinner::default();
+        for n in 0..3 * MAX_BUCKETS {
+            let one = HashMap::from([(format!("x/{n}"), Some(Bytes::from_static(b"1")))]);
+            assert_eq!(t.retained(one, Instant::now()).len(), 1, "a new topic's first change is written");
+        }
+        assert!(t.buckets.len() <= MAX_BUCKETS, "{} budgets", t.buckets.len());
     }
 
     #[tokio::test(start_paused = true)]

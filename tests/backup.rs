@@ -90,6 +90,24 @@ async fn restore_refuses_a_running_hub_a_full_data_dir_and_what_is_not_a_backup(
     assert!(code == 1 && err.contains("not empty") && err.contains("--force"), "{err}");
     let (code, out, err) = run_cli(&["--config", &config, "restore", "--force", archive.to_str().unwrap()], None);
     assert_eq!(code, 0, "{out}{err}");
+    // A damaged database is found before anything of the data dir is replaced, even forced.
+    let damaged = dir.path().join("damaged.tar");
+    let mut tar = tar::Builder::new(std::fs::File::create(&damaged).unwrap());
+    for (name, body) in [("MANIFEST", &b"domoticpi backup 1\n"[..]), ("hub.db", &b"SQLite format 3\0 but no more"[..])]
+    {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o600);
+        header.set_cksum();
+        tar.append_data(&mut header, name, body).unwrap();
+    }
+    tar.finish().unwrap();
+    let kept = std::fs::read(data_dir.join("hub.db")).unwrap();
+    let (code, _, err) = run_cli(&["--config", &config, "restore", "--force", damaged.to_str().unwrap()], None);
+    assert!(code == 1 && err.contains("damaged"), "{err}");
+    assert_eq!(std::fs::read(data_dir.join("hub.db")).unwrap(), kept, "a damaged backup replaced the database");
+    assert!(data_dir.join("certs/ca.key").exists(), "a damaged backup removed the certificates");
+    assert!(!data_dir.join("hub.db.restoring").exists());
 
     // Not a backup: any file, and an archive naming a path outside the data dir.
     let other = dir.path().join("other");
@@ -119,5 +137,4 @@ async fn restore_refuses_a_running_hub_a_full_data_dir_and_what_is_not_a_backup(
         !dir.path().join("escaped").exists() && !other.join("hub.db").exists(),
         "a refused archive wrote something"
     );
-    drop(data_dir);
 }
