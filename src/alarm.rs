@@ -608,7 +608,7 @@ impl Driver {
             lights,
             last,
             seen_online: HashSet::new(),
-            since: store::rfc3339(time::OffsetDateTime::now_utc()),
+            since: store::rfc3339(crate::wall::now_utc()),
             restored_since,
             last_write: origin,
             checkpoints,
@@ -670,7 +670,7 @@ impl Driver {
     /// The wall-clock time of a machine instant, RFC 3339.
     fn wall(&self, t: Instant) -> String {
         let ago = self.now().saturating_duration_since(t);
-        let now = time::OffsetDateTime::now_utc();
+        let now = crate::wall::now_utc();
         store::rfc3339(time::Duration::try_from(ago).ok().and_then(|d| now.checked_sub(d)).unwrap_or(now))
     }
 
@@ -683,7 +683,7 @@ impl Driver {
             code_locked_out: self.alarm.code_locked_out(self.now()),
             remaining_ms: self.alarm.snapshot(self.now()).remaining.map(millis),
             locked_until: self.alarm.snapshot(self.now()).lockout_remaining.map(|left| {
-                let now = time::OffsetDateTime::now_utc();
+                let now = crate::wall::now_utc();
                 store::rfc3339(time::Duration::try_from(left).ok().and_then(|d| now.checked_add(d)).unwrap_or(now))
             }),
         }

@@ -100,7 +100,7 @@ fn write_archive(config: &Config, db: &Path, file: File, dest: &Path) -> Result<
         let manifest = format!(
             "{MAGIC}\nschema: {}\ncreated: {}\nconfig: {}\n",
             store::SCHEMA_VERSION,
-            store::rfc3339(time::OffsetDateTime::now_utc()),
+            store::rfc3339(crate::wall::now_utc()),
             config.source.as_ref().map_or_else(|| "built-in defaults".to_owned(), |p| p.display().to_string())
         );
         append_bytes(&mut tar, "MANIFEST", manifest.as_bytes(), 0o600, dest)?;

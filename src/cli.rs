@@ -660,6 +660,7 @@ fn status(config: &Config) -> anyhow::Result<()> {
                     "clients: {} connected, {} client ids held (persistent sessions included), {} router ids used",
                     s.connected, s.client_ids, s.router_ids
                 );
+                println!("memory: SQLite holds {} KiB (its page cache, schema and statements)", s.store_memory_kib);
                 if s.router_drops > 0 {
                     println!("router: closed {} connections on its own (a client it could not handle)", s.router_drops);
                 }

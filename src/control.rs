@@ -118,6 +118,9 @@ pub struct Stats {
     /// Connections the router closed on its own since the start (0 unless a guard failed).
     #[serde(default)]
     pub router_drops: u64,
+    /// Memory SQLite holds now, in KiB: its page cache, schema and prepared statements.
+    #[serde(default)]
+    pub store_memory_kib: u64,
     /// The bridge's connection and last successful send, when there is a bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<crate::bridge::Status>,
@@ -150,6 +153,12 @@ pub enum Request {
         /// Which part.
         part: crate::health::Fault,
     },
+    /// Set the hub's wall clock to `at` (RFC 3339), to test a clock stepped at boot; refused unless
+    /// the daemon was started with `DOMOTICPI_TEST_FAULTS=1`.
+    SetClock {
+        /// The new wall time.
+        at: String,
+    },
 }
 
 impl std::fmt::Debug for Request {
@@ -159,6 +168,7 @@ impl std::fmt::Debug for Request {
             Request::Stats => f.write_str("Stats"),
             Request::Reload => f.write_str("Reload"),
             Request::Fault { part } => f.debug_struct("Fault").field("part", part).finish(),
+            Request::SetClock { at } => f.debug_struct("SetClock").field("at", at).finish(),
             Request::CloseDevice { id } => f.debug_struct("CloseDevice").field("id", id).finish(),
             Request::Alarm { command } => {
                 f.debug_struct("Alarm").field("action", &command.get("action")).finish_non_exhaustive()
@@ -295,6 +305,7 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                 client_ids: handles.sessions.held(),
                 router_ids: handles.sessions.router_ids(),
                 router_drops: handles.sessions.router_drops(),
+                store_memory_kib: crate::store::memory_used() / 1024,
                 bridge: handles
                     .bridge
                     .as_ref()
@@ -315,6 +326,17 @@ async fn answer(request: Request, handles: &Handles) -> Response {
             }
             None => {
                 Response::error(format!("the fault switch is off (start the hub with {}=1)", crate::health::FAULTS_ENV))
+            }
+        },
+        Request::SetClock { at } => match (&handles.faults, at.parse::<jiff::Timestamp>()) {
+            (None, _) => {
+                Response::error(format!("the fault switch is off (start the hub with {}=1)", crate::health::FAULTS_ENV))
+            }
+            (Some(_), Err(e)) => Response::error(format!("not an RFC 3339 time: {e}")),
+            (Some(_), Ok(at)) => {
+                warn!(%at, "test fault: the wall clock is set");
+                crate::wall::set(at);
+                ok
             }
         },
         Request::AlarmStatus => match alarm.status().await {

@@ -269,7 +269,7 @@ pub async fn run(store: Store, inputs: WriterInputs, mut settings: watch::Receiv
             continue;
         }
         let prune_before = (last_prune.elapsed() > Duration::from_secs(3600)).then(|| {
-            let before = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(history_days));
+            let before = crate::wall::now_utc() - time::Duration::days(i64::from(history_days));
             store::rfc3339(before)
         });
         let batch = store::Batch {

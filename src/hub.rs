@@ -171,6 +171,7 @@ struct Hub {
 impl Hub {
     /// Starts everything in the order of the module doc; returns once the hub is ready.
     async fn start(config: Config, mut listeners: Listeners) -> Result<Hub, HubError> {
+        crate::wall::set_from_test_env();
         let paths = CertPaths::new(&config.data_dir);
         let acceptor = TlsAcceptor::from(broker::tls::server_config(&paths)?);
         let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;

@@ -26,5 +26,6 @@ pub mod snippets;
 pub mod sources;
 pub mod store;
 pub mod topics;
+pub mod wall;
 pub mod wear;
 pub mod web;

@@ -6,7 +6,7 @@
 //! checked against the configured scenes), both from the dispatcher ([`crate::dispatcher`]), the
 //! alarm's "every light on", and a reloaded config ([`Lights::reconfigure`]: timers of rules that
 //! still exist keep running). The task maps tokio's monotonic clock to the machine's [`Instant`] (milliseconds
-//! since the task started), reads the wall clock ([`jiff::Timestamp::now`]) at each event and
+//! since the task started), reads the wall clock ([`crate::wall::now`]) at each event and
 //! wake-up — the only place in the hub that does so for the rules — and sleeps until
 //! [`Lights::poll_timeout`]. Each [`Action::Set`] is published, not retained, to `dpi/ID/set` as
 //! `{"on": bool, "brightness": n}` with only the fields the command carries.
@@ -261,19 +261,28 @@ pub async fn run(config: Arc<Config>, store: Store, commands: Commands, inbox: I
     driver.seed(&config, &store).await;
     drop((config, store));
     let now = driver.now();
-    driver.lights.start(now, jiff::Timestamp::now());
+    driver.lights.start(now, crate::wall::now());
     driver.carry_out();
+    let mut steps = crate::wall::StepWatch::default();
+    let mut stepped = crate::wall::stepped();
     loop {
         let wake = driver.lights.poll_timeout().map(|t| driver.at(t));
         tokio::select! {
             input = inbox.recv() => match input {
-                Some(input) => driver.input(input),
+                Some(input) => {
+                    steps.look();
+                    driver.input(input);
+                }
                 None => break,
             },
             () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {
-                let now = driver.now();
-                driver.lights.handle_timeout(now, jiff::Timestamp::now());
-                driver.carry_out();
+                steps.look();
+                driver.timeout();
+            }
+            // Only the test-only clock setter sends this; a real step is seen at the next wake.
+            Ok(()) = stepped.changed() => {
+                steps.look();
+                driver.timeout();
             }
         }
     }
@@ -309,7 +318,7 @@ impl Driver {
             let Ok(state) = decode::decode_state(*kind, json.as_bytes(), usize::MAX) else { continue };
             if let Some(event) = event_of(&row.id, &state) {
                 let now = self.now();
-                let _ = self.lights.handle_event(event, now, jiff::Timestamp::now());
+                let _ = self.lights.handle_event(event, now, crate::wall::now());
             }
         }
         // Seeding only records states; anything it queued would be a stale command.
@@ -326,10 +335,17 @@ impl Driver {
         self.origin + Duration::from_millis(t.as_millis())
     }
 
+    /// Runs what is due and carries it out.
+    fn timeout(&mut self) {
+        let now = self.now();
+        self.lights.handle_timeout(now, crate::wall::now());
+        self.carry_out();
+    }
+
     /// Feeds one input and carries out what follows.
     fn input(&mut self, input: Input) {
         let now = self.now();
-        let wall = jiff::Timestamp::now();
+        let wall = crate::wall::now();
         match input {
             Input::Event(event) => {
                 if let Err(e) = self.lights.handle_event(event, now, wall) {

@@ -204,7 +204,14 @@ fn migrate(conn: &Connection, from: i64) -> rusqlite::Result<()> {
 
 /// The current time as RFC 3339 text, the form every timestamp in the database takes.
 pub fn now_rfc3339() -> String {
-    rfc3339(time::OffsetDateTime::now_utc())
+    rfc3339(crate::wall::now_utc())
+}
+
+/// Bytes SQLite has allocated in this process (every connection's page cache, schemas, statements).
+pub fn memory_used() -> u64 {
+    // SAFETY: sqlite3_memory_used only reads SQLite's own counter, under its mutex.
+    let used = unsafe { rusqlite::ffi::sqlite3_memory_used() };
+    u64::try_from(used).unwrap_or(0)
 }
 
 /// A time as RFC 3339, as every stored and published timestamp is written.

@@ -9,6 +9,7 @@ mod backup;
 mod bridge;
 mod browser;
 mod cli;
+mod clock;
 mod foundation;
 mod fuzz;
 mod hass;

@@ -567,8 +567,7 @@ async fn history(State(web): State<Arc<Web>>, headers: HeaderMap, Query(q): Quer
     if web.dispatcher.kind_of(&q.device).is_none() {
         return error(StatusCode::NOT_FOUND, "no such device");
     }
-    let since =
-        store::rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(i64::from(q.hours.min(24 * 366))));
+    let since = store::rfc3339(crate::wall::now_utc() - time::Duration::hours(i64::from(q.hours.min(24 * 366))));
     let device = q.device.clone();
     let rows = web.store.call(move |c| store::device_state::history(c, &device, &since)).await;
     match rows {
