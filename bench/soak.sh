@@ -65,16 +65,17 @@ ticks=$(getconf CLK_TCK)
 cpu() { awk -v t="$ticks" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$hub/stat"; }
 rss() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$hub/status"; }
 size() { du -ck "$dir"/data/hub.db* | tail -1 | cut -f1; }
-sqlite() { "$HUB" --config "$dir/hub.toml" status | awk '/^memory: SQLite holds/ { print $4 }'; }
+# The hub's own account of its memory: heap in use, freed but held, SQLite's part.
+memory() { "$HUB" --config "$dir/hub.toml" status | awk '/^memory: heap/ { print $3 " | " $7 " | " $14 }'; }
 
-echo "| minute | RSS MiB | SQLite KiB | hub CPU s | messages (approx.) | CPU µs per message | hub.db + WAL KiB |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| minute | RSS MiB | heap in use KiB | heap free, held KiB | SQLite KiB | hub CPU s | messages (approx.) | CPU µs per message | hub.db + WAL KiB |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 start_cpu=$(cpu)
 for minute in $(seq 1 "$MINUTES"); do
   sleep 60
   used=$(awk -v a="$(cpu)" -v b="$start_cpu" 'BEGIN { printf "%.2f", a - b }')
   msgs=$((minute * 60 * RATE))
   per=$(awk -v c="$used" -v m="$msgs" 'BEGIN { printf "%.1f", c * 1e6 / m }')
-  echo "| $minute | $(rss) | $(sqlite) | $used | $msgs | $per | $(size) |"
+  echo "| $minute | $(rss) | $(memory) | $used | $msgs | $per | $(size) |"
 done
 echo "house: $(grep -c 'done:' "$dir/house.log") restarts; last: $(grep 'done:' "$dir/house.log" | tail -1)"

@@ -660,7 +660,10 @@ fn status(config: &Config) -> anyhow::Result<()> {
                     "clients: {} connected, {} client ids held (persistent sessions included), {} router ids used",
                     s.connected, s.client_ids, s.router_ids
                 );
-                println!("memory: SQLite holds {} KiB (its page cache, schema and statements)", s.store_memory_kib);
+                println!(
+                    "memory: heap {} KiB in use, {} KiB freed but held; SQLite holds {} KiB of it (page cache, schema, statements)",
+                    s.heap_kib.0, s.heap_kib.1, s.store_memory_kib
+                );
                 if s.router_drops > 0 {
                     println!("router: closed {} connections on its own (a client it could not handle)", s.router_drops);
                 }

@@ -121,6 +121,9 @@ pub struct Stats {
     /// Memory SQLite holds now, in KiB: its page cache, schema and prepared statements.
     #[serde(default)]
     pub store_memory_kib: u64,
+    /// The allocator's heap, in KiB: in use, and freed but still held (glibc only; 0 elsewhere).
+    #[serde(default)]
+    pub heap_kib: (u64, u64),
     /// The bridge's connection and last successful send, when there is a bridge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bridge: Option<crate::bridge::Status>,
@@ -306,6 +309,7 @@ async fn answer(request: Request, handles: &Handles) -> Response {
                 router_ids: handles.sessions.router_ids(),
                 router_drops: handles.sessions.router_drops(),
                 store_memory_kib: crate::store::memory_used() / 1024,
+                heap_kib: crate::hub::heap_kib(),
                 bridge: handles
                     .bridge
                     .as_ref()

@@ -462,6 +462,21 @@ fn release_free_memory() {
     }
 }
 
+/// The allocator's heap in KiB: (in use, freed but held in its arenas); zeros where unknown.
+pub fn heap_kib() -> (u64, u64) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters, under its locks.
+        let info = unsafe { libc::mallinfo2() };
+        let kib = |bytes: usize| u64::try_from(bytes / 1024).unwrap_or(u64::MAX);
+        (kib(info.uordblks + info.hblkhd), kib(info.fordblks))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        (0, 0)
+    }
+}
+
 /// This process's resident set in KiB (0 when unknown), for the trimmer's log line.
 fn resident_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -40,7 +40,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Run => {
             keep_large_blocks_out_of_the_heap();
             logging::init(&config.log_level);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            // One thread for every session, the rules and the web app, beside rumqttd's router
+            // thread, the store's and the password checks': each message then crosses two threads
+            // instead of bouncing between workers (measured in BENCHMARKS.md, "At a house's load").
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 let listeners = hub::Listeners::bind(&config).await?;
                 let shutdown = CancellationToken::new();

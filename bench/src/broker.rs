@@ -97,8 +97,8 @@ impl Setup {
         let data = dir.path().join("hub-data");
         let hub_config = dir.path().join("domoticpi.toml");
         let mut config = format!(
-            "data_dir = {:?}\nlog_level = \"warn\"\n\n[broker]\ntls_listen = \"127.0.0.1:0\"\n\
-             plain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
+            "data_dir = {:?}\nlog_level = \"warn\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[broker]\n\
+             tls_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
             data.display().to_string()
         );
         config.push_str(&reaction_config());
@@ -225,16 +225,17 @@ impl Setup {
         Ok(out.stdout.trim().to_owned())
     }
 
-    /// Starts a fresh broker of `kind`; it is killed when the returned guard is dropped.
-    pub fn start(&self, kind: Kind) -> Result<Broker> {
+    /// Starts a fresh broker of `kind`, killed when the returned guard is dropped; confined to CPU `cpu` when given (`taskset -c CPU`: every thread of the
+    /// broker may run on that core only, and the hub's runtime sizes itself to it).
+    pub fn start_on(&self, kind: Kind, cpu: Option<usize>) -> Result<Broker> {
         match kind {
-            Kind::Hub => self.start_hub(),
+            Kind::Hub => self.start_hub(cpu),
             Kind::Mosquitto => {
                 let m = self.mosquitto.as_ref().ok_or_else(|| anyhow!("mosquitto is not available"))?;
                 let mut last_error = anyhow!("mosquitto did not start");
                 // A port picked free may be taken again before Mosquitto binds it: try a few times.
                 for _ in 0..3 {
-                    match self.start_mosquitto(m) {
+                    match self.start_mosquitto(m, cpu) {
                         Ok(b) => return Ok(b),
                         Err(e) => last_error = e,
                     }
@@ -245,8 +246,8 @@ impl Setup {
     }
 
     /// Runs `domoticpi --config C run` and reads its listeners from the `hub ready` log line.
-    fn start_hub(&self) -> Result<Broker> {
-        let mut cmd = wrapped(&self.hub_bin);
+    fn start_hub(&self, cpu: Option<usize>) -> Result<Broker> {
+        let mut cmd = wrapped(&self.hub_bin, cpu);
         cmd.arg("--config").arg(&self.hub_config).arg("run");
         // Warnings only, like Mosquitto's `log_type error`, plus the one line that gives the ports.
         cmd.env("RUST_LOG", "warn,domoticpi::hub=info");
@@ -273,7 +274,7 @@ impl Setup {
     }
 
     /// Writes a mosquitto.conf equivalent to the hub's config and starts Mosquitto on it.
-    fn start_mosquitto(&self, m: &Mosquitto) -> Result<Broker> {
+    fn start_mosquitto(&self, m: &Mosquitto, cpu: Option<usize>) -> Result<Broker> {
         let tls_port = free_port()?;
         let plain_port = free_port()?;
         let conf = self.dir.path().join("mosquitto.conf");
@@ -293,7 +294,7 @@ impl Setup {
         text.push_str(&format!("\nlistener {plain_port} 127.0.0.1\n"));
         std::fs::write(&conf, text).with_context(|| format!("writing {}", conf.display()))?;
 
-        let mut cmd = wrapped(&m.bin);
+        let mut cmd = wrapped(&m.bin, cpu);
         cmd.arg("-c").arg(&conf);
         let (mut broker, _lines) = Broker::spawn(Kind::Mosquitto, cmd, self.guard_kib)?;
         broker.tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
@@ -490,6 +491,22 @@ pub fn rss_kib_of(pid: u32) -> Result<u64> {
         .with_context(|| format!("no VmRSS in {path} (process exited?)"))
 }
 
+/// The anonymous and the file-backed parts of process `pid`'s RSS in KiB (`RssAnon`, `RssFile`):
+/// the memory it wrote, and the pages of its binary and libraries mapped from the page cache.
+pub fn rss_parts_kib_of(pid: u32) -> Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("no {name} in {path}"))
+    };
+    Ok((field("RssAnon:")?, field("RssFile:")?))
+}
+
 /// Config of the reaction measurements' devices and rules, and of an alarm that arms at once.
 fn reaction_config() -> String {
     format!(
@@ -508,8 +525,9 @@ pub fn device_id(n: usize) -> String {
 }
 
 /// `sh -c 'ulimit -n N; exec PROGRAM "$@"'`: raises the open-file limit, then becomes the program.
-fn wrapped(program: &Path) -> Command {
-    let script = format!(r#"ulimit -n {BROKER_NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec "$0" "$@""#);
+fn wrapped(program: &Path, cpu: Option<usize>) -> Command {
+    let pin = cpu.map_or_else(String::new, |cpu| format!("taskset -c {cpu} "));
+    let script = format!(r#"ulimit -n {BROKER_NOFILE} 2>/dev/null || ulimit -n "$(ulimit -Hn)"; exec {pin}"$0" "$@""#);
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(script).arg(program);
     cmd

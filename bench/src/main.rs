@@ -76,16 +76,22 @@ enum Scenario {
     Flood,
     /// Sensor → rule → actuator latency on the hub (motion → light, door → siren), idle and under load.
     Reactions,
+    /// A house's paced load (100, 1,000, 5,000 msg/s; plain and TLS): broker CPU per message, latency.
+    Paced,
+    /// The paced load with each broker confined to one core (a small Pi), the load on the others.
+    PacedOneCore,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 10] = [
+    const ALL: [Scenario; 12] = [
         Scenario::Qos0Tls,
         Scenario::Qos0Plain,
         Scenario::Qos1Tls,
         Scenario::Qos1Plain,
         Scenario::Fleet,
         Scenario::Reactions,
+        Scenario::Paced,
+        Scenario::PacedOneCore,
         Scenario::Rss,
         Scenario::Connects,
         Scenario::Churn,
@@ -109,6 +115,8 @@ struct Plan {
     connect_workers: usize,
     connect_duration: Duration,
     reaction_cycles: usize,
+    /// How long each paced rate runs, and the rates.
+    paced: (Duration, [u32; 3]),
     churn_connects: u64,
     flood_logins: u64,
 }
@@ -126,6 +134,7 @@ impl Plan {
             connect_workers: 10,
             connect_duration: Duration::from_secs(if quick { 2 } else { 5 }),
             reaction_cycles: if quick { 10 } else { 30 },
+            paced: (Duration::from_secs(if quick { 5 } else { 10 }), [100, 1_000, 5_000]),
             churn_connects: if quick { 10_000 } else { 100_000 },
             flood_logins: 1_000,
         }
@@ -231,7 +240,8 @@ async fn run(args: Args) -> Result<()> {
 
 /// Runs one measurement against a freshly started broker of `kind`, which is killed afterwards.
 async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> Result<Outcome> {
-    let mut broker: Broker = setup.start(kind)?;
+    let one_core = scenario == Scenario::PacedOneCore;
+    let mut broker: Broker = setup.start_on(kind, one_core.then_some(BROKER_CPU))?;
     let target = Target {
         tls: broker.tls,
         plain: broker.plain,
@@ -258,6 +268,23 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
             let probe: Option<&(dyn Fn() -> Result<(u64, u64)> + Sync)> = (kind == Kind::Hub).then_some(&probe);
             scenarios::fleet(&target, plan.fleet_devices, plan.fleet_rate, plan.fleet_duration, probe).await
         }
+        Scenario::Paced | Scenario::PacedOneCore => {
+            let _load = if one_core { Some(Confined::elsewhere(BROKER_CPU)?) } else { None };
+            let label = if one_core { "1 core: " } else { "" };
+            let mut all = Outcome::default();
+            let (duration, rates) = plan.paced;
+            for transport in [Transport::Plain, Transport::Tls] {
+                for rate in rates {
+                    // The slowest rate runs longer, so that the CPU ticks it is measured in add up.
+                    let duration = if rate < 1_000 { duration * 2 } else { duration };
+                    let pid = broker.pid();
+                    let out = scenarios::paced(&target, transport, 10, rate, duration, pid, label).await?;
+                    all.metrics.extend(out.metrics);
+                    all.notes.extend(out.notes);
+                }
+            }
+            Ok(all)
+        }
         Scenario::Reactions => {
             reactions::reactions(&target, plan.reaction_cycles, plan.fleet_devices, f64::from(plan.fleet_rate)).await
         }
@@ -277,6 +304,49 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
     // A broker that died during the run invalidates its figures.
     broker.check_alive()?;
     outcome
+}
+
+/// The core a confined broker runs on.
+const BROKER_CPU: usize = 0;
+
+/// While alive, every thread of this benchmark runs on the cores other than one (`taskset -a -p`),
+/// so that the load does not share the confined broker's core; dropping it gives them all back.
+struct Confined {
+    all: String,
+}
+
+impl Confined {
+    fn elsewhere(cpu: usize) -> Result<Confined> {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        if cores < 2 {
+            bail!("confining the broker to one core needs at least two");
+        }
+        let others: Vec<String> = (0..cores).filter(|&c| c != cpu).map(|c| c.to_string()).collect();
+        let all = format!("0-{}", cores - 1);
+        taskset(&others.join(","))?;
+        Ok(Confined { all })
+    }
+}
+
+impl Drop for Confined {
+    fn drop(&mut self) {
+        if let Err(e) = taskset(&self.all) {
+            warn(&format!("could not give the benchmark its cores back: {e:#}"));
+        }
+    }
+}
+
+/// Sets the CPU list of every thread of this process.
+fn taskset(cpus: &str) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    if !status.success() {
+        bail!("taskset -a -p -c {cpus} failed ({status})");
+    }
+    Ok(())
 }
 
 /// Bytes process `pid` caused to be written to storage (`write_bytes` of `/proc/PID/io`).
@@ -426,6 +496,18 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
         plan.idle_concurrency,
         plan.connect_workers,
         plan.connect_duration.as_secs()
+    );
+    let _ = writeln!(
+        h,
+        "           paced: 10 publishers on bench/pace/N (no rule reads them), QoS1 64 B, to one `#` subscriber, \
+         {} s per rate ({} s at 100 msg/s); broker CPU from /proc/PID/stat (10 ms ticks) around each run",
+        plan.paced.0.as_secs(),
+        plan.paced.0.as_secs() * 2
+    );
+    let _ = writeln!(
+        h,
+        "           1 core: the broker started under `taskset -c {BROKER_CPU}`, the benchmark's threads moved to \
+         the other cores"
     );
     let _ = writeln!(h, "guard:     a broker is killed if its RSS passes {} MiB", format_number(guard_mib as f64, 0));
     Ok(h)

@@ -11,7 +11,7 @@ use rumqttc::{AsyncClient, Event, Outgoing, Packet, Publish, QoS};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::broker::{device_id, rss_kib_of, Broker};
+use crate::broker::{device_id, rss_kib_of, rss_parts_kib_of, Broker};
 use crate::client::{self, Target, Transport};
 use crate::now_ns;
 
@@ -613,7 +613,11 @@ pub async fn idle_clients(broker: &mut Broker, target: &Target, count: usize, co
     let mib = |kib: u64| kib as f64 / 1024.0;
     let mut out = Outcome::default();
     tokio::time::sleep(SETTLE).await;
-    out.push("RSS idle (MiB)", mib(broker.rss_kib()?), 1);
+    let idle = broker.rss_kib()?;
+    out.push("RSS idle (MiB)", mib(idle), 1);
+    let (anon, file) = rss_parts_kib_of(pid)?;
+    out.push("RSS idle: anonymous, the memory it wrote (MiB)", mib(anon), 1);
+    out.push("RSS idle: file pages, its binary and libraries (MiB)", mib(file), 1);
 
     let first = IdleClients::open(target, "idle-a", count, concurrency, MemoryBudget::new(pid, limit_kib, 0)).await;
     tokio::time::sleep(SETTLE).await;
@@ -622,6 +626,8 @@ pub async fn idle_clients(broker: &mut Broker, target: &Target, count: usize, co
     let (connected, shortfall) = (first.clients.len(), first.shortfall(count));
     first.close().await;
     out.push(format!("RSS with {count} idle TLS clients (MiB)"), mib(with_clients), 1);
+    out.flag_last(shortfall.clone());
+    out.push("RSS per idle TLS client (KiB)", with_clients.saturating_sub(idle) as f64 / connected.max(1) as f64, 1);
     out.flag_last(shortfall);
     if connected == 0 {
         bail!("no idle client could connect");
@@ -722,4 +728,127 @@ async fn stop_task(mut task: JoinHandle<()>) {
     if tokio::time::timeout(Duration::from_secs(3), &mut task).await.is_err() {
         task.abort();
     }
+}
+
+/// CPU time process `pid` has used so far (user + system, every thread, the dead ones too), from
+/// `/proc/PID/stat`, in seconds (the kernel counts in ticks of 1/CLK_TCK s, 10 ms here).
+fn cpu_seconds_of(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name may hold spaces: the fields are counted after its closing parenthesis.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in /proc/PID/stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).context("short /proc/PID/stat");
+    // utime and stime are the 14th and 15th fields; `after` starts at the 3rd.
+    let total = ticks(11)? + ticks(12)?;
+    Ok(total as f64 / CLK_TCK)
+}
+
+/// The kernel's clock tick for /proc times (USER_HZ: 100 on every Linux the hub runs on).
+const CLK_TCK: f64 = 100.0;
+
+/// Decodes a paced message: `bench/pace/N` with the 1→1 binary payload.
+fn decode_paced(p: &Publish) -> Option<(usize, u64, u64)> {
+    let stream: usize = p.topic.strip_prefix("bench/pace/")?.parse().ok()?;
+    if p.payload.len() < 16 {
+        return None;
+    }
+    let seq = u64::from_le_bytes(p.payload[..8].try_into().ok()?);
+    let sent = u64::from_le_bytes(p.payload[8..16].try_into().ok()?);
+    Some((stream, seq, sent))
+}
+
+/// A house's load: `publishers` clients on `bench/pace/N` (no rule reads these topics), QoS1,
+/// together `rate` msg/s for `duration`, to one subscriber on `#`. Besides delivery and latency,
+/// the broker's CPU time per message, read from /proc around the run.
+pub async fn paced(
+    target: &Target,
+    transport: Transport,
+    publishers: usize,
+    rate: u32,
+    duration: Duration,
+    broker_pid: u32,
+    label: &str,
+) -> Result<Outcome> {
+    let prefix = format!("{label}{rate} msg/s QoS1 {} {publishers}→1 `#`", transport.name());
+    let per_publisher = ((f64::from(rate) * duration.as_secs_f64()) / publishers as f64).round().max(1.0) as usize;
+    let expected = (per_publisher * publishers) as u64;
+    let sub = Subscriber::start(
+        target,
+        "bench-pace-sub",
+        transport,
+        "#",
+        QoS::AtLeastOnce,
+        &vec![per_publisher; publishers],
+        decode_paced,
+    )
+    .await?;
+    let mut clients = Vec::with_capacity(publishers);
+    for i in 0..publishers {
+        let (client, eventloop) = client::connect(target, &format!("bench-pace-{i}"), transport).await?;
+        clients.push((client, tokio::spawn(client::drive(eventloop))));
+    }
+    let period = Duration::from_secs_f64(publishers as f64 / f64::from(rate));
+    let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
+    let started = Instant::now() + Duration::from_millis(100);
+    let cpu_before = cpu_seconds_of(broker_pid)?;
+    let mut set = JoinSet::new();
+    for (i, (client, _)) in clients.iter().enumerate() {
+        let client = client.clone();
+        let first = started_tokio + period.mul_f64(i as f64 / publishers as f64);
+        set.spawn(async move {
+            let topic = format!("bench/pace/{i}");
+            let mut tick = tokio::time::interval_at(first, period);
+            let mut payload = [b'x'; PAYLOAD_BYTES];
+            for seq in 0..per_publisher as u64 {
+                tick.tick().await;
+                payload[..8].copy_from_slice(&seq.to_le_bytes());
+                payload[8..16].copy_from_slice(&now_ns().to_le_bytes());
+                client.publish(&topic, QoS::AtLeastOnce, false, payload.to_vec()).await.context("publishing")?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    let limit = duration + Duration::from_secs(60);
+    let joined = tokio::time::timeout(limit, async {
+        let mut first_error = None;
+        while let Some(r) = set.join_next().await {
+            if let Some(e) = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(anyhow!("publisher task: {e}")),
+            } {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    })
+    .await;
+    set.abort_all();
+    let published_at = Instant::now();
+    let failure = match joined {
+        Err(_) => Some(anyhow!("the publishers did not finish within {limit:?}")),
+        Ok(e) => e,
+    };
+    if failure.is_none() {
+        sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
+    }
+    let cpu = cpu_seconds_of(broker_pid)? - cpu_before;
+    for (client, driver) in clients {
+        let _ = client.try_disconnect();
+        stop_task(driver).await;
+    }
+    let tracker = sub.finish().await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let delivered = tracker.distinct;
+    let mut out = Outcome::default();
+    out.push(format!("{prefix}: broker CPU per message (µs)"), cpu * 1e6 / (delivered.max(1) as f64), 1);
+    let mut rows = Outcome::default();
+    delivery_rows(&mut rows, &prefix, tracker, expected, started)?;
+    // The rate is set by the publishers: only latency and losses say something here.
+    out.metrics.extend(rows.metrics.into_iter().filter(|m| !m.label.ends_with("msgs/s delivered")));
+    out.notes.extend(rows.notes);
+    Ok(out)
 }

@@ -627,8 +627,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return true;
         };
         self.link_tx.buffer().extend(self.to_router.drain(..));
-        // `LinkTx::send` blocks when the router's inbox is full. Far from full (the usual case),
-        // it cannot; close to full, tell the runtime first so that other sessions keep running.
+        // `LinkTx::send` blocks when the router's inbox is full; the router drains it on its own
+        // thread and never waits for a session (it only try-sends to links). On the daemon's
+        // current-thread runtime the wait is brief and stalls the sessions with it, as one
+        // thread's broker does; on a multi-thread runtime (some tests), tell the runtime first.
         let runtime = tokio::runtime::Handle::current();
         let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
         if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
