@@ -711,3 +711,34 @@ async fn a_publish_to_a_dollar_topic_is_refused_and_the_connection_stays() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn qos1_publishes_are_acknowledged_in_order_refused_ones_too_and_delivered_at_qos1() {
+    let hub = hub().await;
+    let (mut sub, _) = raw(&hub, "order-sub", ADMIN, true).await;
+    sub.send(raw_subscribe(1, &[("order/#", QoS::AtLeastOnce)])).await;
+    assert_eq!(suback(&mut sub, 1).await, [1]);
+    let (mut publisher, _) = raw(&hub, "order-pub", ADMIN, true).await;
+    // The second is refused (a `$` topic): its PUBACK still comes in its place.
+    for (pkid, topic) in [(1, "order/a"), (2, "$SYS/fake"), (3, "order/b"), (4, "order/c")] {
+        publisher.send(raw_publish(topic, topic.as_bytes(), 1, pkid, false)).await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 4 {
+        match publisher.recv(TEN_SECONDS).await {
+            Some(Packet::PubAck(ack, _)) => acked.push(ack.pkid),
+            Some(_) => {}
+            None => panic!("the publisher's connection was closed after PUBACKs {acked:?}"),
+        }
+    }
+    assert_eq!(acked, [1, 2, 3, 4]);
+    for topic in ["order/a", "order/b", "order/c"] {
+        let (payload, qos, pkid) = publish_on(&mut sub, topic).await;
+        assert_eq!((payload.as_slice(), qos), (topic.as_bytes(), 1), "{topic}");
+        sub.send(Packet::PubAck(
+            rumqttd::protocol::PubAck { pkid, reason: rumqttd::protocol::PubAckReason::Success },
+            None,
+        ))
+        .await;
+    }
+}

@@ -336,17 +336,24 @@ impl Drop for Confined {
     }
 }
 
-/// Sets the CPU list of every thread of this process.
+/// Sets the CPU list of every thread of this process. A thread that ends while taskset walks
+/// the list makes it fail: it is tried again.
 fn taskset(cpus: &str) -> Result<()> {
-    let status = Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running taskset (util-linux)")?;
-    if !status.success() {
-        bail!("taskset -a -p -c {cpus} failed ({status})");
+    let mut last = None;
+    for _ in 0..5 {
+        let status = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running taskset (util-linux)")?;
+        if status.success() {
+            return Ok(());
+        }
+        last = Some(status);
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+    bail!("taskset -a -p -c {cpus} failed 5 times (last: {})", last.map(|s| s.to_string()).unwrap_or_default())
 }
 
 /// Bytes process `pid` caused to be written to storage (`write_bytes` of `/proc/PID/io`).

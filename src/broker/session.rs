@@ -6,8 +6,8 @@
 //! unknown, a will refused: 5; bad credentials: 4; client id not acceptable or held by another
 //! identity: 2; the hub full or busy: 3; another protocol level: 1); keepalive measured on what the
 //! client sends (1.5 × its value, none for 0); a second CONNECT, a packet 1 KiB over
-//! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP and UNSUBACK
-//! without a router round trip; and the will published once, only for a connection that died
+//! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP, UNSUBACK
+//! and a QoS 1 PUBLISH's PUBACK (once the router has the message) without a router round trip; and the will published once, only for a connection that died
 //! without DISCONNECT, before the device's `offline`. It is also where [`super::guard`] is applied:
 //! nothing reaches the router that the guard, [`super::acks`] and [`super::sessions`] have not let
 //! through. Retained publishes it lets through also go to the writer, to be kept on disk.
@@ -573,11 +573,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
                     deadline = self.keepalive.map(|k| Instant::now() + k);
                     let end = self.handle_incoming();
-                    if let Err(end) = self.flush_client().await {
-                        return end;
-                    }
+                    // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
                     if !self.flush_router().await {
                         return End::Router;
+                    }
+                    if let Err(end) = self.flush_client().await {
+                        return end;
                     }
                     if let Some(end) = end {
                         return end;
@@ -757,7 +758,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The router delivers at the subscription's QoS; the publish QoS travels with the message
         // (in a field MQTT 3.1.1 never sees) so that the receiving session can lower it.
         let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
-        self.to_router.push(Packet::Publish(publish, Some(props)));
+        if qos == 1 {
+            // Answered here, in order with every other QoS 1 PUBLISH of the connection, and written
+            // to the client once the router has the message (`pump` flushes the router first). The
+            // router gets it at QoS 0: it would only answer PUBACK, a hand-over between the router's
+            // thread and this one for every message, and it delivers at the subscriptions' QoS anyway.
+            let at_most_once = Publish::new(publish.topic, publish.payload, publish.retain);
+            self.to_router.push(Packet::Publish(at_most_once, Some(props)));
+            self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+        } else {
+            self.to_router.push(Packet::Publish(publish, Some(props)));
+        }
         None
     }
 
