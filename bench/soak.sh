@@ -21,7 +21,7 @@ PORT=$((20000 + $$ % 20000))
 
 dir=$(mktemp -d "${PWD}/target/soak.XXXXXX")
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$dir"' EXIT
+trap 'kill "${pids[@]}" 2>/dev/null || true; pkill -f -- "--creds-dir $dir/creds" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$dir"' EXIT
 {
   printf 'data_dir = "%s/data"\n[web]\nlisten = ""\n[broker]\ntls_listen = "127.0.0.1:%s"\n' "$dir" "$PORT"
   for i in $(seq 1 "$DEVICES"); do
