@@ -369,27 +369,8 @@ pub async fn fleet(
             anyhow::Ok(())
         });
     }
-    let limit = duration + Duration::from_secs(60);
-    let joined = tokio::time::timeout(limit, async {
-        let mut first_error = None;
-        while let Some(r) = set.join_next().await {
-            if let Some(e) = match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(e) => Some(anyhow!("publisher task: {e}")),
-            } {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error
-    })
-    .await;
-    set.abort_all();
+    let failure = join_publishers(set, duration + Duration::from_secs(60), "the devices").await;
     let published_at = Instant::now();
-    let failure = match joined {
-        Err(_) => Some(anyhow!("the devices did not finish publishing within {limit:?}")),
-        Ok(e) => e,
-    };
     if failure.is_none() {
         sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
     }
@@ -424,6 +405,29 @@ pub async fn fleet(
         }
     }
     Ok(out)
+}
+
+/// Waits (at most `limit`) for every publisher task; the first error, or why they did not finish.
+async fn join_publishers(mut set: JoinSet<Result<()>>, limit: Duration, who: &str) -> Option<anyhow::Error> {
+    let joined = tokio::time::timeout(limit, async {
+        let mut first_error = None;
+        while let Some(r) = set.join_next().await {
+            if let Some(e) = match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(anyhow!("publisher task: {e}")),
+            } {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    })
+    .await;
+    set.abort_all();
+    match joined {
+        Err(_) => Some(anyhow!("{who} did not finish publishing within {limit:?}")),
+        Ok(e) => e,
+    }
 }
 
 /// Keeps a broker's RSS under a limit while clients connect: a connect starts only if the broker's
@@ -809,27 +813,8 @@ pub async fn paced(
             anyhow::Ok(())
         });
     }
-    let limit = duration + Duration::from_secs(60);
-    let joined = tokio::time::timeout(limit, async {
-        let mut first_error = None;
-        while let Some(r) = set.join_next().await {
-            if let Some(e) = match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(e) => Some(anyhow!("publisher task: {e}")),
-            } {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error
-    })
-    .await;
-    set.abort_all();
+    let failure = join_publishers(set, duration + Duration::from_secs(60), "the publishers").await;
     let published_at = Instant::now();
-    let failure = match joined {
-        Err(_) => Some(anyhow!("the publishers did not finish within {limit:?}")),
-        Ok(e) => e,
-    };
     if failure.is_none() {
         sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
     }
