@@ -7,7 +7,7 @@
 //! driver, states to the light rules' driver, `dpi/alarm/set` and `dpi/scene/set` to theirs. It
 //! announces each device's availability (retained), the hub's word on it.
 //!
-//! Devices on their own firmware's topics (SPEC §11) are translated by [`sources`] both ways: a
+//! Devices on their own firmware's topics (SPEC §11) are translated by [`sources`](crate::sources) both ways: a
 //! firmware state is judged and recorded as the device's `dpi/ID/state` (which the hub then
 //! publishes, retained), and a command to such a device, from a client or from a driver through
 //! [`Commands`], is also published in the firmware's words.

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 static OFFSET_MS: LazyLock<watch::Sender<i64>> = LazyLock::new(|| watch::Sender::new(0));
 
 /// A step of at least this much is logged.
-const LOGGED_STEP: Duration = Duration::from_secs(5);
+pub const LOGGED_STEP: Duration = Duration::from_secs(5);
 
 /// The wall clock now.
 pub fn now() -> Timestamp {

@@ -8,7 +8,7 @@
 //! | resident  | `dpi/+/set`, `dpi/alarm/set`, `dpi/scene/set`                 | `dpi/#` and anything under it    |
 //! | admin     | anything                                                      | anything                         |
 //!
-//! A device that speaks its own firmware's topics (SPEC §11) carries a [`Scope`] instead: it may
+//! A device that speaks its own firmware's topics (SPEC §11) carries a [`Scope`](crate::auth::Scope) instead: it may
 //! publish where one of its filters matches, and subscribe within one of them, and nothing of `dpi/`.
 
 use crate::auth::Identity;
