@@ -158,6 +158,62 @@ async fn a_resident_cannot_take_over_an_admins_persistent_session() {
     let _ = SECOND;
 }
 
+/// A persistent session's deliveries the client acknowledged are settled for good: the session hands
+/// its acknowledgements to the router in batches, and the ones still gathered when the client
+/// leaves (cleanly or not) go before the session is put away, so nothing is delivered twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_deliveries_of_a_persistent_session_are_not_delivered_again() {
+    let hub = hub().await;
+    for disconnect in [true, false] {
+        let id = format!("dashboard-{disconnect}");
+        let (mut admin, _) = raw(&hub, &id, ADMIN, false).await;
+        admin.send(raw_subscribe(1, &[("house/#", QoS::AtLeastOnce)])).await;
+        assert_eq!(suback(&mut admin, 1).await, [1]);
+        let (mut other, _) = raw(&hub, &format!("other-{disconnect}"), ADMIN, true).await;
+        for n in 0..5u16 {
+            other.send(raw_publish(&format!("house/{n}"), b"once", 1, n + 1, false)).await;
+        }
+        for n in 0..5u16 {
+            let (payload, qos, pkid) = publish_on(&mut admin, &format!("house/{n}")).await;
+            assert_eq!((payload.as_slice(), qos), (&b"once"[..], 1));
+            admin
+                .send(Packet::PubAck(
+                    rumqttd::protocol::PubAck { pkid, reason: rumqttd::protocol::PubAckReason::Success },
+                    None,
+                ))
+                .await;
+        }
+        // A ping answered means the hub has read the acknowledgements before the client leaves.
+        admin.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
+        assert!(matches!(admin.recv(TEN_SECONDS).await, Some(Packet::PingResp(_))));
+        if disconnect {
+            admin
+                .send(Packet::Disconnect(
+                    rumqttd::protocol::Disconnect {
+                        reason_code: rumqttd::protocol::DisconnectReasonCode::NormalDisconnection,
+                    },
+                    None,
+                ))
+                .await;
+            assert!(admin.closed_within(TEN_SECONDS).await);
+        } else {
+            drop(admin);
+        }
+        other.send(raw_publish("house/after", b"new", 1, 9, false)).await;
+        let _ = other.recv(TEN_SECONDS).await; // PUBACK
+
+        let (mut admin, present) = raw(&hub, &id, ADMIN, false).await;
+        assert!(present, "the session was lost");
+        match admin.recv(TEN_SECONDS).await {
+            Some(Packet::Publish(p, _)) => {
+                assert_eq!(p.topic, "house/after", "an acknowledged delivery came again (disconnect: {disconnect})")
+            }
+            other => panic!("expected the message sent while away, got {other:?}"),
+        }
+    }
+    assert_routes(&hub).await;
+}
+
 /// A raw TLS client that logs in and returns the CONNACK's code (`None`: closed without one).
 async fn code_of(
     hub: &TestHub,

@@ -431,12 +431,14 @@ async fn accept_one(
 ) {
     // Without NODELAY, Nagle holds small MQTT packets (CONNACK, PUBACK) for tens of milliseconds.
     let _ = socket.set_nodelay(true);
+    // Each connection's task keeps room for its largest state while it lives: the handshake's is
+    // boxed and freed once done, and a session's holds only itself (see `session::run`).
     match tls {
-        None => session::run(socket, peer, None, shared, ticket).await,
-        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+        None => Box::pin(session::run(socket, peer, None, shared, ticket)).await,
+        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(acceptor.accept(socket))).await {
             Ok(Ok(stream)) => {
                 let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_cert(c));
-                session::run(stream, peer, cert, shared, ticket).await
+                Box::pin(session::run(stream, peer, cert, shared, ticket)).await
             }
             Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => debug!(%peer, "TLS handshake timed out"),

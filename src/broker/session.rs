@@ -7,7 +7,9 @@
 //! identity: 2; the hub full or busy: 3; another protocol level: 1); keepalive measured on what the
 //! client sends (1.5 × its value, none for 0); a second CONNECT, a packet 1 KiB over
 //! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP, UNSUBACK
-//! and a QoS 1 PUBLISH's PUBACK (once the router has the message) without a router round trip; and the will published once, only for a connection that died
+//! and a QoS 1 PUBLISH's PUBACK (once the router has the message) without a router round trip;
+//! the client's acknowledgements of deliveries gathered and handed to the router in batches
+//! (`ROUTER_ACK_BATCH`), one wake-up of its thread for many; and the will published once, only for a connection that died
 //! without DISCONNECT, before the device's `offline`. It is also where [`super::guard`] is applied:
 //! nothing reaches the router that the guard, [`super::acks`] and [`super::sessions`] have not let
 //! through. Retained publishes it lets through also go to the writer, to be kept on disk.
@@ -49,6 +51,14 @@ const ROUTER_DISCONNECTED: &str = "the router disconnected the client";
 /// How long a client may leave written data unread before the connection is closed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Settled deliveries (the client's PUBACKs and PUBCOMPs) gathered before they go to the router
+/// on their own. Each would otherwise wake the router's thread once; it keeps at most 100 deliveries
+/// of a link in flight, so a third of that never holds up the next delivery.
+const ROUTER_ACK_BATCH: usize = 32;
+
+/// The longest a settled delivery waits for others before it goes to the router alone.
+const ROUTER_ACK_LINGER: Duration = Duration::from_millis(500);
+
 /// Runs a client session on an established (TLS or plain) stream: CONNECT and login, then the
 /// client id and its router link, then packets both ways, then the end. `ticket` holds the
 /// socket's place in the admission count until the session is over.
@@ -58,10 +68,12 @@ where
 {
     let _ended = Ended(&shared);
     let conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
-    let Some(accepted) = accept(conn, peer, cert, &shared, &mut ticket).await else { return };
-    let Some((mut session, session_present)) = Session::open(accepted, &shared).await else { return };
+    // A future holds room for its largest state for as long as it lives: the steps that end
+    // (login, opening the link, closing) are boxed, so an idle session holds only what `serve` needs.
+    let Some(accepted) = Box::pin(accept(conn, peer, cert, &shared, &mut ticket)).await else { return };
+    let Some((mut session, session_present)) = Box::pin(Session::open(accepted, &shared)).await else { return };
     let end = session.serve(session_present).await;
-    session.close(end).await;
+    Box::pin(session.close(end)).await;
 }
 
 /// A client whose CONNECT was read and whose login and will were accepted.
@@ -434,8 +446,11 @@ struct Session<S> {
     /// SUBSCRIBEs partly refused: per packet id, for each requested filter its index among the
     /// filters passed to the router, or `None` if refused (answered 0x80).
     pending_subscribes: HashMap<u16, Vec<Option<usize>>>,
-    /// Packets for the router gathered while handling one batch.
+    /// Packets for the router gathered while handling one batch, and settled deliveries waiting
+    /// for company ([`ROUTER_ACK_BATCH`]).
     to_router: Vec<Packet>,
+    /// When the oldest settled delivery in `to_router` must go, if only those wait there.
+    acks_due: Option<Instant>,
     /// Retained QoS 2 publishes awaiting their PUBREL: kept on disk once the router has them.
     retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
     /// The will, published if the connection dies without DISCONNECT.
@@ -500,6 +515,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             acks: Acks::default(),
             pending_subscribes: HashMap::new(),
             to_router: Vec::new(),
+            acks_due: None,
             retained_on_release: HashMap::new(),
             will,
             asked: (connect.keep_alive, clean),
@@ -523,10 +539,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// next), then the will of a connection that died, then the device's `offline`, so that the
     /// hub's word on availability comes last; a taken-over connection publishes neither.
     async fn close(self, end: End) {
-        let Session { mut link_tx, client_id, mut conn, claim, identity, shared, peer, will, .. } = self;
+        let Session { mut link_tx, client_id, mut conn, claim, identity, shared, peer, will, to_router, .. } = self;
         match end {
             End::Router => shared.sessions.router_dropped(),
-            _ => drop(disconnect_link(&mut link_tx).await),
+            _ => {
+                // Deliveries the client settled are settled for the router too, before a
+                // persistent session is put away.
+                link_tx.buffer().extend(to_router);
+                drop(disconnect_link(&mut link_tx).await);
+            }
         }
         drop(link_tx);
         let replaced = shared.sessions.is_replaced(&claim);
@@ -559,6 +580,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             let keepalive = async {
                 match deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let acks_due_at = self.acks_due;
+            let acks_due = async {
+                match acks_due_at {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
@@ -599,6 +627,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 () = keepalive => return End::Lost("keepalive timeout".into()),
+                () = acks_due => {
+                    if !self.send_to_router().await {
+                        return End::Router;
+                    }
+                }
                 () = kick.cancelled() => return End::Kicked,
                 () = self.shared.closing.cancelled() => {
                     self.drain().await;
@@ -622,8 +655,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Sends what was gathered for the router with one wake-up; false if the router is gone.
+    /// Sends what was gathered for the router with one wake-up, unless only settled deliveries
+    /// wait there, fewer than [`ROUTER_ACK_BATCH`]: those wait for company until they are due.
+    /// False if the router is gone.
     async fn flush_router(&mut self) -> bool {
+        let only_acks = self.to_router.iter().all(|p| matches!(p, Packet::PubAck(..) | Packet::PubComp(..)));
+        if only_acks && self.to_router.len() < ROUTER_ACK_BATCH {
+            if self.to_router.is_empty() {
+                self.acks_due = None;
+            } else if self.acks_due.is_none() {
+                self.acks_due = Some(Instant::now() + ROUTER_ACK_LINGER);
+            }
+            return true;
+        }
+        self.send_to_router().await
+    }
+
+    /// Sends everything gathered for the router with one wake-up; false if the router is gone.
+    async fn send_to_router(&mut self) -> bool {
+        self.acks_due = None;
         let Some(last) = self.to_router.pop() else {
             return true;
         };
