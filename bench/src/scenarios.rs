@@ -748,6 +748,23 @@ fn cpu_seconds_of(pid: u32) -> Result<f64> {
     Ok(total as f64 / CLK_TCK)
 }
 
+/// Times the broker's threads were switched in, all threads together (voluntary and not, from
+/// `/proc/PID/task/*/status`): each is a wake-up the kernel paid for. A thread that ends
+/// meanwhile takes its count with it, so a difference is at worst a little low.
+fn switches_of(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else { continue };
+        total += status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// The kernel's clock tick for /proc times (USER_HZ: 100 on every Linux the hub runs on).
 const CLK_TCK: f64 = 100.0;
 
@@ -796,6 +813,7 @@ pub async fn paced(
     let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
     let started = Instant::now() + Duration::from_millis(100);
     let cpu_before = cpu_seconds_of(broker_pid)?;
+    let switches_before = switches_of(broker_pid)?;
     let mut set = JoinSet::new();
     for (i, (client, _)) in clients.iter().enumerate() {
         let client = client.clone();
@@ -819,6 +837,7 @@ pub async fn paced(
         sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
     }
     let cpu = cpu_seconds_of(broker_pid)? - cpu_before;
+    let switches = switches_of(broker_pid)?.saturating_sub(switches_before);
     for (client, driver) in clients {
         let _ = client.try_disconnect();
         stop_task(driver).await;
@@ -830,6 +849,7 @@ pub async fn paced(
     let delivered = tracker.distinct;
     let mut out = Outcome::default();
     out.push(format!("{prefix}: broker CPU per message (µs)"), cpu * 1e6 / (delivered.max(1) as f64), 1);
+    out.push(format!("{prefix}: broker thread wake-ups per message"), switches as f64 / (delivered.max(1) as f64), 2);
     let mut rows = Outcome::default();
     delivery_rows(&mut rows, &prefix, tracker, expected, started)?;
     // The rate is set by the publishers: only latency and losses say something here.
