@@ -766,7 +766,7 @@ fn build(file: raw::File, c: &mut Checker<'_>, path: Option<&Path>) -> Config {
     let log_level = match file.log_level {
         Some(level) => {
             let value = level.get_ref().clone();
-            if tracing_subscriber::EnvFilter::try_new(&value).is_err() {
+            if crate::logging::filter(&value).is_err() {
                 c.error(level.span(), format!("log_level {value:?} is not a valid level or filter"));
             }
             value
@@ -1191,6 +1191,17 @@ mod tests {
     }
 
     const DEVICES: &str = "[[device]]\nid = \"m1\"\nkind = \"motion\"\n[[device]]\nid = \"l1\"\nkind = \"light\"\n";
+
+    #[test]
+    fn log_levels_and_per_target_filters_are_taken_anything_else_is_refused() {
+        for good in ["info", "debug", "warn,domoticpi::broker=trace", "info,rumqttd=error"] {
+            assert_eq!(errors(&format!("log_level = {good:?}\n")), vec![], "{good}");
+        }
+        for bad in ["loud", "info,domoticpi=shout", "INFO,verbose"] {
+            let errs = errors(&format!("log_level = {bad:?}\n"));
+            assert!(errs.iter().any(|(l, _, m)| *l == 1 && m.contains("not a valid level")), "{bad}: {errs:?}");
+        }
+    }
 
     #[test]
     fn the_bridge_url_gives_host_and_port() {

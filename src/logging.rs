@@ -1,7 +1,8 @@
 //! Logging: one line per event on stderr, through `tracing`.
 //!
 //! Under systemd (`JOURNAL_STREAM` set) lines carry no time stamp: journald adds its own. The
-//! filter is `RUST_LOG` when set, else the config's `log_level`; rumqttd's own logs are kept to
+//! filter is `RUST_LOG` when set, else the config's `log_level`: a level, or a level and
+//! `target=level` directives ([`filter`]); rumqttd's own logs are kept to
 //! warnings, as it reports ordinary disconnects as errors, and its "no-connection id N is already
 //! gone" is dropped: it is logged at ERROR when a link's last wake-up reaches the router after the
 //! link's own DISCONNECT, whose data the router had already taken (nothing is lost). A second layer
@@ -16,16 +17,31 @@ use tracing_subscriber::filter::{FilterExt as _, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::layer::{Context, Filter};
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
+use tracing_subscriber::Layer as _;
 
 use crate::broker::lag::LagLayer;
+
+/// Parses a log filter: `info`, or `info,domoticpi::broker=debug` (comma-separated, a bare level
+/// for every target, `target=level` for a target and the modules under it; the longest match wins).
+/// Span and field filters are not taken (they would compile a regex engine into the binary).
+pub fn filter(text: &str) -> Result<Targets, String> {
+    // A bare word would otherwise name a target to log at every level: a mistyped level.
+    let levels = ["off", "error", "warn", "info", "debug", "trace"];
+    if let Some(word) =
+        text.split(',').map(str::trim).find(|d| !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()))
+    {
+        return Err(format!("{word:?} is not a level"));
+    }
+    text.parse::<Targets>().map_err(|e| e.to_string())
+}
 
 /// Installs the global subscriber; a second call does nothing.
 pub fn init(log_level: &str) {
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("{log_level},rumqttd=warn")));
+        .and_then(|f| filter(&f).ok())
+        .or_else(|| filter(&format!("{log_level},rumqttd=warn")).ok())
+        .unwrap_or_else(|| Targets::new().with_default(Level::INFO).with_target("rumqttd", Level::WARN));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -89,7 +105,7 @@ mod tests {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let fmt = tracing_subscriber::fmt::layer().with_writer(move || writer.clone()).with_ansi(false);
-        let filter = EnvFilter::new("info,rumqttd=warn").and(QuietRouter);
+        let filter = super::filter("info,rumqttd=warn").unwrap().and(QuietRouter);
         let subscriber = tracing_subscriber::registry().with(fmt.with_filter(filter));
         tracing::subscriber::with_default(subscriber, || {
             tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 8);
