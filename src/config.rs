@@ -1194,7 +1194,7 @@ mod tests {
 
     #[test]
     fn log_levels_and_per_target_filters_are_taken_anything_else_is_refused() {
-        for good in ["info", "debug", "warn,domoticpi::broker=trace", "info,rumqttd=error"] {
+        for good in ["info", "debug", "warn,domoticpi::broker=trace", "info,rumqttd=error", "info,"] {
             assert_eq!(errors(&format!("log_level = {good:?}\n")), vec![], "{good}");
         }
         for bad in ["loud", "info,domoticpi=shout", "INFO,verbose"] {

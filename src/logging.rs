@@ -27,8 +27,10 @@ use crate::broker::lag::LagLayer;
 pub fn filter(text: &str) -> Result<Targets, String> {
     // A bare word would otherwise name a target to log at every level: a mistyped level.
     let levels = ["off", "error", "warn", "info", "debug", "trace"];
-    if let Some(word) =
-        text.split(',').map(str::trim).find(|d| !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()))
+    if let Some(word) = text
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.is_empty() && !d.contains('=') && !levels.contains(&d.to_ascii_lowercase().as_str()))
     {
         return Err(format!("{word:?} is not a level"));
     }
