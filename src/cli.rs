@@ -702,9 +702,9 @@ fn status(config: &Config) -> anyhow::Result<()> {
     }
     let lagging = store::lag::all(&conn)?;
     if !lagging.is_empty() {
-        println!("slow clients (the router skipped messages they had not read):");
+        println!("slow clients (messages dropped because they did not read them in time):");
         for (client, jumps, at) in lagging {
-            println!("  {client}: {jumps} skip-aheads, last {at}");
+            println!("  {client}: dropped {jumps} times, last {at}");
         }
     }
     println!("last events:");

@@ -407,9 +407,9 @@ mod tests {
 
     /// A dispatcher on a real router's link, with drivers nobody reads, and the writer's input.
     fn dispatcher(toml: &str) -> (Dispatcher, mpsc::UnboundedReceiver<DeviceEvent>) {
-        let router = crate::broker::start_router(4);
+        let router = crate::broker::start_router(4).unwrap();
         let (retained, _) = mpsc::unbounded_channel();
-        let (link, _, _) = crate::broker::HubLink::connect(&router.links, retained).unwrap();
+        let (link, _, _) = crate::broker::HubLink::connect(&router, retained).unwrap();
         let (pipeline, events) = Pipeline::new();
         let ((alarm, _), (lights, _)) = (alarm::channel(), lights::channel());
         let house = Arc::new(RwLock::new(Arc::new(house(toml))));

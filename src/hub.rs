@@ -177,9 +177,9 @@ impl Hub {
         let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
         let (closing, tasks) = (CancellationToken::new(), TaskTracker::new());
 
-        let router = broker::start_router(config.broker.max_connections);
+        let router = broker::start_router(config.broker.max_connections)?;
         let (retained, retained_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (link, echo, reader) = HubLink::connect(&router.links, retained.clone())?;
+        let (link, echo, reader) = HubLink::connect(&router, retained.clone())?;
         let echo = Arc::new(tokio::sync::Mutex::new(echo));
         let router_task = tokio::spawn(reader.run());
         let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
@@ -198,7 +198,7 @@ impl Hub {
         let config = Arc::clone(&house.config);
         let (outbox, bridge, remote) = match &config.bridge {
             Some(bridge) => {
-                let started = crate::bridge::start(bridge, &router.links, &store, &tasks, &closing)?;
+                let started = crate::bridge::start(bridge, &router, &store, &tasks, &closing)?;
                 (started.outbox, Some(started.status), Some(started.commands))
             }
             None => (crate::devices::OutboxInput::none(), None, None),
@@ -225,7 +225,7 @@ impl Hub {
                 throttle: Arc::clone(&throttle),
                 sessions: Arc::clone(&hub.sessions),
             };
-            crate::web::start((web, acceptor.clone()), &router.links, parts, &hub.tasks, &hub.closing)?;
+            crate::web::start((web, acceptor.clone()), &router, parts, &hub.tasks, &hub.closing)?;
         }
         let parts = BrokerParts { router, retained, throttle };
         let (tls_addr, plain_addr) = hub.accept_clients(&config, (listeners, acceptor), parts, &store, dispatcher);
@@ -407,7 +407,7 @@ async fn record_lag(
         }
         for (client, n) in counts {
             if seen.insert(client.clone()) {
-                warn!(%client, "client reads too slowly: the router skipped messages it had not delivered (see domoticpi status)");
+                warn!(%client, "client reads too slowly: messages for it were dropped (see domoticpi status)");
             }
             if let Err(e) = store.call(move |c| store::lag::add(c, &client, n)).await {
                 warn!(error = %e, "could not record a slow client");

@@ -783,7 +783,8 @@ pub mod retained {
     }
 }
 
-/// Clients the router skipped ahead because they read too slowly (messages they never got).
+/// Clients that lost messages because they read too slowly (the router skipped ahead, or their
+/// mailbox was full).
 pub mod lag {
     use super::*;
     use rusqlite::params;

@@ -798,3 +798,113 @@ async fn qos1_publishes_are_acknowledged_in_order_refused_ones_too_and_delivered
         .await;
     }
 }
+
+/// A clean connection under a persistent session's client id never opens a router link (clean
+/// sessions are served without one), so it does not clear what the router kept: the next
+/// persistent session under that id must still start empty, and get nothing queued for the old one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_session_between_two_persistent_ones_leaves_the_second_nothing_of_the_first() {
+    let hub = hub().await;
+    let (mut first, _) = raw(&hub, "panel", ADMIN, false).await;
+    first.send(raw_subscribe(1, &[("house/#", QoS::AtLeastOnce)])).await;
+    assert_eq!(suback(&mut first, 1).await, [1]);
+    drop(first);
+    let (mut other, _) = raw(&hub, "other", ADMIN, true).await;
+    other.send(raw_publish("house/queued", b"for the first session", 1, 1, false)).await;
+    let _ = other.recv(TEN_SECONDS).await; // PUBACK
+    let (mut clean, present) = raw(&hub, "panel", ADMIN, true).await;
+    assert!(!present);
+    assert!(matches!(clean.read(Duration::from_millis(300)).await, Read::Silent), "a clean session got the queue");
+    drop(clean);
+    let (mut second, present) = raw(&hub, "panel", ADMIN, false).await;
+    assert!(!present, "the first persistent session came back");
+    // Nothing subscribed in this session: a publish to the old filter reaches it no more.
+    other.send(raw_publish("house/later", b"x", 1, 2, false)).await;
+    let _ = other.recv(TEN_SECONDS).await;
+    assert!(matches!(second.read(Duration::from_millis(500)).await, Read::Silent), "old queue or filter delivered");
+    assert_routes(&hub).await;
+}
+
+/// MQTT 3.1.1 §3.3.1.3: RETAIN is set on what a new subscription brings, and clear on messages
+/// forwarded to an established one, retained or not; an empty retained message clears the topic.
+#[tokio::test(flavor = "multi_thread")]
+async fn retain_is_set_only_on_messages_a_new_subscription_brings() {
+    let hub = hub().await;
+    let (mut live, _) = raw(&hub, "live", ADMIN, true).await;
+    live.send(raw_subscribe(1, &[("kept/#", QoS::AtLeastOnce)])).await;
+    assert_eq!(suback(&mut live, 1).await, [1]);
+    let (mut publisher, _) = raw(&hub, "publisher", ADMIN, true).await;
+    publisher.send(raw_publish("kept/a", b"A", 1, 1, true)).await;
+    publisher.send(raw_publish("kept/b", b"B", 0, 0, true)).await;
+    for topic in ["kept/a", "kept/b"] {
+        match live.recv(TEN_SECONDS).await {
+            Some(Packet::Publish(p, _)) => assert_eq!((p.topic.as_ref(), p.retain), (topic.as_bytes(), false)),
+            other => panic!("expected {topic}, got {other:?}"),
+        }
+        if live.last_meta.0 == 1 {
+            let ack =
+                rumqttd::protocol::PubAck { pkid: live.last_meta.1, reason: rumqttd::protocol::PubAckReason::Success };
+            live.send(Packet::PubAck(ack, None)).await;
+        }
+    }
+    publisher.send(raw_publish("kept/b", b"", 1, 2, true)).await;
+    let _ = publish_on(&mut live, "kept/b").await;
+    let (mut late, _) = raw(&hub, "late", ADMIN, true).await;
+    late.send(raw_subscribe(1, &[("kept/+", QoS::AtLeastOnce)])).await;
+    assert_eq!(suback(&mut late, 1).await, [1]);
+    match late.recv(TEN_SECONDS).await {
+        Some(Packet::Publish(p, _)) => {
+            assert_eq!((p.topic.as_ref(), p.payload.as_ref(), p.retain), (&b"kept/a"[..], &b"A"[..], true));
+            assert_eq!(late.last_meta.0, 1);
+        }
+        other => panic!("expected the retained kept/a, got {other:?}"),
+    }
+    assert!(matches!(late.read(Duration::from_millis(300)).await, Read::Silent), "the cleared kept/b came back");
+}
+
+/// A subscriber that stops reading is given a bounded amount, then loses messages, which the hub
+/// records for `domoticpi status`; a subscriber that reads loses nothing, and the publisher is never
+/// held up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_that_does_not_read_loses_messages_not_the_others() {
+    let hub = hub().await;
+    let (mut slow, _) = raw(&hub, "slow", ADMIN, true).await;
+    slow.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut slow, 1).await, [0]);
+    let (mut fast, _) = raw(&hub, "fast", ADMIN, true).await;
+    fast.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut fast, 1).await, [0]);
+    let (mut publisher, _) = raw(&hub, "flooder", ADMIN, true).await;
+    // 32 MiB, in rounds the reading subscriber takes whole: more than the socket buffers and the
+    // hub's bound for one client together.
+    let (rounds, per_round, payload) = (64u16, 32u16, vec![b'x'; 16 * 1024 - 64]);
+    let count = rounds * per_round;
+    for round in 0..rounds {
+        for n in 0..per_round {
+            publisher.send(raw_publish(&format!("flood/{round}/{n}"), &payload, 0, 0, false)).await;
+        }
+        let mut got = 0;
+        while got < per_round {
+            match fast.recv(TEN_SECONDS).await {
+                Some(Packet::Publish(..)) => got += 1,
+                Some(_) => {}
+                None => panic!("the reading subscriber was closed in round {round}"),
+            }
+        }
+    }
+    eventually("the slow client is recorded", 10, || {
+        hub.db()
+            .query_row("SELECT COUNT(*) FROM client_lag WHERE client = 'slow'", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    let mut got = 0;
+    while let Read::Packet(packet) = slow.read(Duration::from_secs(1)).await {
+        if matches!(packet, Packet::Publish(..)) {
+            got += 1;
+        }
+    }
+    assert!(got > 0 && got < count, "the slow subscriber got {got} of {count}");
+    assert_routes(&hub).await;
+}

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Identity;
 use crate::broker::dispatch::Dispatch;
-use crate::broker::{BrokerError, HubLink, LinkFactory, Message};
+use crate::broker::{BrokerError, HubLink, Message};
 use crate::config;
 use crate::devices::OutboxInput;
 use crate::store::users::Role;
@@ -135,13 +135,13 @@ impl Commands {
 /// Starts the bridge's tasks on `tasks`, until `closing`.
 pub fn start(
     config: &config::Bridge,
-    links: &LinkFactory,
+    router: &crate::broker::RouterHandle,
     store: &Store,
     tasks: &TaskTracker,
     closing: &CancellationToken,
 ) -> Result<Started, BrokerError> {
     // The bridge's link publishes nothing retained: its sink goes nowhere.
-    let (link, messages, reader) = HubLink::connect_as(links, CLIENT_ID, mpsc::unbounded_channel().0)?;
+    let (link, messages, reader) = HubLink::connect_as(router, CLIENT_ID, mpsc::unbounded_channel().0)?;
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
     for filter in FORWARDED {
         link.subscribe(filter);

@@ -234,8 +234,9 @@ impl Acks {
         Incoming::Pass
     }
 
-    /// The client sent a QoS 2 PUBLISH the hub refused (answered PUBREC here); false on overflow.
-    pub fn refused_qos2(&mut self, pkid: u16) -> bool {
+    /// The client sent a QoS 2 PUBLISH the router never sees (the hub refused it, or a clean
+    /// session delivered it): answered PUBREC and PUBCOMP here; false on overflow.
+    pub fn answered_qos2(&mut self, pkid: u16) -> bool {
         if self.recorded.len() + self.refused.len() >= MAX_AWAITING_RELEASE && !self.refused.contains(&pkid) {
             return false;
         }
@@ -380,7 +381,7 @@ mod tests {
         assert_eq!(a.pubrel(1), sends(&[PubRel(1), PubRel(2)], &[]));
         // A repeated or unknown PUBREL is answered here.
         assert_eq!(a.pubrel(1), sends(&[], &[PubComp(1)]));
-        assert!(a.refused_qos2(3));
+        assert!(a.answered_qos2(3));
         assert_eq!(a.incoming_qos2(3), Incoming::Duplicate);
         assert_eq!(a.pubrel(3), sends(&[], &[PubComp(3)]));
     }
@@ -392,7 +393,7 @@ mod tests {
             assert_eq!(a.incoming_qos2(id), Incoming::Pass);
         }
         assert_eq!(a.incoming_qos2(999), Incoming::Overflow);
-        assert!(!a.refused_qos2(999));
+        assert!(!a.answered_qos2(999));
     }
 
     /// Every order a client may answer three mixed deliveries in reaches the router in its order.

@@ -1,7 +1,8 @@
 //! The embedded MQTT broker: rumqttd's router, fed by the hub's own connection layer.
 //!
-//! rumqttd routes messages between links; everything a client sees before and around that is the
-//! hub's: the listeners ([`serve`]), admission ([`admission`]), TLS, the MQTT 3.1.1 session with
+//! rumqttd routes messages between links, for persistent sessions and the hub's own links; clean
+//! sessions, most of a house's clients, are served without it ([`local`]). Everything a client sees
+//! before and around that is the hub's: the listeners ([`serve`]), admission ([`admission`]), TLS, the MQTT 3.1.1 session with
 //! each client ([`session`]), who may connect ([`crate::auth`]) and do what ([`acl`]), and what may
 //! reach the router at all ([`guard`], [`acks`], [`sessions`]). The router runs on a thread of its
 //! own and cannot be stopped: if it ends, the hub treats that as fatal and lets systemd restart it.
@@ -21,6 +22,7 @@ pub mod admission;
 pub mod dispatch;
 pub mod guard;
 pub mod lag;
+pub mod local;
 pub mod session;
 pub mod sessions;
 pub mod tls;
@@ -84,6 +86,37 @@ pub struct RouterHandle {
     pub links: LinkFactory,
     /// Reads the inbox backlog.
     pub backlog: RouterBacklog,
+    /// Clean sessions' subscriptions, served without the router.
+    pub local: Arc<local::Local>,
+    /// The link clean sessions' messages reach the router's subscribers through.
+    pub forward: Forward,
+}
+
+/// The client id of the link clean sessions share to the router (a NUL: no network client's).
+const FORWARD_CLIENT_ID: &str = "\u{0}local";
+
+/// One router link for what clean sessions publish to the router's subscribers: QoS 0, the
+/// publish QoS in the property the receiving session lowers it by (see `session`).
+pub struct Forward {
+    link: std::sync::Mutex<(LinkTx, LinkRx)>,
+}
+
+impl Forward {
+    /// Hands `packets` to the router with one wake-up; false if the router is gone. Blocks while
+    /// the router's inbox is full, as a session's own link does.
+    pub fn send(&self, packets: impl Iterator<Item = Packet>) -> bool {
+        let mut link = self.link.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = &mut link.0;
+        let mut packets = packets.peekable();
+        while let Some(packet) = packets.next() {
+            if packets.peek().is_some() {
+                tx.buffer().push_back(packet);
+            } else {
+                return tx.push_packet(packet).is_ok();
+            }
+        }
+        true
+    }
 }
 
 /// Limits the sessions enforce.
@@ -185,19 +218,24 @@ pub fn open_link(
     links(router_id, clean)
 }
 
-/// Starts the router on its own thread and returns a factory for links to it.
-pub fn start_router(max_connections: usize) -> RouterHandle {
+/// Starts the router on its own thread; returns a factory for links to it, and the table and
+/// link of clean sessions.
+pub fn start_router(max_connections: usize) -> Result<RouterHandle, BrokerError> {
     let router_tx = Router::new(0, router_config(max_connections)).spawn();
     let probe = router_tx.clone();
-    RouterHandle {
-        links: Arc::new(move |client_id: &str, clean: bool| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean)
-                .build()
-                .map_err(|e| BrokerError::Link(e.to_string()))
-        }),
+    let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
+        LinkBuilder::new(client_id, router_tx.clone())
+            .clean_session(clean)
+            .build()
+            .map_err(|e| BrokerError::Link(e.to_string()))
+    });
+    let (tx, rx, _ack) = links(FORWARD_CLIENT_ID, true)?;
+    Ok(RouterHandle {
+        links,
         backlog: Arc::new(move || probe.len()),
-    }
+        local: Arc::default(),
+        forward: Forward { link: std::sync::Mutex::new((tx, rx)) },
+    })
 }
 
 /// A message the hub's link received from the router.
@@ -225,6 +263,8 @@ pub struct HubLink {
     commands: std::sync::mpsc::Sender<LinkCommand>,
     /// Retained publishes are also persisted.
     retained: RetainedSink,
+    /// Clean sessions get the hub's messages from here; the router only what its subscribers match.
+    local: Arc<local::Local>,
 }
 
 impl std::fmt::Debug for LinkCommand {
@@ -240,20 +280,20 @@ impl HubLink {
     /// Connects the hub's link; returns it, the stream of messages it receives, and the task
     /// that reads from the router (it ends when the router does).
     pub fn connect(
-        links: &LinkFactory,
+        router: &RouterHandle,
         retained: RetainedSink,
     ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
-        HubLink::connect_as(links, HUB_CLIENT_ID, retained)
+        HubLink::connect_as(router, HUB_CLIENT_ID, retained)
     }
 
     /// [`HubLink::connect`] under another in-process client id (which must hold a NUL, so that no
     /// network client can take it): the bridge's own link.
     pub fn connect_as(
-        links: &LinkFactory,
+        router: &RouterHandle,
         client_id: &str,
         retained: RetainedSink,
     ) -> Result<(HubLink, mpsc::UnboundedReceiver<Message>, LinkReader), BrokerError> {
-        let (mut tx, rx, _ack) = links(client_id, true)?;
+        let (mut tx, rx, _ack) = (router.links)(client_id, true)?;
         let (commands, queue) = std::sync::mpsc::channel::<LinkCommand>();
         thread::Builder::new()
             .name("hub-link".to_owned())
@@ -273,7 +313,8 @@ impl HubLink {
             })
             .map_err(|_| BrokerError::RouterGone)?;
         let (messages_tx, messages) = mpsc::unbounded_channel();
-        Ok((HubLink { commands, retained }, messages, LinkReader { rx, messages: messages_tx }))
+        let local = Arc::clone(&router.local);
+        Ok((HubLink { commands, retained, local }, messages, LinkReader { rx, messages: messages_tx }))
     }
 
     /// Queues a QoS 0 publish from the hub; a retained one is also persisted.
@@ -282,17 +323,22 @@ impl HubLink {
         if retain {
             let _ = self.retained.send((topic.clone(), (!payload.is_empty()).then(|| payload.clone())));
         }
-        let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, retain)));
+        if self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, retain) {
+            let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, retain)));
+        }
     }
 
     /// Re-publishes a retained message read back from the store at start (not persisted again).
     pub fn restore(&self, topic: String, payload: Bytes) {
+        self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, true);
         let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, true)));
     }
 
     /// Subscribes the hub to a filter; matching messages arrive on the hub's message stream.
     pub fn subscribe(&self, filter: impl Into<String>) {
-        let _ = self.commands.send(LinkCommand::Subscribe(filter.into()));
+        let filter = filter.into();
+        self.local.want(&filter);
+        let _ = self.commands.send(LinkCommand::Subscribe(filter));
     }
 }
 

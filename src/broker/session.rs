@@ -1,5 +1,6 @@
 //! One client's MQTT 3.1.1 session: CONNECT, authentication, then packets both ways between the
-//! socket and the client's own router link until either side ends.
+//! socket and its link until either side ends. A persistent session's link is its own router link;
+//! a clean session's is its seat in [`super::local`], filled on the publisher's thread.
 //!
 //! The session answers what the router cannot: a CONNACK for every refusal, so that a device can
 //! tell a bad password from a network fault (no credentials, a certificate required, revoked or
@@ -38,6 +39,7 @@ use tracing::{debug, info, warn};
 use super::acks::{Ack, Acks, Incoming, Sends};
 use super::admission::Ticket;
 use super::dispatch::{Origin, Verdict};
+use super::local::{Outgoing, Seat};
 use super::sessions::{Claim, ClaimError, FilterVerdict};
 use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
 use crate::auth::{Identity, PeerCert, Presented, Refusal};
@@ -420,14 +422,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
+/// Where a session's messages come from.
+enum Link {
+    /// A persistent session's own router link: the router queues for it while it is away.
+    Router {
+        /// Packets from the client into the router.
+        tx: LinkTx,
+        /// Packets from the router to the client.
+        rx: LinkRx,
+    },
+    /// A clean session's seat in [`super::local`]; what it publishes reaches the router's
+    /// subscribers through the link clean sessions share.
+    Local { seat: Seat, out: Outgoing },
+}
+
+/// What woke a session on its link's side.
+// Lives on the stack for one step of the pump: boxing would cost an allocation per delivery.
+#[allow(clippy::large_enum_variant)]
+enum LinkEvent {
+    Router(Result<Option<Notification>, ()>),
+    Mail,
+}
+
+impl Link {
+    async fn next(&mut self) -> LinkEvent {
+        match self {
+            Link::Router { rx, .. } => LinkEvent::Router(rx.next().await.map_err(drop)),
+            Link::Local { seat, out } => {
+                // A client with every delivery unanswered gets more once it answers.
+                if out.room() == 0 {
+                    std::future::pending::<()>().await;
+                }
+                seat.mailbox.ready().await;
+                LinkEvent::Mail
+            }
+        }
+    }
+}
+
 /// An established session.
 struct Session<S> {
     /// The client's socket.
     conn: Conn<S>,
-    /// Packets from the client into the router.
-    link_tx: LinkTx,
-    /// Packets from the router to the client.
-    link_rx: LinkRx,
+    /// The router link, or the seat of a clean session.
+    link: Link,
     /// The client's own id, for logs (the router knows it by the claim's id).
     client_id: String,
     /// The client's address, for logs.
@@ -454,6 +492,8 @@ struct Session<S> {
     acks_due: Option<Instant>,
     /// Retained QoS 2 publishes awaiting their PUBREL: kept on disk once the router has them.
     retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
+    /// A clean session's QoS 2 publishes awaiting their PUBREL, routed then (as the router does).
+    held_for_release: HashMap<u16, Publish>,
     /// The will, published if the connection dies without DISCONNECT.
     will: Option<LastWill>,
     /// The keepalive (seconds) and clean-session flag the client asked for, for the log.
@@ -483,29 +523,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return None;
             }
         };
-        let links = shared.router.links.clone();
-        let (router_id, purge) = (claim.router_id.clone(), claim.purge);
-        // Opening a link waits for the router's answer on a blocking channel.
-        let link = match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
-            Ok(opened) => opened.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+        let (link, session_present) = if clean {
+            let seat = shared.router.local.join(&claim.router_id);
+            (Link::Local { seat, out: Outgoing::default() }, false)
+        } else {
+            let links = shared.router.links.clone();
+            let (router_id, purge) = (claim.router_id.clone(), claim.purge);
+            // Opening a link waits for the router's answer on a blocking channel.
+            let link =
+                match tokio::task::spawn_blocking(move || super::open_link(&links, &router_id, purge, clean)).await {
+                    Ok(opened) => opened.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+            let (tx, rx, ack) = match link {
+                Ok(link) => link,
+                Err(error) => {
+                    warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
+                    shared.sessions.release(&claim);
+                    let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
+                    return None;
+                }
+            };
+            let router_ack: Option<Packet> = ack.into();
+            let present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
+            (Link::Router { tx, rx }, present)
         };
-        let (link_tx, link_rx, ack) = match link {
-            Ok(link) => link,
-            Err(error) => {
-                warn!(%peer, client = %client_id, %error, "connection refused: the router refused the link");
-                shared.sessions.release(&claim);
-                let _ = conn.refuse(ConnectReturnCode::ServiceUnavailable).await;
-                return None;
-            }
-        };
-        let router_ack: Option<Packet> = ack.into();
-        let session_present = matches!(router_ack, Some(Packet::ConnAck(ConnAck { session_present: true, .. }, _)));
         let keepalive = (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
         let session = Session {
             conn,
-            link_tx,
-            link_rx,
+            link,
             client_id,
             peer,
             keepalive,
@@ -518,6 +564,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             to_router: Vec::new(),
             acks_due: None,
             retained_on_release: HashMap::new(),
+            held_for_release: HashMap::new(),
             will,
             asked: (connect.keep_alive, clean),
         };
@@ -540,17 +587,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// next), then the will of a connection that died, then the device's `offline`, so that the
     /// hub's word on availability comes last; a taken-over connection publishes neither.
     async fn close(self, end: End) {
-        let Session { mut link_tx, client_id, mut conn, claim, identity, shared, peer, will, to_router, .. } = self;
-        match end {
-            End::Router => shared.sessions.router_dropped(),
-            _ => {
+        let Session { link, client_id, mut conn, claim, identity, shared, peer, will, to_router, .. } = self;
+        match (matches!(end, End::Router), link) {
+            (true, _) => shared.sessions.router_dropped(),
+            (false, Link::Router { mut tx, .. }) => {
                 // Deliveries the client settled are settled for the router too, before a
                 // persistent session is put away.
-                link_tx.buffer().extend(to_router);
-                drop(disconnect_link(&mut link_tx).await);
+                tx.buffer().extend(to_router);
+                drop(disconnect_link(&mut tx).await);
+            }
+            (false, Link::Local { seat, .. }) => {
+                shared.router.local.leave(&seat);
+                shared.router.forward.send(to_router.into_iter());
             }
         }
-        drop(link_tx);
         let replaced = shared.sessions.is_replaced(&claim);
         if !replaced {
             if let (End::Lost(_), Some(will)) = (&end, will) {
@@ -602,6 +652,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
                     deadline = self.keepalive.map(|k| Instant::now() + k);
                     let end = self.handle_incoming();
+                    // Answers may have made room for deliveries; a SUBSCRIBE may have brought some.
+                    self.deliver_local();
                     // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
                     if !self.flush_router().await {
                         return End::Router;
@@ -613,9 +665,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         return end;
                     }
                 }
-                notification = self.link_rx.next() => {
-                    match notification {
-                        Ok(Some(n)) => {
+                event = self.link.next() => {
+                    match event {
+                        LinkEvent::Router(Ok(Some(n))) => {
                             if let Err(end) = self.handle_outgoing(n).await {
                                 return end;
                             }
@@ -623,8 +675,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                                 return End::Router;
                             }
                         }
-                        Ok(None) => {}
-                        Err(_) => return End::Router,
+                        LinkEvent::Router(Ok(None)) => {}
+                        LinkEvent::Router(Err(())) => return End::Router,
+                        LinkEvent::Mail => {
+                            self.deliver_local();
+                            if let Err(end) = self.flush_client().await {
+                                return end;
+                            }
+                        }
                     }
                 }
                 () = keepalive => return End::Lost("keepalive timeout".into()),
@@ -675,10 +733,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sends everything gathered for the router with one wake-up; false if the router is gone.
     async fn send_to_router(&mut self) -> bool {
         self.acks_due = None;
+        let Link::Router { tx: link_tx, .. } = &mut self.link else {
+            let forward = &self.shared.router.forward;
+            let packets = self.to_router.drain(..);
+            let runtime = tokio::runtime::Handle::current();
+            let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
+            if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                return tokio::task::block_in_place(|| forward.send(packets));
+            }
+            return forward.send(packets);
+        };
         let Some(last) = self.to_router.pop() else {
             return true;
         };
-        self.link_tx.buffer().extend(self.to_router.drain(..));
+        link_tx.buffer().extend(self.to_router.drain(..));
         // `LinkTx::send` blocks when the router's inbox is full; the router drains it on its own
         // thread and never waits for a session (it only try-sends to links). On the daemon's
         // current-thread runtime the wait is brief and stalls the sessions with it, as one
@@ -686,10 +754,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let runtime = tokio::runtime::Handle::current();
         let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
         if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            let link_tx = &mut self.link_tx;
             tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last)).is_ok())
         } else {
-            self.link_tx.send(last).await.is_ok()
+            link_tx.send(last).await.is_ok()
         }
     }
 
@@ -737,22 +804,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Packet::Subscribe(subscribe, _) => self.incoming_subscribe(subscribe),
                 Packet::Unsubscribe(unsubscribe, _) => self.incoming_unsubscribe(unsubscribe),
-                Packet::PubAck(ack, _) => {
-                    let sends = self.acks.puback(ack.pkid);
-                    self.apply(sends);
-                }
-                Packet::PubRec(rec, _) => {
-                    let sends = self.acks.pubrec(rec.pkid);
-                    self.apply(sends);
-                }
+                Packet::PubAck(ack, _) => match &mut self.link {
+                    Link::Local { out, .. } => out.puback(ack.pkid),
+                    Link::Router { .. } => {
+                        let sends = self.acks.puback(ack.pkid);
+                        self.apply(sends);
+                    }
+                },
+                Packet::PubRec(rec, _) => match &mut self.link {
+                    Link::Local { out, .. } => {
+                        if out.pubrec(rec.pkid) {
+                            self.queue(Packet::PubRel(PubRel { pkid: rec.pkid, reason: PubRelReason::Success }, None));
+                        }
+                    }
+                    Link::Router { .. } => {
+                        let sends = self.acks.pubrec(rec.pkid);
+                        self.apply(sends);
+                    }
+                },
                 Packet::PubRel(rel, _) => {
+                    if let Some(publish) = self.held_for_release.remove(&rel.pkid) {
+                        self.route_local(publish, 2);
+                    }
                     let sends = self.acks.pubrel(rel.pkid);
                     self.apply(sends);
                 }
-                Packet::PubComp(comp, _) => {
-                    let sends = self.acks.pubcomp(comp.pkid);
-                    self.apply(sends);
-                }
+                Packet::PubComp(comp, _) => match &mut self.link {
+                    Link::Local { out, .. } => out.pubcomp(comp.pkid),
+                    Link::Router { .. } => {
+                        let sends = self.acks.pubcomp(comp.pkid);
+                        self.apply(sends);
+                    }
+                },
                 Packet::PingReq(_) => self.queue(Packet::PingResp(PingResp)),
                 Packet::Disconnect(..) => return Some(End::Clean),
                 Packet::Connect(..) => {
@@ -794,10 +877,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return self.refuse_publish(&topic, &reason, qos, pkid);
             }
         }
-        if qos == 2 && self.acks.incoming_qos2(pkid) == Incoming::Overflow {
+        let local = matches!(self.link, Link::Local { .. });
+        let overflow = match (qos, local) {
+            (2, true) => !self.acks.answered_qos2(pkid),
+            (2, false) => self.acks.incoming_qos2(pkid) == Incoming::Overflow,
+            _ => false,
+        };
+        if overflow {
             warn!(client = %self.client_id, "closing: too many QoS 2 messages awaiting release");
             return Some(End::Lost("too many QoS 2 messages awaiting release".into()));
         }
+        if local {
+            match qos {
+                // Routed once released, as the router does: a message its publisher never
+                // releases reaches no one.
+                2 => {
+                    self.held_for_release.insert(pkid, publish);
+                    self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+                }
+                1 => {
+                    self.route_local(publish, 1);
+                    self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+                }
+                _ => self.route_local(publish, 0),
+            }
+            return None;
+        }
+        // Clean sessions subscribed get it now; the router those it serves.
+        self.shared.router.local.publish(&topic, &publish.payload, qos, publish.retain);
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             // The router takes a QoS 2 message only once it is released: so does the disk.
@@ -823,6 +930,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
+    /// Routes a clean session's accepted PUBLISH: to the clean sessions it matches, to the router
+    /// if its subscribers match it (see [`super::local`]), and to the disk if retained.
+    fn route_local(&mut self, publish: Publish, qos: u8) {
+        let topic = String::from_utf8_lossy(&publish.topic);
+        if self.shared.router.local.publish(&topic, &publish.payload, qos, publish.retain) {
+            let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
+            let at_most_once = Publish::new(publish.topic.clone(), publish.payload.clone(), publish.retain);
+            self.to_router.push(Packet::Publish(at_most_once, Some(props)));
+        }
+        if publish.retain {
+            self.shared.retain(topic.into_owned(), (!publish.payload.is_empty()).then_some(publish.payload));
+        }
+    }
+
     /// Drops a PUBLISH: reports it on `dpi/hub/error` and acknowledges it as MQTT 3.1.1 brokers
     /// do, so that the client does not resend it forever.
     fn refuse_publish(&mut self, topic: &str, reason: &str, qos: u8, pkid: u16) -> Option<End> {
@@ -830,7 +951,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match qos {
             1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
             2 => {
-                if !self.acks.refused_qos2(pkid) {
+                if !self.acks.answered_qos2(pkid) {
                     return Some(End::Lost("too many QoS 2 messages awaiting release".into()));
                 }
                 self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
@@ -862,6 +983,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.queue(Packet::SubAck(SubAck { pkid, return_codes }, None));
             return;
         }
+        if let Link::Local { seat, .. } = &self.link {
+            // Answered at once; the retained messages the filters match follow the SUBACK.
+            let local = &self.shared.router.local;
+            let return_codes = slots
+                .iter()
+                .map(|slot| match slot.and_then(|i| allowed.get(i)) {
+                    Some(filter) => {
+                        local.subscribe(seat, &filter.path, filter.qos as u8);
+                        SubscribeReasonCode::Success(filter.qos)
+                    }
+                    None => SubscribeReasonCode::Failure,
+                })
+                .collect();
+            self.queue(Packet::SubAck(SubAck { pkid, return_codes }, None));
+            return;
+        }
+        for filter in &allowed {
+            // Messages from clean sessions that this filter matches go to the router too.
+            self.shared.router.local.want(&filter.path);
+        }
         if slots.iter().any(Option::is_none) {
             self.pending_subscribes.insert(pkid, slots);
         }
@@ -891,7 +1032,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let pkid = unsubscribe.pkid;
         let held: Vec<String> =
             unsubscribe.filters.into_iter().filter(|f| self.shared.sessions.unsubscribe(&self.claim, f)).collect();
-        if !held.is_empty() {
+        if let Link::Local { seat, .. } = &self.link {
+            for filter in &held {
+                self.shared.router.local.unsubscribe(seat, filter);
+            }
+        } else if !held.is_empty() {
             self.to_router.push(Packet::Unsubscribe(Unsubscribe { pkid, filters: held }, None));
         }
         self.queue(Packet::UnsubAck(UnsubAck { pkid, reasons: Vec::new() }, None));
@@ -906,12 +1051,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 true => End::Router,
                 false => End::Lost(e.to_string()),
             })?;
-            next = self.link_rx.recv_deadline(std::time::Instant::now()).ok().flatten();
+            next = match &mut self.link {
+                Link::Router { rx, .. } => rx.recv_deadline(std::time::Instant::now()).ok().flatten(),
+                Link::Local { .. } => None,
+            };
         }
         self.flush_client().await?;
-        if unscheduled {
+        if let (true, Link::Router { rx, .. }) = (unscheduled, &mut self.link) {
             // Only ever for this session's own link, which the router still holds (see the guard).
-            self.link_rx.wake().await.map_err(|_| End::Router)?;
+            rx.wake().await.map_err(|_| End::Router)?;
         }
         Ok(())
     }
@@ -974,12 +1122,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn drain(&mut self) {
         let until = Instant::now() + Duration::from_millis(250);
         let mut unscheduled = false;
-        while let Ok(Ok(Some(n))) = tokio::time::timeout_at(until, self.link_rx.next()).await {
+        loop {
+            let Link::Router { rx, .. } = &mut self.link else {
+                self.deliver_local();
+                break;
+            };
+            let Ok(Ok(Some(n))) = tokio::time::timeout_at(until, rx.next()).await else { break };
             if self.encode(n, &mut unscheduled).is_err() {
                 break;
             }
         }
         let _ = tokio::time::timeout(Duration::from_millis(250), self.conn.flush()).await;
+    }
+
+    /// Writes what waits in a clean session's mailbox, as far as its room in flight allows.
+    fn deliver_local(&mut self) {
+        let Link::Local { seat, out } = &mut self.link else { return };
+        let mut batch = Vec::new();
+        loop {
+            let room = out.room();
+            seat.mailbox.take(room, &mut batch);
+            if batch.is_empty() {
+                return;
+            }
+            for delivery in batch.drain(..) {
+                let pkid = out.send(delivery.qos);
+                delivery.encode(pkid, &mut self.conn.write);
+            }
+        }
     }
 }
 

@@ -113,6 +113,9 @@ struct Entry {
     subscriptions: BTreeSet<String>,
     /// The router keeps the session when the connection ends.
     persistent: bool,
+    /// The router may hold a session's state under `router`: a persistent session had it, and a
+    /// clean session (which never opens a router link) does not clear it.
+    dirty: bool,
     /// The connection holding it, if any.
     live: Option<Live>,
     /// `clock` when last claimed or released.
@@ -201,7 +204,7 @@ impl Sessions {
         entry.live = None;
         entry.last_used = now;
         if !entry.persistent {
-            inner.forget(&claim.client_id, false);
+            inner.forget(&claim.client_id);
         }
     }
 
@@ -309,9 +312,6 @@ impl Inner {
                 // role), start afresh: nothing made under the old session carries over.
                 if clean || entry.owner != *identity {
                     entry.subscriptions.clear();
-                    if entry.persistent && !clean {
-                        purge = true;
-                    }
                     entry.persistent = false;
                 }
                 entry.owner = identity.clone();
@@ -322,7 +322,6 @@ impl Inner {
                     self.make_room(client_id, identity, max_persistent)?;
                 }
                 let (router, dirty) = self.free_id(clean);
-                purge = dirty && !clean;
                 self.by_router.insert(router, client_id.to_owned());
                 self.clients.insert(
                     client_id.to_owned(),
@@ -331,6 +330,7 @@ impl Inner {
                         router,
                         subscriptions: BTreeSet::new(),
                         persistent: false,
+                        dirty,
                         live: None,
                         last_used: now,
                     },
@@ -343,6 +343,11 @@ impl Inner {
             self.make_room(client_id, identity, max_persistent)?;
         }
         let Some(entry) = self.clients.get_mut(client_id) else { return Err(ClaimError::Full) };
+        if !clean {
+            // Another session's state under the id is cleared before this one's link opens.
+            purge = entry.dirty && !entry.persistent;
+            entry.dirty = true;
+        }
         entry.persistent = !clean;
         entry.last_used = now;
         let (done_tx, done_rx) = oneshot::channel();
@@ -398,7 +403,7 @@ impl Inner {
             match victim {
                 Some(id) => {
                     tracing::info!(client = %id, "persistent session dropped to make room for another");
-                    self.forget(&id, true);
+                    self.forget(&id);
                 }
                 None => return Err(ClaimError::Full),
             }
@@ -410,10 +415,10 @@ impl Inner {
     }
 
     /// Removes an entry and returns its router id to the pool.
-    fn forget(&mut self, client_id: &str, dirty: bool) {
+    fn forget(&mut self, client_id: &str) {
         if let Some(entry) = self.clients.remove(client_id) {
             self.by_router.remove(&entry.router);
-            self.free.push((entry.router, dirty));
+            self.free.push((entry.router, entry.dirty));
         }
     }
 }
@@ -522,6 +527,35 @@ mod tests {
         let b = claim_now(&s, "b", &alice, false).unwrap();
         assert_eq!(b.router_id, a_router);
         assert!(b.purge);
+    }
+
+    #[test]
+    fn a_persistent_session_is_purged_after_a_clean_one_held_its_client_id_or_its_router_id() {
+        let s = Sessions::new(10);
+        let alice = user("alice", Role::Admin);
+        let a = claim_now(&s, "a", &alice, false).unwrap();
+        s.release(&a);
+        drop(a);
+        // A clean session takes the id over: it opens no router link, so the router still holds
+        // the persistent session, and the next persistent one under the id must not inherit it.
+        let clean = claim_now(&s, "a", &alice, true).unwrap();
+        assert!(!clean.purge);
+        s.release(&clean);
+        drop(clean);
+        let again = claim_now(&s, "a", &alice, false).unwrap();
+        assert!(again.purge, "the router id carried the old session's state");
+        s.release(&again);
+        drop(again);
+        // Resuming one's own persistent session purges nothing.
+        let resumed = claim_now(&s, "a", &alice, false).unwrap();
+        assert!(!resumed.purge);
+        // Taken over live by a clean connection, then by a persistent one.
+        s.release(&resumed);
+        drop(resumed);
+        let clean = claim_now(&s, "a", &alice, true).unwrap();
+        let (persistent, previous) = s.lock().claim("a", &alice, false, s.max_persistent, &s.inner).unwrap();
+        assert!(previous.is_some() && clean.kick.is_cancelled());
+        assert!(persistent.purge);
     }
 
     #[test]

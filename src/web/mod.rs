@@ -36,7 +36,7 @@ use tracing::{debug, info, warn};
 use crate::auth::{self, Identity, Throttle};
 use crate::broker::dispatch::Dispatch;
 use crate::broker::sessions::Sessions;
-use crate::broker::{BrokerError, HubLink, LinkFactory};
+use crate::broker::{BrokerError, HubLink};
 use crate::dispatcher::Dispatcher;
 use crate::secret::Secret;
 use crate::store::{self, users::Role, Store};
@@ -105,13 +105,14 @@ pub struct Parts {
 /// Starts the web app on `listener` until `closing`; its connections are tracked on `tasks`.
 pub fn start(
     (listener, acceptor): (TcpListener, TlsAcceptor),
-    links: &LinkFactory,
+    router: &crate::broker::RouterHandle,
     parts: Parts,
     tasks: &TaskTracker,
     closing: &CancellationToken,
 ) -> Result<(), BrokerError> {
     let Parts { store, dispatcher, throttle, sessions } = parts;
-    let (link, mut messages, reader) = HubLink::connect_as(links, CLIENT_ID, tokio::sync::mpsc::unbounded_channel().0)?;
+    let (link, mut messages, reader) =
+        HubLink::connect_as(router, CLIENT_ID, tokio::sync::mpsc::unbounded_channel().0)?;
     tasks.spawn(closing.clone().run_until_cancelled_owned(async move { drop(reader.run().await) }));
     for filter in WATCHED {
         link.subscribe(filter);

@@ -1,0 +1,613 @@
+//! Delivery to clean sessions on the publisher's own thread, without a router link each.
+//!
+//! A clean session (clean_session 1) keeps nothing once its connection ends, so it needs nothing
+//! a router link holds: not the router's queues for it (tens of KiB per connection), nor the hop
+//! through the router's thread, which costs every message two hand-overs between threads. Its
+//! subscriptions live in this table instead, and a message published by any client or by the hub
+//! is put at once into the [`Mailbox`] of each clean session it matches, which wakes that
+//! session's task; the session numbers the deliveries and keeps them in flight ([`Outgoing`]).
+//!
+//! The router still serves what only it can: persistent sessions (it queues for them while they
+//! are away) and the hub's own links (the bridge, the web app, the status echo). A message from a
+//! clean session goes to the router, through one link all clean sessions share, only when one of
+//! those links' filters matches it ([`Local::want`]), or when it is retained: the router keeps the
+//! retained messages its subscribers get at SUBSCRIBE, as this table keeps them for clean sessions.
+//!
+//! The rules are MQTT 3.1.1's: wildcards never match a topic starting with `$`; a message goes
+//! once to a session however many of its filters match, at the highest of their QoS (lowered to
+//! the publish QoS); the RETAIN flag is set only on the retained messages a SUBSCRIBE brings.
+//! A session that does not read is given at most [`MAX_QUEUED_BYTES`]; past that its messages
+//! are dropped and reported as the router's skips are ([`super::lag`]).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::sync::Notify;
+
+/// Bytes (topics and payloads) waiting for one session that does not read, beyond which its
+/// messages are dropped: what the router keeps for one filter (5 segments of 256 KiB).
+pub const MAX_QUEUED_BYTES: usize = 5 * 256 * 1024;
+
+/// Counted per queued message beyond its topic and payload.
+const QUEUED_OVERHEAD: usize = 64;
+
+/// Deliveries at QoS 1 and 2 awaiting the client's answer, per session (as the router's).
+pub const MAX_INFLIGHT: usize = 100;
+
+/// The QoS of the hub's own messages: delivered at the subscription's, as the router does.
+pub const AT_SUBSCRIPTION_QOS: u8 = 2;
+
+/// One message for one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// The lower of the publish QoS and the subscription's.
+    pub qos: u8,
+    /// Set only for a retained message sent because of a new subscription.
+    pub retain: bool,
+}
+
+impl Delivery {
+    /// Appends the PUBLISH that carries this delivery with packet id `pkid` (unused at QoS 0).
+    pub fn encode(&self, pkid: u16, out: &mut BytesMut) {
+        let mut remaining = 2 + self.topic.len() + self.payload.len();
+        if self.qos > 0 {
+            remaining += 2;
+        }
+        out.reserve(5 + remaining);
+        out.put_u8(0b0011_0000 | (self.qos.min(2) << 1) | u8::from(self.retain));
+        // The remaining length, 7 bits at a time (MQTT 3.1.1 §2.2.3).
+        loop {
+            let byte = (remaining % 128) as u8;
+            remaining /= 128;
+            if remaining == 0 {
+                out.put_u8(byte);
+                break;
+            }
+            out.put_u8(byte | 0x80);
+        }
+        // Topics are at most `guard::MAX_TOPIC_BYTES` long.
+        out.put_u16(u16::try_from(self.topic.len()).unwrap_or(u16::MAX));
+        out.extend_from_slice(&self.topic);
+        if self.qos > 0 {
+            out.put_u16(pkid);
+        }
+        out.extend_from_slice(&self.payload);
+    }
+}
+
+/// A clean session's queue of deliveries, filled by publishers and emptied by its task.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<Queue>,
+    ready: Notify,
+    /// Named to [`super::lag`] when messages are dropped.
+    name: String,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Delivery>,
+    bytes: usize,
+    /// Dropping since the queue was last emptied (reported once per episode).
+    lagging: bool,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self, delivery: Delivery) {
+        let size = delivery.topic.len() + delivery.payload.len() + QUEUED_OVERHEAD;
+        {
+            let mut q = self.lock();
+            if q.bytes + size > MAX_QUEUED_BYTES {
+                if !q.lagging {
+                    q.lagging = true;
+                    super::lag::report(&self.name);
+                }
+                return;
+            }
+            q.bytes += size;
+            q.items.push_back(delivery);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Moves at most `most` deliveries, oldest first, to `into`.
+    pub fn take(&self, most: usize, into: &mut Vec<Delivery>) {
+        let mut q = self.lock();
+        let q = &mut *q;
+        let n = most.min(q.items.len());
+        for d in q.items.drain(..n) {
+            q.bytes -= d.topic.len() + d.payload.len() + QUEUED_OVERHEAD;
+            into.push(d);
+        }
+        if q.items.is_empty() {
+            q.lagging = false;
+        }
+    }
+
+    /// Whether deliveries wait.
+    pub fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
+    /// Resolves once something was put in the mailbox since it last resolved (or was created).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+}
+
+/// A session's place in the table; [`Local::leave`] it when the connection ends.
+#[derive(Debug)]
+pub struct Seat {
+    id: u64,
+    pub mailbox: Arc<Mailbox>,
+}
+
+/// Subscriptions of clean sessions, retained messages, and the filters of the router's own
+/// subscribers; shared by every session and the hub's links.
+#[derive(Debug, Default)]
+pub struct Local {
+    table: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    next: u64,
+    seats: HashMap<u64, Seated>,
+    /// Filters without wildcards, by topic: most of a house's (a device's own command topic).
+    exact: HashMap<String, Vec<(u64, u8)>>,
+    /// Filters with wildcards.
+    wild: Vec<(String, u64, u8)>,
+    /// Retained messages by topic, with their publish QoS.
+    retained: HashMap<String, (Bytes, u8)>,
+    /// Filters of the router's subscribers (persistent sessions, the hub's links). Kept until the
+    /// hub restarts, as the router keeps them; bounded by the sessions' filter budget.
+    router_exact: HashSet<String>,
+    router_wild: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Seated {
+    mailbox: Arc<Mailbox>,
+    filters: Vec<String>,
+}
+
+impl Local {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Gives a clean session a mailbox; `name` is how lag reports name it.
+    pub fn join(&self, name: &str) -> Seat {
+        let mailbox = Arc::new(Mailbox { queue: Mutex::default(), ready: Notify::new(), name: name.to_owned() });
+        let mut t = self.lock();
+        t.next += 1;
+        let id = t.next;
+        t.seats.insert(id, Seated { mailbox: Arc::clone(&mailbox), filters: Vec::new() });
+        Seat { id, mailbox }
+    }
+
+    /// Removes a session and its subscriptions.
+    pub fn leave(&self, seat: &Seat) {
+        let mut t = self.lock();
+        if let Some(seated) = t.seats.remove(&seat.id) {
+            for filter in seated.filters {
+                t.remove(seat.id, &filter);
+            }
+        }
+    }
+
+    /// Subscribes a session to a filter (the guard and the ACL passed it) at `qos`, replacing a
+    /// subscription it held to the same filter, and puts the retained messages it matches in the
+    /// session's mailbox.
+    pub fn subscribe(&self, seat: &Seat, filter: &str, qos: u8) {
+        let mut t = self.lock();
+        t.remove(seat.id, filter);
+        match is_wild(filter) {
+            true => t.wild.push((filter.to_owned(), seat.id, qos)),
+            false => t.exact.entry(filter.to_owned()).or_default().push((seat.id, qos)),
+        }
+        if let Some(seated) = t.seats.get_mut(&seat.id) {
+            if !seated.filters.iter().any(|f| f == filter) {
+                seated.filters.push(filter.to_owned());
+            }
+        }
+        for (topic, (payload, published)) in &t.retained {
+            if matches(filter, topic) {
+                let topic = Bytes::copy_from_slice(topic.as_bytes());
+                let qos = qos.min(*published);
+                seat.mailbox.push(Delivery { topic, payload: payload.clone(), qos, retain: true });
+            }
+        }
+    }
+
+    /// Removes a session's subscription to a filter, if it held one.
+    pub fn unsubscribe(&self, seat: &Seat, filter: &str) {
+        let mut t = self.lock();
+        t.remove(seat.id, filter);
+        if let Some(seated) = t.seats.get_mut(&seat.id) {
+            seated.filters.retain(|f| f != filter);
+        }
+    }
+
+    /// Records a filter the router's subscribers hold: messages it matches go to the router too.
+    pub fn want(&self, filter: &str) {
+        let mut t = self.lock();
+        match is_wild(filter) {
+            true if !t.router_wild.iter().any(|f| f == filter) => t.router_wild.push(filter.to_owned()),
+            true => {}
+            false => drop(t.router_exact.insert(filter.to_owned())),
+        }
+    }
+
+    /// Delivers a message that passed every check to the clean sessions it matches (`qos`: its
+    /// publish QoS), keeps it if retained (an empty payload clears), and says whether the router
+    /// must have it too.
+    pub fn publish(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        let mut t = self.lock();
+        if retain {
+            match payload.is_empty() {
+                true => drop(t.retained.remove(topic)),
+                false => drop(t.retained.insert(topic.to_owned(), (payload.clone(), qos))),
+            }
+        }
+        let mut targets: Vec<(u64, u8)> = t.exact.get(topic).cloned().unwrap_or_default();
+        targets.extend(t.wild.iter().filter(|(f, _, _)| matches(f, topic)).map(|(_, id, q)| (*id, *q)));
+        if !targets.is_empty() {
+            // Once per session, at the highest QoS of its matching filters.
+            targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            targets.dedup_by_key(|(id, _)| *id);
+            let shared_topic = Bytes::copy_from_slice(topic.as_bytes());
+            for (id, sub_qos) in targets {
+                if let Some(seated) = t.seats.get(&id) {
+                    let delivery = Delivery {
+                        topic: shared_topic.clone(),
+                        payload: payload.clone(),
+                        qos: qos.min(sub_qos),
+                        retain: false,
+                    };
+                    seated.mailbox.push(delivery);
+                }
+            }
+        }
+        retain || t.router_exact.contains(topic) || t.router_wild.iter().any(|f| matches(f, topic))
+    }
+
+    /// Clean sessions seated now.
+    pub fn seated(&self) -> usize {
+        self.lock().seats.len()
+    }
+}
+
+impl Table {
+    fn remove(&mut self, id: u64, filter: &str) {
+        match is_wild(filter) {
+            true => self.wild.retain(|(f, i, _)| !(*i == id && f == filter)),
+            false => {
+                if let Some(subs) = self.exact.get_mut(filter) {
+                    subs.retain(|(i, _)| *i != id);
+                    if subs.is_empty() {
+                        self.exact.remove(filter);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_wild(filter: &str) -> bool {
+    filter.contains(['+', '#'])
+}
+
+/// Whether a topic name matches a subscription filter (MQTT 3.1.1 §4.7): `+` is one level, `#`
+/// (last) the rest including none, and a topic starting with `$` matches no wildcard first level.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(level) if f == "+" || f == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// The deliveries at QoS 1 and 2 a clean session has in flight: packet ids, and the client's
+/// part of each flow. Pure, like [`super::acks`]: the session says what happened and acts on the
+/// answer. A clean session resends nothing (MQTT 3.1.1 §4.4: only on reconnection, and it keeps
+/// nothing across one), so an unknown or repeated acknowledgement is dropped.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    last: u16,
+    inflight: HashMap<u16, Stage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the client owes a delivery next.
+enum Stage {
+    Puback,
+    Pubrec,
+    Pubcomp,
+}
+
+impl Outgoing {
+    /// How many more deliveries may be sent before some are acknowledged.
+    pub fn room(&self) -> usize {
+        MAX_INFLIGHT.saturating_sub(self.inflight.len())
+    }
+
+    /// The packet id for a delivery at `qos` (0 for QoS 0, which is not kept). Call only with room.
+    pub fn send(&mut self, qos: u8) -> u16 {
+        if qos == 0 {
+            return 0;
+        }
+        loop {
+            self.last = self.last.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.last) {
+                break;
+            }
+        }
+        self.inflight.insert(self.last, if qos == 1 { Stage::Puback } else { Stage::Pubrec });
+        self.last
+    }
+
+    /// The client sent PUBACK.
+    pub fn puback(&mut self, pkid: u16) {
+        if self.inflight.get(&pkid) == Some(&Stage::Puback) {
+            self.inflight.remove(&pkid);
+        }
+    }
+
+    /// The client sent PUBREC: true if PUBREL is to be sent (once: a repeat is dropped, as the
+    /// router drops it).
+    pub fn pubrec(&mut self, pkid: u16) -> bool {
+        match self.inflight.get_mut(&pkid) {
+            Some(stage @ Stage::Pubrec) => {
+                *stage = Stage::Pubcomp;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The client sent PUBCOMP.
+    pub fn pubcomp(&mut self, pkid: u16) {
+        if self.inflight.get(&pkid) == Some(&Stage::Pubcomp) {
+            self.inflight.remove(&pkid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(seat: &Seat) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        seat.mailbox.take(usize::MAX, &mut out);
+        out
+    }
+
+    fn topics(seat: &Seat) -> Vec<(String, u8, bool)> {
+        drain(seat).into_iter().map(|d| (String::from_utf8_lossy(&d.topic).into_owned(), d.qos, d.retain)).collect()
+    }
+
+    #[test]
+    fn wildcards_match_as_mqtt_says() {
+        let cases = [
+            ("#", "a", true),
+            ("#", "a/b/c", true),
+            ("#", "/", true),
+            ("a/#", "a", true),
+            ("a/#", "a/b", true),
+            ("a/#", "ab", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/", true),
+            ("a/+", "a", false),
+            ("a/+", "a/b/c", false),
+            ("+/+", "/", true),
+            ("+", "/a", false),
+            ("a/b", "a/b", true),
+            ("a/b", "a/b/", false),
+            ("a/b/", "a/b", false),
+            ("+/b/#", "x/b", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("dpi/+/set", "dpi/lamp/set", true),
+            ("dpi/+/set", "dpi/lamp/state", false),
+        ];
+        for (filter, topic, expected) in cases {
+            assert_eq!(matches(filter, topic), expected, "{filter} against {topic}");
+        }
+    }
+
+    #[test]
+    fn matching_agrees_with_the_router_on_random_filters_and_topics() {
+        // Levels from a small alphabet, so that matches are frequent; the router's own function
+        // is the reference for what sessions on the router get.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let level = |r: u64| ["a", "b", "", "ab"][r as usize];
+        for _ in 0..20_000 {
+            let topic: Vec<&str> = (0..=next(3)).map(|_| level(next(4))).collect();
+            let topic = topic.join("/");
+            let count = 1 + next(4);
+            let filter: Vec<&str> = (0..count)
+                .map(|i| match next(6) {
+                    0 => "+",
+                    1 if i == count - 1 => "#",
+                    r => level(r % 4),
+                })
+                .collect();
+            let filter = filter.join("/");
+            if crate::broker::guard::filter(&filter).is_err() || topic.is_empty() {
+                continue;
+            }
+            assert_eq!(
+                matches(&filter, &topic),
+                rumqttd::protocol::matches(&topic, &filter),
+                "{filter} against {topic}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_reaches_each_matching_session_once_at_the_highest_qos() {
+        let local = Local::default();
+        let (a, b, c) = (local.join("a"), local.join("b"), local.join("c"));
+        local.subscribe(&a, "dpi/#", 0);
+        local.subscribe(&a, "dpi/lamp/set", 1);
+        local.subscribe(&b, "dpi/+/set", 2);
+        local.subscribe(&c, "dpi/other/set", 1);
+        let payload = Bytes::from_static(b"{}");
+        assert!(!local.publish("dpi/lamp/set", &payload, 2, false));
+        assert_eq!(topics(&a), [("dpi/lamp/set".to_owned(), 1, false)]);
+        assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 2, false)]);
+        assert!(topics(&c).is_empty());
+        // Lowered to the publish QoS.
+        local.publish("dpi/lamp/set", &payload, 0, false);
+        assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 0, false)]);
+    }
+
+    #[test]
+    fn retained_messages_come_with_a_new_subscription_and_are_cleared_by_an_empty_one() {
+        let local = Local::default();
+        let live = local.join("live");
+        local.subscribe(&live, "dpi/#", 1);
+        local.publish("dpi/door/state", &Bytes::from_static(b"{\"contact\":\"open\"}"), 1, true);
+        local.publish("dpi/hub/status", &Bytes::from_static(b"online"), AT_SUBSCRIPTION_QOS, true);
+        // Live subscribers get the message without the flag.
+        assert_eq!(topics(&live).iter().filter(|(_, _, retain)| *retain).count(), 0);
+        let late = local.join("late");
+        local.subscribe(&late, "dpi/+/state", 2);
+        assert_eq!(topics(&late), [("dpi/door/state".to_owned(), 1, true)]);
+        // The clearing message itself reaches subscribers, live.
+        local.publish("dpi/door/state", &Bytes::new(), 1, true);
+        assert_eq!(topics(&late), [("dpi/door/state".to_owned(), 1, false)]);
+        local.subscribe(&late, "dpi/#", 0);
+        assert_eq!(topics(&late), [("dpi/hub/status".to_owned(), 0, true)]);
+    }
+
+    #[test]
+    fn unsubscribing_and_leaving_stop_deliveries() {
+        let local = Local::default();
+        let (a, b) = (local.join("a"), local.join("b"));
+        local.subscribe(&a, "x/+", 1);
+        local.subscribe(&a, "x/y", 1);
+        local.subscribe(&b, "x/y", 1);
+        local.unsubscribe(&a, "x/+");
+        local.publish("x/y", &Bytes::new(), 1, false);
+        assert_eq!(drain(&a).len(), 1);
+        local.leave(&a);
+        local.publish("x/y", &Bytes::new(), 1, false);
+        assert!(drain(&a).is_empty());
+        assert_eq!(drain(&b).len(), 2);
+        local.leave(&b);
+        assert_eq!(local.seated(), 0);
+        let t = local.lock();
+        assert!(t.exact.is_empty() && t.wild.is_empty());
+    }
+
+    #[test]
+    fn the_router_gets_what_its_subscribers_match_and_every_retained_message() {
+        let local = Local::default();
+        let none = Bytes::new();
+        assert!(!local.publish("bench/pace/1", &none, 1, false));
+        assert!(local.publish("bench/pace/1", &none, 1, true));
+        local.want("dpi/+/state");
+        local.want("dpi/hub/status");
+        assert!(local.publish("dpi/door/state", &none, 1, false));
+        assert!(local.publish("dpi/hub/status", &none, 0, false));
+        assert!(!local.publish("dpi/door/set", &none, 1, false));
+    }
+
+    #[test]
+    fn a_session_that_does_not_read_loses_messages_past_its_bound_not_the_others() {
+        let local = Local::default();
+        let (slow, fine) = (local.join("slow"), local.join("fine"));
+        local.subscribe(&slow, "#", 1);
+        local.subscribe(&fine, "#", 1);
+        let payload = Bytes::from(vec![b'x'; 1000]);
+        let sent = 2 * MAX_QUEUED_BYTES / 1000;
+        for n in 0..sent {
+            local.publish("t", &payload, 1, false);
+            if n % 10 == 0 {
+                drain(&fine);
+            }
+        }
+        let kept = drain(&slow).len();
+        assert!(kept < sent && kept >= MAX_QUEUED_BYTES / (1000 + 1 + QUEUED_OVERHEAD), "{kept}");
+        assert!(slow.mailbox.is_empty());
+        // Room again once read.
+        local.publish("t", &payload, 1, false);
+        assert_eq!(drain(&slow).len(), 1);
+    }
+
+    #[test]
+    fn a_delivery_is_encoded_as_the_router_decodes_a_publish() {
+        use rumqttd::protocol::{v4::V4, Packet, Protocol};
+        for (qos, retain, size) in
+            [(0, false, 0), (1, true, 100), (2, false, 200), (1, false, 20_000), (0, true, 2_000_000)]
+        {
+            let topic = Bytes::from_static(b"dpi/lamp/set");
+            let payload = Bytes::from(vec![b'p'; size]);
+            let d = Delivery { topic: topic.clone(), payload: payload.clone(), qos, retain };
+            let mut buf = BytesMut::new();
+            d.encode(7, &mut buf);
+            let len = buf.len();
+            let Ok(Packet::Publish(p, _)) = V4.read_mut(&mut buf, usize::MAX) else { panic!("not a PUBLISH") };
+            assert!(buf.is_empty(), "{len} bytes, some left");
+            assert_eq!((&p.topic, &p.payload, p.retain), (&topic, &payload, retain));
+            let mut again = BytesMut::new();
+            V4.write(Packet::Publish(p, None), &mut again).unwrap();
+            let mut mine = BytesMut::new();
+            d.encode(7, &mut mine);
+            assert_eq!(again, mine, "qos {qos}");
+        }
+    }
+
+    #[test]
+    fn packet_ids_stay_unique_in_flight_and_flows_complete() {
+        let mut out = Outgoing::default();
+        let ids: Vec<u16> = (0..MAX_INFLIGHT).map(|n| out.send(1 + (n % 2) as u8)).collect();
+        assert_eq!(out.room(), 0);
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), MAX_INFLIGHT);
+        assert!(ids.iter().all(|&id| id != 0));
+        assert_eq!(out.send(0), 0);
+        // A PUBACK for a QoS 2 delivery, or a PUBCOMP before PUBREC, settles nothing.
+        out.puback(ids[1]);
+        out.pubcomp(ids[1]);
+        assert_eq!(out.room(), 0);
+        out.puback(ids[0]);
+        assert!(out.pubrec(ids[1]));
+        assert!(!out.pubrec(ids[1]), "a repeated PUBREC is dropped");
+        assert!(!out.pubrec(ids[2]), "PUBREC for a QoS 1 delivery");
+        out.pubcomp(ids[1]);
+        assert_eq!(out.room(), 2);
+        // Ids wrap past 65535 and skip those still in flight.
+        for _ in 0..70_000 {
+            let id = out.send(1);
+            assert_ne!(id, 0);
+            out.puback(id);
+        }
+        assert_eq!(out.room(), 2);
+    }
+}
