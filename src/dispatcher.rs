@@ -407,7 +407,7 @@ mod tests {
 
     /// A dispatcher on a real router's link, with drivers nobody reads, and the writer's input.
     fn dispatcher(toml: &str) -> (Dispatcher, mpsc::UnboundedReceiver<DeviceEvent>) {
-        let router = crate::broker::start_router(4).unwrap();
+        let router = crate::broker::start_router(4, tokio::sync::mpsc::unbounded_channel().0).unwrap();
         let (retained, _) = mpsc::unbounded_channel();
         let (link, _, _) = crate::broker::HubLink::connect(&router, retained).unwrap();
         let (pipeline, events) = Pipeline::new();

@@ -177,19 +177,28 @@ impl Hub {
         let (store, store_thread) = Store::start(&db_path(&config.data_dir))?;
         let (closing, tasks) = (CancellationToken::new(), TaskTracker::new());
 
-        let router = broker::start_router(config.broker.max_connections)?;
+        // Clients that lost messages: clean sessions' full mailboxes, and the router's skips
+        // (reported process-wide, to the first hub of the process).
+        let (lagging, skipped) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(mut router_skipped) = broker::lag::skipped_clients() {
+            let lagging = lagging.clone();
+            tasks.spawn(closing.clone().run_until_cancelled_owned(async move {
+                while let Some(client) = router_skipped.recv().await {
+                    let _ = lagging.send(client);
+                }
+            }));
+        }
+        let router = broker::start_router(config.broker.max_connections, lagging)?;
         let (retained, retained_rx) = tokio::sync::mpsc::unbounded_channel();
         let (link, echo, reader) = HubLink::connect(&router, retained.clone())?;
         let echo = Arc::new(tokio::sync::Mutex::new(echo));
         let router_task = tokio::spawn(reader.run());
         let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections));
-        if let Some(skipped) = broker::lag::skipped_clients() {
-            tasks.spawn(closing.clone().run_until_cancelled_owned(record_lag(
-                store.clone(),
-                skipped,
-                Arc::clone(&sessions),
-            )));
-        }
+        tasks.spawn(closing.clone().run_until_cancelled_owned(record_lag(
+            store.clone(),
+            skipped,
+            Arc::clone(&sessions),
+        )));
         restore_retained(&store, &link).await?;
 
         // The house side. The alarm starts after the retained replay above, so that its state

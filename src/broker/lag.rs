@@ -4,7 +4,7 @@
 //! cursor moved to the head, silently skipping messages (QoS 1 included). The only trace is a
 //! WARN event inside the router's `outgoing_publish{client_id}` span. [`LagLayer`] is a tracing
 //! layer that recognises that event and reports the client id on a process-wide channel; a clean
-//! session's full mailbox ([`super::local`]) reports on the same channel. The hub logs the first
+//! session's full mailbox ([`super::local`]) is reported to its own hub. The hub logs the first
 //! loss per client and keeps counts in the database for `domoticpi status`.
 
 use std::sync::{Mutex, OnceLock};

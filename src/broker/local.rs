@@ -17,13 +17,13 @@
 //! once to a session however many of its filters match, at the highest of their QoS (lowered to
 //! the publish QoS); the RETAIN flag is set only on the retained messages a SUBSCRIBE brings.
 //! A session that does not read is given at most [`MAX_QUEUED_BYTES`]; past that its messages
-//! are dropped and reported as the router's skips are ([`super::lag`]).
+//! are dropped, and the hub told, once per episode, as it is of the router's skips ([`super::lag`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 /// Bytes (topics and payloads) waiting for one session that does not read, beyond which its
 /// messages are dropped: what the router keeps for one filter (5 segments of 256 KiB).
@@ -100,21 +100,19 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn push(&self, delivery: Delivery) {
+    /// Queues a delivery, or drops it past the bound; true if that began an episode of drops.
+    fn push(&self, delivery: Delivery) -> bool {
         let size = delivery.topic.len() + delivery.payload.len() + QUEUED_OVERHEAD;
         {
             let mut q = self.lock();
             if q.bytes + size > MAX_QUEUED_BYTES {
-                if !q.lagging {
-                    q.lagging = true;
-                    super::lag::report(&self.name);
-                }
-                return;
+                return !std::mem::replace(&mut q.lagging, true);
             }
             q.bytes += size;
             q.items.push_back(delivery);
         }
         self.ready.notify_one();
+        false
     }
 
     /// Moves at most `most` deliveries, oldest first, to `into`.
@@ -154,6 +152,8 @@ pub struct Seat {
 #[derive(Debug, Default)]
 pub struct Local {
     table: Mutex<Table>,
+    /// Told the name of each session that begins losing messages.
+    lagging: Option<mpsc::UnboundedSender<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -179,6 +179,19 @@ struct Seated {
 }
 
 impl Local {
+    /// A table that tells `lagging` of sessions losing messages.
+    pub fn new(lagging: mpsc::UnboundedSender<String>) -> Local {
+        Local { table: Mutex::default(), lagging: Some(lagging) }
+    }
+
+    fn deliver(&self, mailbox: &Mailbox, delivery: Delivery) {
+        if mailbox.push(delivery) {
+            if let Some(lagging) = &self.lagging {
+                let _ = lagging.send(mailbox.name.clone());
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -222,7 +235,7 @@ impl Local {
             if matches(filter, topic) {
                 let topic = Bytes::copy_from_slice(topic.as_bytes());
                 let qos = qos.min(*published);
-                seat.mailbox.push(Delivery { topic, payload: payload.clone(), qos, retain: true });
+                self.deliver(&seat.mailbox, Delivery { topic, payload: payload.clone(), qos, retain: true });
             }
         }
     }
@@ -272,7 +285,7 @@ impl Local {
                         qos: qos.min(sub_qos),
                         retain: false,
                     };
-                    seated.mailbox.push(delivery);
+                    self.deliver(&seated.mailbox, delivery);
                 }
             }
         }
@@ -541,7 +554,8 @@ mod tests {
 
     #[test]
     fn a_session_that_does_not_read_loses_messages_past_its_bound_not_the_others() {
-        let local = Local::default();
+        let (lagging, mut told) = mpsc::unbounded_channel();
+        let local = Local::new(lagging);
         let (slow, fine) = (local.join("slow"), local.join("fine"));
         local.subscribe(&slow, "#", 1);
         local.subscribe(&fine, "#", 1);
@@ -556,9 +570,16 @@ mod tests {
         let kept = drain(&slow).len();
         assert!(kept < sent && kept >= MAX_QUEUED_BYTES / (1000 + 1 + QUEUED_OVERHEAD), "{kept}");
         assert!(slow.mailbox.is_empty());
-        // Room again once read.
+        assert_eq!(told.try_recv().ok().as_deref(), Some("slow"));
+        assert!(told.try_recv().is_err(), "told more than once, or of the reader");
+        // Room again once read; a second episode is told again.
         local.publish("t", &payload, 1, false);
         assert_eq!(drain(&slow).len(), 1);
+        for _ in 0..sent {
+            local.publish("t", &payload, 1, false);
+            drain(&fine);
+        }
+        assert_eq!(told.try_recv().ok().as_deref(), Some("slow"));
     }
 
     #[test]

@@ -220,7 +220,11 @@ pub fn open_link(
 
 /// Starts the router on its own thread; returns a factory for links to it, and the table and
 /// link of clean sessions.
-pub fn start_router(max_connections: usize) -> Result<RouterHandle, BrokerError> {
+/// `lagging` is told the router id of each clean session that starts losing messages.
+pub fn start_router(
+    max_connections: usize,
+    lagging: mpsc::UnboundedSender<String>,
+) -> Result<RouterHandle, BrokerError> {
     let router_tx = Router::new(0, router_config(max_connections)).spawn();
     let probe = router_tx.clone();
     let links: LinkFactory = Arc::new(move |client_id: &str, clean: bool| {
@@ -233,7 +237,7 @@ pub fn start_router(max_connections: usize) -> Result<RouterHandle, BrokerError>
     Ok(RouterHandle {
         links,
         backlog: Arc::new(move || probe.len()),
-        local: Arc::default(),
+        local: Arc::new(local::Local::new(lagging)),
         forward: Forward { link: std::sync::Mutex::new((tx, rx)) },
     })
 }
@@ -477,19 +481,21 @@ async fn accept_one(
 ) {
     // Without NODELAY, Nagle holds small MQTT packets (CONNACK, PUBACK) for tens of milliseconds.
     let _ = socket.set_nodelay(true);
-    // Each connection's task keeps room for its largest state while it lives: the handshake's is
-    // boxed and freed once done, and a session's holds only itself (see `session::run`).
-    match tls {
-        None => Box::pin(session::run(socket, peer, None, shared, ticket)).await,
+    // A task keeps room for its largest state while it lives. The handshake is boxed and freed
+    // once done, and nothing but the boxed session is held across its await: a value held there
+    // (a match on the handshake's result, say) would keep room for a whole TLS stream beside it.
+    let session: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match tls {
+        None => Box::pin(session::run(socket, peer, None, shared, ticket)),
         Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, Box::pin(acceptor.accept(socket))).await {
             Ok(Ok(stream)) => {
                 let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_cert(c));
-                Box::pin(session::run(stream, peer, cert, shared, ticket)).await
+                Box::pin(session::run(stream, peer, cert, shared, ticket))
             }
-            Ok(Err(e)) => info!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => debug!(%peer, "TLS handshake timed out"),
+            Ok(Err(e)) => return info!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => return debug!(%peer, "TLS handshake timed out"),
         },
-    }
+    };
+    session.await
 }
 
 /// The CN and fingerprint of a client certificate the TLS layer already verified.

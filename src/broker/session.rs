@@ -45,6 +45,10 @@ use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
 use crate::auth::{Identity, PeerCert, Presented, Refusal};
 use crate::secret::Secret;
 
+/// A connection's read and write buffers to begin with: a device's packets are tens of bytes, and
+/// the buffers grow for a client that sends or gets more.
+const BUFFER: usize = 256;
+
 /// Room for the fixed header and topic beyond the payload limit.
 const PACKET_OVERHEAD: usize = 1024;
 
@@ -63,20 +67,46 @@ const ROUTER_ACK_BATCH: usize = 32;
 const ROUTER_ACK_LINGER: Duration = Duration::from_millis(500);
 
 /// Runs a client session on an established (TLS or plain) stream: CONNECT and login, then the
-/// client id and its router link, then packets both ways, then the end. `ticket` holds the
-/// socket's place in the admission count until the session is over.
-pub async fn run<S>(stream: S, peer: SocketAddr, cert: Option<PeerCert>, shared: Arc<Shared>, mut ticket: Ticket)
+/// client id and its link, then packets both ways, then the end. `ticket` holds the socket's
+/// place in the admission count until the session is over.
+pub fn run<S>(
+    stream: S,
+    peer: SocketAddr,
+    cert: Option<PeerCert>,
+    shared: Arc<Shared>,
+    ticket: Ticket,
+) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let _ended = Ended(&shared);
-    let conn = Conn { stream, read: BytesMut::with_capacity(1024), write: BytesMut::with_capacity(1024) };
-    // A future holds room for its largest state for as long as it lives: the steps that end
-    // (login, opening the link, closing) are boxed, so an idle session holds only what `serve` needs.
-    let Some(accepted) = Box::pin(accept(conn, peer, cert, &shared, &mut ticket)).await else { return };
-    let Some((mut session, session_present)) = Box::pin(Session::open(accepted, &shared)).await else { return };
-    let end = session.serve(session_present).await;
-    Box::pin(session.close(end)).await;
+    // A future keeps room for its largest state, and for its arguments, as long as it lives. The
+    // stream goes at once into the boxed first step (login, opening the link), and closing is
+    // boxed too, so an idle session holds only what `serve` needs.
+    let start = Box::pin(start(stream, peer, cert, Arc::clone(&shared), ticket));
+    async move {
+        let _ended = Ended(&shared);
+        let Some((mut session, session_present, _ticket)) = start.await else { return };
+        let end = session.serve(session_present).await;
+        Box::pin(session.close(end)).await;
+    }
+}
+
+/// CONNECT, login, the client id and its link: the session, whether the router kept one under
+/// that id, and the admission ticket to hold until the end.
+async fn start<S>(
+    stream: S,
+    peer: SocketAddr,
+    cert: Option<PeerCert>,
+    shared: Arc<Shared>,
+    mut ticket: Ticket,
+) -> Option<(Session<S>, bool, Ticket)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = Conn { stream, read: BytesMut::with_capacity(BUFFER), write: BytesMut::with_capacity(BUFFER) };
+    let accepted = Box::pin(accept(conn, peer, cert, &shared, &mut ticket)).await?;
+    let (session, session_present) = Box::pin(Session::open(accepted, &shared)).await?;
+    Some((session, session_present, ticket))
 }
 
 /// A client whose CONNECT was read and whose login and will were accepted.
