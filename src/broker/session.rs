@@ -656,15 +656,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Moves packets both ways until the session ends.
     async fn pump(&mut self) -> End {
-        let mut deadline = self.keepalive.map(|k| Instant::now() + k);
-        let kick = self.claim.kick.clone();
+        // The waits that outlive one packet are made once: each made anew would register with
+        // its token or the timer, and leave it, at every wake-up.
+        let (kick, closing) = (self.claim.kick.clone(), self.shared.closing.clone());
+        let kicked = kick.cancelled();
+        let hub_closing = closing.cancelled();
+        // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10): the time it was last
+        // heard is noted, and the timer, when it fires, is moved to that time plus the keepalive.
+        let mut heard = Instant::now();
+        let keepalive = tokio::time::sleep_until(heard + self.keepalive.unwrap_or(Duration::ZERO));
+        tokio::pin!(kicked, hub_closing, keepalive);
         loop {
-            let keepalive = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             let acks_due_at = self.acks_due;
             let acks_due = async {
                 match acks_due_at {
@@ -672,28 +674,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     None => std::future::pending().await,
                 }
             };
+            // In this order, so that a client that never stops sending is still closed when asked,
+            // and still gets what it is sent (its deliveries in flight are bounded).
             tokio::select! {
-                read = self.conn.stream.read_buf(&mut self.conn.read) => {
-                    match read {
-                        Ok(0) => return End::Lost("connection closed by peer".into()),
-                        Err(e) => return End::Lost(e.to_string()),
-                        Ok(_) => {}
-                    }
-                    // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
-                    deadline = self.keepalive.map(|k| Instant::now() + k);
-                    let end = self.handle_incoming();
-                    // Answers may have made room for deliveries; a SUBSCRIBE may have brought some.
-                    self.deliver_local();
-                    // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
-                    if !self.flush_router().await {
-                        return End::Router;
-                    }
-                    if let Err(end) = self.flush_client().await {
-                        return end;
-                    }
-                    if let Some(end) = end {
-                        return end;
-                    }
+                biased;
+                () = &mut kicked => return End::Kicked,
+                () = &mut hub_closing => {
+                    self.drain().await;
+                    return End::HubClosing;
                 }
                 event = self.link.next() => {
                     match event {
@@ -715,16 +703,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                     }
                 }
-                () = keepalive => return End::Lost("keepalive timeout".into()),
+                read = self.conn.stream.read_buf(&mut self.conn.read) => {
+                    match read {
+                        Ok(0) => return End::Lost("connection closed by peer".into()),
+                        Err(e) => return End::Lost(e.to_string()),
+                        Ok(_) => {}
+                    }
+                    heard = Instant::now();
+                    let end = self.handle_incoming();
+                    // Answers may have made room for deliveries; a SUBSCRIBE may have brought some.
+                    self.deliver_local();
+                    // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
+                    if !self.flush_router().await {
+                        return End::Router;
+                    }
+                    if let Err(end) = self.flush_client().await {
+                        return end;
+                    }
+                    if let Some(end) = end {
+                        return end;
+                    }
+                }
+                () = &mut keepalive, if self.keepalive.is_some() => {
+                    let due = heard + self.keepalive.unwrap_or(Duration::ZERO);
+                    if Instant::now() >= due {
+                        return End::Lost("keepalive timeout".into());
+                    }
+                    keepalive.as_mut().reset(due);
+                }
                 () = acks_due => {
                     if !self.send_to_router().await {
                         return End::Router;
                     }
-                }
-                () = kick.cancelled() => return End::Kicked,
-                () = self.shared.closing.cancelled() => {
-                    self.drain().await;
-                    return End::HubClosing;
                 }
             }
         }
@@ -735,6 +745,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn flush_client(&mut self) -> Result<(), End> {
         let kick = self.claim.kick.clone();
         tokio::select! {
+            // The write first: it is nearly always done at once, and then the token is not waited on.
+            biased;
             written = tokio::time::timeout(WRITE_TIMEOUT, self.conn.flush()) => match written {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(End::Lost(e.to_string())),
