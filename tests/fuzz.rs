@@ -373,7 +373,9 @@ async fn run_op(op: &Op, clients: &mut [Live], plain: std::net::SocketAddr, devi
     absorb(c, wait).await;
 }
 
-/// A subscriber and a publisher that prove, after each sequence, that the router routes.
+/// A subscriber and a publisher that prove, after each sequence, that the router routes: the
+/// subscriber's session is persistent, so the message crosses the router (a clean session's would
+/// not; the sequences' own clients, mostly clean, cover that path).
 struct Probe {
     sub: RawClient,
     publisher: RawClient,
@@ -383,19 +385,19 @@ struct Probe {
 impl Probe {
     async fn new(plain: std::net::SocketAddr) -> Probe {
         // Keepalive 0: a long run must not time the probes out.
-        let connect = |id: &'static str| async move {
+        let connect = |id: &'static str, clean: bool| async move {
             let mut c = RawClient::connect_plain(plain).await.unwrap();
-            c.connect_full(id, Some(("fuzz-admin", "admin-password")), 0, true, None).await;
+            c.connect_full(id, Some(("fuzz-admin", "admin-password")), 0, clean, None).await;
             match c.recv(Duration::from_secs(10)).await {
                 Some(Packet::ConnAck(ack, _)) => assert_eq!(ack.code, rumqttd::protocol::ConnectReturnCode::Success),
                 other => panic!("probe {id}: {other:?}"),
             }
             c
         };
-        let mut sub = connect("fuzz-probe-sub").await;
+        let mut sub = connect("fuzz-probe-sub", false).await;
         sub.send(raw_subscribe(1, &[("probe/+", QoS::AtMostOnce)])).await;
         while !matches!(sub.recv(Duration::from_secs(10)).await, Some(Packet::SubAck(..))) {}
-        Probe { sub, publisher: connect("fuzz-probe-pub").await, n: 0 }
+        Probe { sub, publisher: connect("fuzz-probe-pub", true).await, n: 0 }
     }
 
     /// Whether a fresh message goes from the publisher to the subscriber within 10 s.
