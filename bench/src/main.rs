@@ -507,7 +507,8 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
     let _ = writeln!(
         h,
         "           paced: 10 publishers on bench/pace/N (no rule reads them), QoS1 64 B, to one `#` subscriber, \
-         {} s per rate ({} s at 100 msg/s); broker CPU from /proc/PID/stat (10 ms ticks) around each run",
+         {} s per rate ({} s at 100 msg/s); broker CPU around each run: every thread's on-CPU ns \
+         (/proc/PID/task/*/sched), or /proc/PID/stat ticks where missing",
         plan.paced.0.as_secs(),
         plan.paced.0.as_secs() * 2
     );

@@ -1,7 +1,7 @@
 //! The measurements. Each one runs against one freshly started broker and returns labelled values
 //! (and notes) for the table; every wait in here is bounded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -759,6 +759,39 @@ fn cpu_seconds_of(pid: u32) -> Result<f64> {
     Ok(total as f64 / CLK_TCK)
 }
 
+/// On-CPU time of each of the broker's threads so far, in ms with ns resolution
+/// (`se.sum_exec_runtime` of `/proc/PID/task/*/sched`), by thread id; empty where the kernel does
+/// not offer it.
+fn cpu_ms_by_thread(pid: u32) -> HashMap<String, f64> {
+    let dir = format!("/proc/{pid}/task");
+    let Ok(tasks) = std::fs::read_dir(&dir) else { return HashMap::new() };
+    tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let sched = std::fs::read_to_string(task.path().join("sched")).ok()?;
+            let ms = sched
+                .lines()
+                .find_map(|l| l.strip_prefix("se.sum_exec_runtime")?.split(':').nth(1)?.trim().parse().ok())?;
+            Some((task.file_name().to_string_lossy().into_owned(), ms))
+        })
+        .collect()
+}
+
+/// The broker's CPU time between two readings, in seconds: per thread from the scheduler's
+/// nanosecond counts (a thread that ended in between takes its time with it), or, where those are
+/// missing, from the 10 ms ticks of `/proc/PID/stat`.
+fn cpu_between(before: &(HashMap<String, f64>, f64), after: &(HashMap<String, f64>, f64)) -> f64 {
+    if before.0.is_empty() || after.0.is_empty() {
+        return after.1 - before.1;
+    }
+    after.0.iter().map(|(tid, ms)| ms - before.0.get(tid).copied().unwrap_or(0.0)).sum::<f64>() / 1000.0
+}
+
+/// Both readings [`cpu_between`] compares.
+fn cpu_reading(pid: u32) -> Result<(HashMap<String, f64>, f64)> {
+    Ok((cpu_ms_by_thread(pid), cpu_seconds_of(pid)?))
+}
+
 /// Times the broker's threads were switched in, all threads together (voluntary and not, from
 /// `/proc/PID/task/*/status`): each is a wake-up the kernel paid for. A thread that ends
 /// meanwhile takes its count with it, so a difference is at worst a little low.
@@ -823,7 +856,7 @@ pub async fn paced(
     let period = Duration::from_secs_f64(publishers as f64 / f64::from(rate));
     let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
     let started = Instant::now() + Duration::from_millis(100);
-    let cpu_before = cpu_seconds_of(broker_pid)?;
+    let cpu_before = cpu_reading(broker_pid)?;
     let switches_before = switches_of(broker_pid)?;
     let mut set = JoinSet::new();
     for (i, (client, _)) in clients.iter().enumerate() {
@@ -847,7 +880,7 @@ pub async fn paced(
     if failure.is_none() {
         sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
     }
-    let cpu = cpu_seconds_of(broker_pid)? - cpu_before;
+    let cpu = cpu_between(&cpu_before, &cpu_reading(broker_pid)?);
     let switches = switches_of(broker_pid)?.saturating_sub(switches_before);
     for (client, driver) in clients {
         let _ = client.try_disconnect();
