@@ -775,30 +775,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Sends everything gathered for the router with one wake-up; false if the router is gone.
     async fn send_to_router(&mut self) -> bool {
         self.acks_due = None;
+        // A send into the router blocks while its inbox is full; the router drains it on its own
+        // thread and never waits for a session (it only try-sends to links). On the daemon's
+        // current-thread runtime the wait is brief and stalls the sessions with it, as one
+        // thread's broker does; on a multi-thread runtime (some tests), tell the runtime first.
+        let runtime = tokio::runtime::Handle::current();
+        let tell_runtime = runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+            && (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
         let Link::Router { tx: link_tx, .. } = &mut self.link else {
-            let forward = &self.shared.router.forward;
-            let packets = self.to_router.drain(..);
-            let runtime = tokio::runtime::Handle::current();
-            let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
-            if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-                return tokio::task::block_in_place(|| forward.send(packets));
-            }
-            return forward.send(packets);
+            let (forward, packets) = (&self.shared.router.forward, self.to_router.drain(..));
+            return match tell_runtime {
+                true => tokio::task::block_in_place(|| forward.send(packets)),
+                false => forward.send(packets),
+            };
         };
         let Some(last) = self.to_router.pop() else {
             return true;
         };
         link_tx.buffer().extend(self.to_router.drain(..));
-        // `LinkTx::send` blocks when the router's inbox is full; the router drains it on its own
-        // thread and never waits for a session (it only try-sends to links). On the daemon's
-        // current-thread runtime the wait is brief and stalls the sessions with it, as one
-        // thread's broker does; on a multi-thread runtime (some tests), tell the runtime first.
-        let runtime = tokio::runtime::Handle::current();
-        let crowded = (self.shared.router.backlog)() > super::ROUTER_INBOX / 2;
-        if crowded && runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-            tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last)).is_ok())
-        } else {
-            link_tx.send(last).await.is_ok()
+        match tell_runtime {
+            true => tokio::task::block_in_place(|| runtime.block_on(link_tx.send(last)).is_ok()),
+            false => link_tx.send(last).await.is_ok(),
         }
     }
 
