@@ -2,9 +2,9 @@
 //!
 //! rumqttd routes messages between links, for persistent sessions and the hub's own links; clean
 //! sessions, most of a house's clients, are served without it ([`local`]). Everything a client sees
-//! before and around that is the hub's: the listeners ([`serve`]), admission ([`admission`]), TLS, the MQTT 3.1.1 session with
-//! each client ([`session`]), who may connect ([`crate::auth`]) and do what ([`acl`]), and what may
-//! reach the router at all ([`guard`], [`acks`], [`sessions`]). The router runs on a thread of its
+//! before and around that is the hub's: the listeners ([`serve`]), admission ([`admission`]), TLS,
+//! the MQTT 3.1.1 session with each client ([`session`]), who may connect ([`crate::auth`]) and do
+//! what ([`acl`]), and what may reach the router at all ([`guard`], [`acks`], [`sessions`]). The router runs on a thread of its
 //! own and cannot be stopped: if it ends, the hub treats that as fatal and lets systemd restart it.
 //!
 //! The hub's own in-process client, [`HubLink`], has a client id holding a NUL (no network client
@@ -219,8 +219,8 @@ pub fn open_link(
 }
 
 /// Starts the router on its own thread; returns a factory for links to it, and the table and
-/// link of clean sessions.
-/// `lagging` is told the router id of each clean session that starts losing messages.
+/// link of clean sessions. `lagging` is told the router id of each clean session that starts
+/// losing messages.
 pub fn start_router(
     max_connections: usize,
     lagging: mpsc::UnboundedSender<String>,

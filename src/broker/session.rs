@@ -8,7 +8,7 @@
 //! identity: 2; the hub full or busy: 3; another protocol level: 1); keepalive measured on what the
 //! client sends (1.5 × its value, none for 0); a second CONNECT, a packet 1 KiB over
 //! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP,
-//! UNSUBACK and a QoS 1 PUBLISH's PUBACK (once the router has the message) without a router round
+//! UNSUBACK and a QoS 1 PUBLISH's PUBACK (once the message is routed) without a router round
 //! trip; the client's acknowledgements of deliveries handed to the router in batches
 //! (`ROUTER_ACK_BATCH`), one wake-up of its thread for many; and the will published once, only for
 //! a connection that died without DISCONNECT, before the device's `offline`. It is also where
