@@ -248,7 +248,7 @@ async fn client_ids_are_bounded_at_128_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn five_hundred_filters_from_one_resident_get_a_hundred_per_connection_and_a_bounded_budget() {
+async fn five_hundred_filters_from_one_resident_get_a_hundred_per_connection_and_a_bounded_budget_in_the_router() {
     let hub = hub().await;
     let (mut bob, _) = raw(&hub, "bobs-phone", ("bob", "bob-password"), false).await;
     let mut codes = Vec::new();
@@ -273,10 +273,10 @@ async fn five_hundred_filters_from_one_resident_get_a_hundred_per_connection_and
     assert!(present);
     bob.send(raw_subscribe(1, &[("dpi/f101/#", QoS::AtMostOnce)])).await;
     assert_eq!(suback(&mut bob, 1).await, [0x80]);
-    // On new connections, the resident may bring at most 256 new filters to the router in all.
+    // On new persistent sessions, the resident may bring at most 256 new filters to the router in all.
     let mut granted = 0;
     for round in 0..3u16 {
-        let (mut c, _) = raw(&hub, &format!("tablet-{round}"), ("bob", "bob-password"), true).await;
+        let (mut c, _) = raw(&hub, &format!("tablet-{round}"), ("bob", "bob-password"), false).await;
         for batch in 0..2u16 {
             let filters: Vec<String> = (0..50).map(|n| format!("dpi/r{round}/{}", batch * 50 + n)).collect();
             let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (f.as_str(), QoS::AtMostOnce)).collect();
@@ -285,6 +285,16 @@ async fn five_hundred_filters_from_one_resident_get_a_hundred_per_connection_and
         }
     }
     assert_eq!(granted, 256 - 101, "new filters granted past the first connection's");
+    // A clean session's filters never reach the router, and leave with it: no budget for them.
+    for round in 0..2u16 {
+        let (mut c, _) = raw(&hub, "tablet-clean", ("bob", "bob-password"), true).await;
+        for batch in 0..2u16 {
+            let filters: Vec<String> = (0..50).map(|n| format!("dpi/c{round}/{}", batch * 50 + n)).collect();
+            let filters: Vec<(&str, QoS)> = filters.iter().map(|f| (f.as_str(), QoS::AtMostOnce)).collect();
+            c.send(raw_subscribe(batch + 1, &filters)).await;
+            assert!(suback(&mut c, batch + 1).await.iter().all(|c| *c == 0), "clean session, round {round}");
+        }
+    }
     assert_routes(&hub).await;
 }
 

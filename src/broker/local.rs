@@ -20,10 +20,13 @@
 //! are dropped, and the hub told, once per episode, as it is of the router's skips ([`super::lag`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::sync::{mpsc, Notify};
+use futures_util::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 /// Bytes (topics and payloads) waiting for one session that does not read, beyond which its
 /// messages are dropped: what the router keeps for one filter (5 segments of 256 KiB).
@@ -82,7 +85,10 @@ impl Delivery {
 #[derive(Debug)]
 pub struct Mailbox {
     queue: Mutex<Queue>,
-    ready: Notify,
+    /// Set when a delivery is queued, cleared when the session's task sees it: a flag and a
+    /// waker rather than a `Notify`, whose wait takes a lock each time it is polled.
+    rung: AtomicBool,
+    waker: AtomicWaker,
     /// Named to [`super::lag`] when messages are dropped.
     name: String,
 }
@@ -111,7 +117,8 @@ impl Mailbox {
             q.bytes += size;
             q.items.push_back(delivery);
         }
-        self.ready.notify_one();
+        self.rung.store(true, Ordering::Release);
+        self.waker.wake();
         false
     }
 
@@ -136,8 +143,28 @@ impl Mailbox {
 
     /// Resolves once something was put in the mailbox since it last resolved (or was created).
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        std::future::poll_fn(|cx| {
+            if self.rung.swap(false, Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            // Registered before looking again, so that a delivery queued in between wakes it.
+            self.waker.register(cx.waker());
+            match self.rung.swap(false, Ordering::Acquire) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
+        .await;
     }
+}
+
+/// Where a published message went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// Clean sessions it was given to.
+    pub sessions: usize,
+    /// The router must have it too.
+    pub router: bool,
 }
 
 /// A session's place in the table; [`Local::leave`] it when the connection ends.
@@ -170,6 +197,8 @@ struct Table {
     /// hub restarts, as the router keeps them; bounded by the sessions' filter budget.
     router_exact: HashSet<String>,
     router_wild: Vec<String>,
+    /// The sessions one message goes to: kept between messages, so that publishing allocates nothing.
+    targets: Vec<(u64, u8)>,
 }
 
 #[derive(Debug)]
@@ -198,7 +227,12 @@ impl Local {
 
     /// Gives a clean session a mailbox; `name` is how lag reports name it.
     pub fn join(&self, name: &str) -> Seat {
-        let mailbox = Arc::new(Mailbox { queue: Mutex::default(), ready: Notify::new(), name: name.to_owned() });
+        let mailbox = Arc::new(Mailbox {
+            queue: Mutex::default(),
+            rung: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            name: name.to_owned(),
+        });
         let mut t = self.lock();
         t.next += 1;
         let id = t.next;
@@ -261,35 +295,37 @@ impl Local {
 
     /// Delivers a message that passed every check to the clean sessions it matches (`qos`: its
     /// publish QoS), keeps it if retained (an empty payload clears), and says whether the router
-    /// must have it too.
-    pub fn publish(&self, topic: &str, payload: &Bytes, qos: u8, retain: bool) -> bool {
+    /// must have it too. `topic` passed the guard; its bytes are shared by every delivery.
+    pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> Reach {
+        let Ok(name) = std::str::from_utf8(topic) else { return Reach::default() };
         let mut t = self.lock();
+        let t = &mut *t;
         if retain {
             match payload.is_empty() {
-                true => drop(t.retained.remove(topic)),
-                false => drop(t.retained.insert(topic.to_owned(), (payload.clone(), qos))),
+                true => drop(t.retained.remove(name)),
+                false => drop(t.retained.insert(name.to_owned(), (payload.clone(), qos))),
             }
         }
-        let mut targets: Vec<(u64, u8)> = t.exact.get(topic).cloned().unwrap_or_default();
-        targets.extend(t.wild.iter().filter(|(f, _, _)| matches(f, topic)).map(|(_, id, q)| (*id, *q)));
-        if !targets.is_empty() {
+        let targets = &mut t.targets;
+        targets.clear();
+        targets.extend(t.exact.get(name).into_iter().flatten().copied());
+        targets.extend(t.wild.iter().filter(|(f, _, _)| matches(f, name)).map(|(_, id, q)| (*id, *q)));
+        if targets.len() > 1 {
             // Once per session, at the highest QoS of its matching filters.
             targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             targets.dedup_by_key(|(id, _)| *id);
-            let shared_topic = Bytes::copy_from_slice(topic.as_bytes());
-            for (id, sub_qos) in targets {
-                if let Some(seated) = t.seats.get(&id) {
-                    let delivery = Delivery {
-                        topic: shared_topic.clone(),
-                        payload: payload.clone(),
-                        qos: qos.min(sub_qos),
-                        retain: false,
-                    };
-                    self.deliver(&seated.mailbox, delivery);
-                }
+        }
+        for &(id, sub_qos) in targets.iter() {
+            if let Some(seated) = t.seats.get(&id) {
+                let delivery =
+                    Delivery { topic: topic.clone(), payload: payload.clone(), qos: qos.min(sub_qos), retain: false };
+                self.deliver(&seated.mailbox, delivery);
             }
         }
-        retain || t.router_exact.contains(topic) || t.router_wild.iter().any(|f| matches(f, topic))
+        Reach {
+            sessions: targets.len(),
+            router: retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name)),
+        }
     }
 
     /// Clean sessions seated now.
@@ -491,13 +527,38 @@ mod tests {
         local.subscribe(&b, "dpi/+/set", 2);
         local.subscribe(&c, "dpi/other/set", 1);
         let payload = Bytes::from_static(b"{}");
-        assert!(!local.publish("dpi/lamp/set", &payload, 2, false));
+        let reach = local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 2, false);
+        assert_eq!(reach, Reach { sessions: 2, router: false });
         assert_eq!(topics(&a), [("dpi/lamp/set".to_owned(), 1, false)]);
         assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 2, false)]);
         assert!(topics(&c).is_empty());
         // Lowered to the publish QoS.
-        local.publish("dpi/lamp/set", &payload, 0, false);
+        local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 0, false);
         assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 0, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_mailbox_wakes_its_session_once_per_batch_of_deliveries() {
+        use std::future::Future;
+        let local = Arc::new(Local::default());
+        let a = local.join("a");
+        local.subscribe(&a, "t", 0);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        // Filled before the session waits: ready at once; then nothing more, so it waits.
+        local.publish(&Bytes::from_static(b"t"), &Bytes::new(), 0, false);
+        local.publish(&Bytes::from_static(b"t"), &Bytes::new(), 0, false);
+        assert!(std::pin::pin!(a.mailbox.ready()).poll(&mut cx).is_ready());
+        assert!(std::pin::pin!(a.mailbox.ready()).poll(&mut cx).is_pending());
+        // A delivery from another thread wakes a session waiting on this runtime.
+        let mailbox = Arc::clone(&a.mailbox);
+        let waiting = tokio::spawn(async move { mailbox.ready().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let other = Arc::clone(&local);
+        std::thread::spawn(move || other.publish(&Bytes::from_static(b"t"), &Bytes::new(), 0, false)).join().unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting).await.expect("woken").unwrap();
+        assert_eq!(topics(&a).len(), 3);
     }
 
     #[test]
@@ -505,15 +566,20 @@ mod tests {
         let local = Local::default();
         let live = local.join("live");
         local.subscribe(&live, "dpi/#", 1);
-        local.publish("dpi/door/state", &Bytes::from_static(b"{\"contact\":\"open\"}"), 1, true);
-        local.publish("dpi/hub/status", &Bytes::from_static(b"online"), AT_SUBSCRIPTION_QOS, true);
+        local.publish(&Bytes::from_static(b"dpi/door/state"), &Bytes::from_static(b"{\"contact\":\"open\"}"), 1, true);
+        local.publish(
+            &Bytes::from_static(b"dpi/hub/status"),
+            &Bytes::from_static(b"online"),
+            AT_SUBSCRIPTION_QOS,
+            true,
+        );
         // Live subscribers get the message without the flag.
         assert_eq!(topics(&live).iter().filter(|(_, _, retain)| *retain).count(), 0);
         let late = local.join("late");
         local.subscribe(&late, "dpi/+/state", 2);
         assert_eq!(topics(&late), [("dpi/door/state".to_owned(), 1, true)]);
         // The clearing message itself reaches subscribers, live.
-        local.publish("dpi/door/state", &Bytes::new(), 1, true);
+        local.publish(&Bytes::from_static(b"dpi/door/state"), &Bytes::new(), 1, true);
         assert_eq!(topics(&late), [("dpi/door/state".to_owned(), 1, false)]);
         local.subscribe(&late, "dpi/#", 0);
         assert_eq!(topics(&late), [("dpi/hub/status".to_owned(), 0, true)]);
@@ -527,10 +593,10 @@ mod tests {
         local.subscribe(&a, "x/y", 1);
         local.subscribe(&b, "x/y", 1);
         local.unsubscribe(&a, "x/+");
-        local.publish("x/y", &Bytes::new(), 1, false);
+        local.publish(&Bytes::from_static(b"x/y"), &Bytes::new(), 1, false);
         assert_eq!(drain(&a).len(), 1);
         local.leave(&a);
-        local.publish("x/y", &Bytes::new(), 1, false);
+        local.publish(&Bytes::from_static(b"x/y"), &Bytes::new(), 1, false);
         assert!(drain(&a).is_empty());
         assert_eq!(drain(&b).len(), 2);
         local.leave(&b);
@@ -543,13 +609,13 @@ mod tests {
     fn the_router_gets_what_its_subscribers_match_and_every_retained_message() {
         let local = Local::default();
         let none = Bytes::new();
-        assert!(!local.publish("bench/pace/1", &none, 1, false));
-        assert!(local.publish("bench/pace/1", &none, 1, true));
+        assert!(!local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, false).router);
+        assert!(local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, true).router);
         local.want("dpi/+/state");
         local.want("dpi/hub/status");
-        assert!(local.publish("dpi/door/state", &none, 1, false));
-        assert!(local.publish("dpi/hub/status", &none, 0, false));
-        assert!(!local.publish("dpi/door/set", &none, 1, false));
+        assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false).router);
+        assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false).router);
+        assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false).router);
     }
 
     #[test]
@@ -562,7 +628,7 @@ mod tests {
         let payload = Bytes::from(vec![b'x'; 1000]);
         let sent = 2 * MAX_QUEUED_BYTES / 1000;
         for n in 0..sent {
-            local.publish("t", &payload, 1, false);
+            local.publish(&Bytes::from_static(b"t"), &payload, 1, false);
             if n % 10 == 0 {
                 drain(&fine);
             }
@@ -573,10 +639,10 @@ mod tests {
         assert_eq!(told.try_recv().ok().as_deref(), Some("slow"));
         assert!(told.try_recv().is_err(), "told more than once, or of the reader");
         // Room again once read; a second episode is told again.
-        local.publish("t", &payload, 1, false);
+        local.publish(&Bytes::from_static(b"t"), &payload, 1, false);
         assert_eq!(drain(&slow).len(), 1);
         for _ in 0..sent {
-            local.publish("t", &payload, 1, false);
+            local.publish(&Bytes::from_static(b"t"), &payload, 1, false);
             drain(&fine);
         }
         assert_eq!(told.try_recv().ok().as_deref(), Some("slow"));

@@ -327,15 +327,17 @@ impl HubLink {
         if retain {
             let _ = self.retained.send((topic.clone(), (!payload.is_empty()).then(|| payload.clone())));
         }
-        if self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, retain) {
-            let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, retain)));
+        let topic = Bytes::from(topic);
+        if self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, retain).router {
+            let _ = self.commands.send(LinkCommand::Publish(Publish::new(topic, payload, retain)));
         }
     }
 
     /// Re-publishes a retained message read back from the store at start (not persisted again).
     pub fn restore(&self, topic: String, payload: Bytes) {
+        let topic = Bytes::from(topic);
         self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, true);
-        let _ = self.commands.send(LinkCommand::Publish(Publish::new(Bytes::from(topic), payload, true)));
+        let _ = self.commands.send(LinkCommand::Publish(Publish::new(topic, payload, true)));
     }
 
     /// Subscribes the hub to a filter; matching messages arrive on the hub's message stream.

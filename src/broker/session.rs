@@ -16,9 +16,11 @@
 //! [`super::sessions`] have not let through. Retained publishes it lets through also go to the
 //! writer, to be kept on disk.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -524,6 +526,8 @@ struct Session<S> {
     retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
     /// A clean session's QoS 2 publishes awaiting their PUBREL, routed then (as the router does).
     held_for_release: HashMap<u16, Publish>,
+    /// What the client sent since the last flush was put in other sessions' mailboxes.
+    woke_others: bool,
     /// The will, published if the connection dies without DISCONNECT.
     will: Option<LastWill>,
     /// The keepalive (seconds) and clean-session flag the client asked for, for the log.
@@ -595,6 +599,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             acks_due: None,
             retained_on_release: HashMap::new(),
             held_for_release: HashMap::new(),
+            woke_others: false,
             will,
             asked: (connect.keep_alive, clean),
         };
@@ -658,14 +663,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn pump(&mut self) -> End {
         // The waits that outlive one packet are made once: each made anew would register with
         // its token or the timer, and leave it, at every wake-up.
-        let (kick, closing) = (self.claim.kick.clone(), self.shared.closing.clone());
-        let kicked = kick.cancelled();
-        let hub_closing = closing.cancelled();
+        // One token for both ways a session is closed: the kick is a child of the hub's closing.
+        let kick = self.claim.kick.clone();
+        let stop = kick.cancelled();
         // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10): the time it was last
         // heard is noted, and the timer, when it fires, is moved to that time plus the keepalive.
         let mut heard = Instant::now();
         let keepalive = tokio::time::sleep_until(heard + self.keepalive.unwrap_or(Duration::ZERO));
-        tokio::pin!(kicked, hub_closing, keepalive);
+        tokio::pin!(stop, keepalive);
         loop {
             let acks_due_at = self.acks_due;
             let acks_due = async {
@@ -678,11 +683,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // and still gets what it is sent (its deliveries in flight are bounded).
             tokio::select! {
                 biased;
-                () = &mut kicked => return End::Kicked,
-                () = &mut hub_closing => {
-                    self.drain().await;
-                    return End::HubClosing;
-                }
+                () = &mut stop => return self.stopped().await,
                 event = self.link.next() => {
                     match event {
                         LinkEvent::Router(Ok(Some(n))) => {
@@ -717,6 +718,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if !self.flush_router().await {
                         return End::Router;
                     }
+                    // The sessions given its messages write them before the client hears its
+                    // answers, as a one-thread broker does: delivery is what latency is.
+                    if std::mem::take(&mut self.woke_others) {
+                        step_aside().await;
+                    }
                     if let Err(end) = self.flush_client().await {
                         return end;
                     }
@@ -744,16 +750,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// or a session the hub closes meanwhile, ends here rather than holding the session.
     async fn flush_client(&mut self) -> Result<(), End> {
         let kick = self.claim.kick.clone();
-        tokio::select! {
-            // The write first: it is nearly always done at once, and then the token is not waited on.
-            biased;
-            written = tokio::time::timeout(WRITE_TIMEOUT, self.conn.flush()) => match written {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(End::Lost(e.to_string())),
-                Err(_) => Err(End::Lost("write timeout: the client does not read".into())),
-            },
-            () = kick.cancelled() => Err(End::Kicked),
+        let written = {
+            let flush = self.conn.flush();
+            tokio::pin!(flush);
+            // Nearly always written at once: then neither the timer nor the token is set up.
+            match std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await {
+                Poll::Ready(written) => Some(Ok(written)),
+                Poll::Pending => tokio::select! {
+                    biased;
+                    written = tokio::time::timeout(WRITE_TIMEOUT, flush) => Some(written),
+                    () = kick.cancelled() => None,
+                },
+            }
+        };
+        match written {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(End::Lost(e.to_string())),
+            Some(Err(_)) => Err(End::Lost("write timeout: the client does not read".into())),
+            None => Err(self.stopped().await),
         }
+    }
+
+    /// Why the session's kick fired: the client id taken over or its rights revoked, or the hub
+    /// closing (then what is queued for the client is written first).
+    async fn stopped(&mut self) -> End {
+        if !self.shared.closing.is_cancelled() {
+            return End::Kicked;
+        }
+        self.drain().await;
+        End::HubClosing
     }
 
     /// Sends what was gathered for the router with one wake-up, unless only settled deliveries
@@ -943,7 +968,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return None;
         }
         // Clean sessions subscribed get it now; the router those it serves.
-        self.shared.router.local.publish(&topic, &publish.payload, qos, publish.retain);
+        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        self.woke_others |= reach.sessions > 0;
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             // The router takes a QoS 2 message only once it is released: so does the disk.
@@ -972,14 +998,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Routes a clean session's accepted PUBLISH: to the clean sessions it matches, to the router
     /// if its subscribers match it (see [`super::local`]), and to the disk if retained.
     fn route_local(&mut self, publish: Publish, qos: u8) {
-        let topic = String::from_utf8_lossy(&publish.topic);
-        if self.shared.router.local.publish(&topic, &publish.payload, qos, publish.retain) {
+        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        self.woke_others |= reach.sessions > 0;
+        if reach.router {
             let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
             let at_most_once = Publish::new(publish.topic.clone(), publish.payload.clone(), publish.retain);
             self.to_router.push(Packet::Publish(at_most_once, Some(props)));
         }
         if publish.retain {
-            self.shared.retain(topic.into_owned(), (!publish.payload.is_empty()).then_some(publish.payload));
+            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+            self.shared.retain(topic, (!publish.payload.is_empty()).then_some(publish.payload));
         }
     }
 
@@ -1190,6 +1218,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
     }
+}
+
+/// Lets the tasks this one woke run before it goes on: it wakes itself and steps aside once,
+/// to the back of the runtime's queue. (`tokio::task::yield_now` would poll the I/O driver first
+/// on a current-thread runtime: a system call.)
+async fn step_aside() {
+    let mut stepped = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut stepped, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 /// The packet for an acknowledgement.

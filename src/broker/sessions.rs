@@ -18,6 +18,7 @@
 //! of a persistent session, and the registry keeps the filters the router has ever been given:
 //! rumqttd never frees a filter's log, so each identity may bring at most
 //! [`MAX_NEW_FILTERS_PER_IDENTITY`] new ones, and the router holds at most [`MAX_ROUTER_FILTERS`].
+//! A clean session's filters are not counted there: they live in `broker::local` and leave with it.
 //! Sessions and filters live in memory only, as in the router.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -81,6 +82,8 @@ pub struct Sessions {
     /// Links the router dropped on its own (it disconnected a client, or it died). The guard
     /// exists so that this stays 0 while the router runs.
     router_drops: std::sync::atomic::AtomicU64,
+    /// The parent of every claim's kick: the hub's closing token.
+    closing: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -142,7 +145,8 @@ pub struct Claim {
     /// Open the link with clean session once and close it before the real one: the router may
     /// hold another session's state under this id.
     pub purge: bool,
-    /// Cancelled when another connection takes the client id over, or the identity is revoked.
+    /// Cancelled when another connection takes the client id over, the identity is revoked, or
+    /// the hub closes ([`Sessions::under`]): a session waits on this one token for all three.
     pub kick: CancellationToken,
     generation: u64,
     router: u32,
@@ -170,7 +174,18 @@ fn principal(identity: &Identity) -> String {
 impl Sessions {
     /// A registry keeping at most `max_persistent` persistent sessions.
     pub fn new(max_persistent: usize) -> Sessions {
-        Sessions { inner: Arc::default(), max_persistent: max_persistent.max(1), router_drops: Default::default() }
+        Sessions {
+            inner: Arc::default(),
+            max_persistent: max_persistent.max(1),
+            router_drops: Default::default(),
+            closing: CancellationToken::new(),
+        }
+    }
+
+    /// Makes every claim's kick a child of `closing`, so that closing the hub kicks every session.
+    pub fn under(mut self, closing: &CancellationToken) -> Sessions {
+        self.closing = closing.clone();
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -180,7 +195,8 @@ impl Sessions {
     /// Takes `client_id` for a connection of `identity` asking for clean session `clean`; closes
     /// the connection holding it before (waiting at most [`TAKEOVER_WAIT`]).
     pub async fn claim(&self, client_id: &str, identity: &Identity, clean: bool) -> Result<Claim, ClaimError> {
-        let (claim, previous) = self.lock().claim(client_id, identity, clean, self.max_persistent, &self.inner)?;
+        let (claim, previous) =
+            self.lock().claim(client_id, identity, clean, (self.max_persistent, &self.closing), &self.inner)?;
         if let Some(done) = previous {
             // The previous connection drops its claim once its router link is closed.
             if tokio::time::timeout(TAKEOVER_WAIT, done).await.is_err() {
@@ -228,7 +244,8 @@ impl Sessions {
         if entry.subscriptions.len() >= MAX_SUBSCRIPTIONS {
             return FilterVerdict::TooMany;
         }
-        if !inner.filters.contains(filter) {
+        // Only the router keeps filters until restart: a clean session's leave with it.
+        if entry.persistent && !inner.filters.contains(filter) {
             let brought = inner.brought.entry(principal(identity)).or_default();
             if *brought >= MAX_NEW_FILTERS_PER_IDENTITY || inner.filters.len() >= MAX_ROUTER_FILTERS {
                 return FilterVerdict::OverBudget;
@@ -295,7 +312,7 @@ impl Inner {
         client_id: &str,
         identity: &Identity,
         clean: bool,
-        max_persistent: usize,
+        (max_persistent, closing): (usize, &CancellationToken),
         registry: &Arc<Mutex<Inner>>,
     ) -> Result<(Claim, Option<oneshot::Receiver<()>>), ClaimError> {
         self.clock += 1;
@@ -351,7 +368,7 @@ impl Inner {
         entry.persistent = !clean;
         entry.last_used = now;
         let (done_tx, done_rx) = oneshot::channel();
-        let kick = CancellationToken::new();
+        let kick = closing.child_token();
         entry.live = Some(Live { generation: now, kick: kick.clone(), done: done_rx });
         let router = entry.router;
         *self.busy.entry(router).or_default() += 1;
@@ -433,7 +450,7 @@ mod tests {
     }
 
     fn claim_now(s: &Sessions, id: &str, who: &Identity, clean: bool) -> Result<Claim, ClaimError> {
-        let (claim, previous) = s.lock().claim(id, who, clean, s.max_persistent, &s.inner)?;
+        let (claim, previous) = s.lock().claim(id, who, clean, (s.max_persistent, &s.closing), &s.inner)?;
         assert!(previous.is_none());
         Ok(claim)
     }
@@ -449,6 +466,18 @@ mod tests {
         }
         assert_eq!(s.router_ids(), 1);
         assert_eq!(s.held(), 0);
+    }
+
+    #[test]
+    fn closing_the_hub_kicks_every_claim_and_a_kick_only_its_own() {
+        let closing = CancellationToken::new();
+        let s = Sessions::new(10).under(&closing);
+        let alice = user("alice", Role::Admin);
+        let (a, b) = (claim_now(&s, "a", &alice, true).unwrap(), claim_now(&s, "b", &alice, false).unwrap());
+        assert!(s.kick("a"));
+        assert!(a.kick.is_cancelled() && !b.kick.is_cancelled() && !closing.is_cancelled());
+        closing.cancel();
+        assert!(b.kick.is_cancelled());
     }
 
     #[test]
@@ -553,7 +582,8 @@ mod tests {
         s.release(&resumed);
         drop(resumed);
         let clean = claim_now(&s, "a", &alice, true).unwrap();
-        let (persistent, previous) = s.lock().claim("a", &alice, false, s.max_persistent, &s.inner).unwrap();
+        let (persistent, previous) =
+            s.lock().claim("a", &alice, false, (s.max_persistent, &s.closing), &s.inner).unwrap();
         assert!(previous.is_some() && clean.kick.is_cancelled());
         assert!(persistent.purge);
     }
@@ -571,9 +601,17 @@ mod tests {
         assert!(s.unsubscribe(&c, "dpi/0"));
         assert!(!s.unsubscribe(&c, "dpi/0"));
         s.release(&c);
-        let mut over = 0;
+        // Clean sessions' filters never reach the router: no budget.
         for round in 0..10 {
             let c = claim_now(&s, "c", &bob, true).unwrap();
+            for n in 0..MAX_SUBSCRIPTIONS {
+                assert_eq!(s.subscribe(&c, &bob, &format!("clean/{round}/{n}")), FilterVerdict::Granted);
+            }
+            s.release(&c);
+        }
+        let mut over = 0;
+        for round in 0..10 {
+            let c = claim_now(&s, &format!("p{round}"), &bob, false).unwrap();
             for n in 0..MAX_SUBSCRIPTIONS {
                 if s.subscribe(&c, &bob, &format!("dpi/{round}/{n}")) == FilterVerdict::OverBudget {
                     over += 1;
@@ -581,10 +619,10 @@ mod tests {
             }
             s.release(&c);
         }
-        assert_eq!(over, 10 * MAX_SUBSCRIPTIONS + MAX_SUBSCRIPTIONS - MAX_NEW_FILTERS_PER_IDENTITY);
+        assert_eq!(over, 10 * MAX_SUBSCRIPTIONS - MAX_NEW_FILTERS_PER_IDENTITY);
         // Filters the router already has cost nothing.
-        let c = claim_now(&s, "c", &bob, true).unwrap();
-        assert_eq!(s.subscribe(&c, &bob, "dpi/1"), FilterVerdict::Granted);
+        let c = claim_now(&s, "p", &bob, false).unwrap();
+        assert_eq!(s.subscribe(&c, &bob, "dpi/0/1"), FilterVerdict::Granted);
     }
 
     #[test]
