@@ -51,6 +51,10 @@ struct Args {
     /// Kill a broker whose RSS passes this many MiB [default: half the available memory, at most 8 GiB].
     #[arg(long, value_name = "MIB")]
     max_broker_rss: Option<u64>,
+    /// Run each measurement N times, the brokers taking turns, and print each figure's median
+    /// (on a shared machine, where a neighbour's load comes and goes).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    rounds: u32,
 }
 
 /// One measurement, run against each broker in turn.
@@ -202,14 +206,21 @@ async fn run(args: Args) -> Result<()> {
     }
     let header = header(&setup, &hub_bin, &plan, args.quick, guard_mib)?;
 
-    for &scenario in &selected {
+    let rounds = args.rounds.max(1);
+    if rounds > 1 {
+        report.notes.push(format!("Each figure is the median of {rounds} rounds; the brokers took turns."));
+    }
+    for (&scenario, round) in selected.iter().flat_map(|s| (1..=rounds).map(move |r| (s, r))) {
         for kind in Kind::ALL {
             // Mosquitto has no rules: the reactions are the hub's alone.
             if kind == Kind::Mosquitto && (setup.mosquitto.is_none() || scenario == Scenario::Reactions) {
                 report.status.insert((scenario, kind), Status::NotRun);
                 continue;
             }
-            eprintln!("[{}] {} …", kind.name(), scenario.name());
+            match rounds {
+                1 => eprintln!("[{}] {} …", kind.name(), scenario.name()),
+                _ => eprintln!("[{}] {}, round {round} of {rounds} …", kind.name(), scenario.name()),
+            }
             let began = Instant::now();
             let limit = Duration::from_secs(600);
             let result = match tokio::time::timeout(limit, measure(&setup, kind, scenario, &plan)).await {
@@ -539,9 +550,21 @@ struct Row {
     scenario: Scenario,
     label: String,
     decimals: usize,
-    values: HashMap<Kind, f64>,
+    /// Each round's value, per broker; the table shows their median.
+    values: HashMap<Kind, Vec<f64>>,
     /// Brokers whose value is flagged (printed with `*`, explained in the notes).
     flagged: Vec<Kind>,
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Everything measured, in order, plus notes.
@@ -568,13 +591,22 @@ impl Report {
                 });
                 self.rows.len() - 1
             });
-            self.rows[i].values.insert(kind, m.value);
+            self.rows[i].values.entry(kind).or_default().push(m.value);
             if let Some(flag) = m.flag {
                 self.rows[i].flagged.push(kind);
-                self.notes.push(format!("* {}, {}: {flag}", kind.name(), m.label));
+                self.note(format!("* {}, {}: {flag}", kind.name(), m.label));
             }
         }
-        self.notes.extend(outcome.notes.into_iter().map(|n| format!("{}: {n}", kind.name())));
+        for n in outcome.notes {
+            self.note(format!("{}: {n}", kind.name()));
+        }
+    }
+
+    /// Adds a note once, however many rounds make it.
+    fn note(&mut self, note: String) {
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
     }
 
     /// The table (Markdown, aligned) and the notes under it.
@@ -582,17 +614,18 @@ impl Report {
         let mut lines =
             vec![["metric".to_owned(), "hub".to_owned(), "mosquitto".to_owned(), "hub/mosquitto".to_owned()]];
         for row in &self.rows {
-            let cell = |kind: Kind| match row.values.get(&kind) {
-                Some(v) if row.flagged.contains(&kind) => format!("{}*", format_number(*v, row.decimals)),
-                Some(v) => format_number(*v, row.decimals),
+            let value = |kind: Kind| row.values.get(&kind).map(|v| median(v));
+            let cell = |kind: Kind| match value(kind) {
+                Some(v) if row.flagged.contains(&kind) => format!("{}*", format_number(v, row.decimals)),
+                Some(v) => format_number(v, row.decimals),
                 None => match self.status.get(&(row.scenario, kind)) {
                     Some(Status::Failed) => "error".to_owned(),
                     Some(Status::NotRun) => "n/a".to_owned(),
                     _ => "—".to_owned(),
                 },
             };
-            let ratio = match (row.values.get(&Kind::Hub), row.values.get(&Kind::Mosquitto)) {
-                (Some(h), Some(m)) if *m > 0.0 => format!("{:.2}", h / m),
+            let ratio = match (value(Kind::Hub), value(Kind::Mosquitto)) {
+                (Some(h), Some(m)) if m > 0.0 => format!("{:.2}", h / m),
                 _ => "—".to_owned(),
             };
             lines.push([row.label.clone(), cell(Kind::Hub), cell(Kind::Mosquitto), ratio]);
@@ -654,5 +687,32 @@ fn format_number(value: f64, decimals: usize) -> String {
     match frac {
         Some(f) => format!("{sign}{grouped}.{f}"),
         None => format!("{sign}{grouped}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_figure_over_rounds_is_their_median() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0]), 3.0);
+        assert_eq!(median(&[90.0, 30.0, 31.0]), 31.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 100.0]), 3.0);
+    }
+
+    #[test]
+    fn a_note_made_in_every_round_is_kept_once() {
+        let mut report = Report::default();
+        for value in [1.0, 5.0, 2.0] {
+            let mut outcome = Outcome::default();
+            outcome.push("row", value, 1);
+            outcome.notes.push("the same note".into());
+            report.add(Scenario::Paced, Kind::Hub, outcome);
+        }
+        assert_eq!(report.notes, ["hub: the same note"]);
+        let table = report.table();
+        assert!(table.lines().any(|l| l.starts_with("| row") && l.contains(" 2.0 ")), "{table}");
     }
 }
