@@ -158,15 +158,6 @@ impl Mailbox {
     }
 }
 
-/// Where a published message went.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Reach {
-    /// Clean sessions it was given to.
-    pub sessions: usize,
-    /// The router must have it too.
-    pub router: bool,
-}
-
 /// A session's place in the table; [`Local::leave`] it when the connection ends.
 #[derive(Debug)]
 pub struct Seat {
@@ -296,8 +287,8 @@ impl Local {
     /// Delivers a message that passed every check to the clean sessions it matches (`qos`: its
     /// publish QoS), keeps it if retained (an empty payload clears), and says whether the router
     /// must have it too. `topic` passed the guard; its bytes are shared by every delivery.
-    pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> Reach {
-        let Ok(name) = std::str::from_utf8(topic) else { return Reach::default() };
+    pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> bool {
+        let Ok(name) = std::str::from_utf8(topic) else { return false };
         let mut t = self.lock();
         let t = &mut *t;
         if retain {
@@ -322,10 +313,7 @@ impl Local {
                 self.deliver(&seated.mailbox, delivery);
             }
         }
-        Reach {
-            sessions: targets.len(),
-            router: retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name)),
-        }
+        retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name))
     }
 
     /// Clean sessions seated now.
@@ -527,8 +515,7 @@ mod tests {
         local.subscribe(&b, "dpi/+/set", 2);
         local.subscribe(&c, "dpi/other/set", 1);
         let payload = Bytes::from_static(b"{}");
-        let reach = local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 2, false);
-        assert_eq!(reach, Reach { sessions: 2, router: false });
+        assert!(!local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 2, false));
         assert_eq!(topics(&a), [("dpi/lamp/set".to_owned(), 1, false)]);
         assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 2, false)]);
         assert!(topics(&c).is_empty());
@@ -609,13 +596,13 @@ mod tests {
     fn the_router_gets_what_its_subscribers_match_and_every_retained_message() {
         let local = Local::default();
         let none = Bytes::new();
-        assert!(!local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, false).router);
-        assert!(local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, true).router);
+        assert!(!local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, false));
+        assert!(local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, true));
         local.want("dpi/+/state");
         local.want("dpi/hub/status");
-        assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false).router);
-        assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false).router);
-        assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false).router);
+        assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false));
+        assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false));
+        assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false));
     }
 
     #[test]

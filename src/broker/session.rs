@@ -526,8 +526,6 @@ struct Session<S> {
     retained_on_release: HashMap<u16, (String, Option<Bytes>)>,
     /// A clean session's QoS 2 publishes awaiting their PUBREL, routed then (as the router does).
     held_for_release: HashMap<u16, Publish>,
-    /// What the client sent since the last flush was put in other sessions' mailboxes.
-    woke_others: bool,
     /// The will, published if the connection dies without DISCONNECT.
     will: Option<LastWill>,
     /// The keepalive (seconds) and clean-session flag the client asked for, for the log.
@@ -599,7 +597,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             acks_due: None,
             retained_on_release: HashMap::new(),
             held_for_release: HashMap::new(),
-            woke_others: false,
             will,
             asked: (connect.keep_alive, clean),
         };
@@ -717,11 +714,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
                     if !self.flush_router().await {
                         return End::Router;
-                    }
-                    // The sessions given its messages write them before the client hears its
-                    // answers, as a one-thread broker does: delivery is what latency is.
-                    if std::mem::take(&mut self.woke_others) {
-                        step_aside().await;
                     }
                     if let Err(end) = self.flush_client().await {
                         return end;
@@ -968,8 +960,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return None;
         }
         // Clean sessions subscribed get it now; the router those it serves.
-        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
-        self.woke_others |= reach.sessions > 0;
+        self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             // The router takes a QoS 2 message only once it is released: so does the disk.
@@ -998,9 +989,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Routes a clean session's accepted PUBLISH: to the clean sessions it matches, to the router
     /// if its subscribers match it (see [`super::local`]), and to the disk if retained.
     fn route_local(&mut self, publish: Publish, qos: u8) {
-        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
-        self.woke_others |= reach.sessions > 0;
-        if reach.router {
+        if self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain) {
             let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
             let at_most_once = Publish::new(publish.topic.clone(), publish.payload.clone(), publish.retain);
             self.to_router.push(Packet::Publish(at_most_once, Some(props)));
@@ -1218,21 +1207,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
     }
-}
-
-/// Lets the tasks this one woke run before it goes on: it wakes itself and steps aside once,
-/// to the back of the runtime's queue. (`tokio::task::yield_now` would poll the I/O driver first
-/// on a current-thread runtime: a system call.)
-async fn step_aside() {
-    let mut stepped = false;
-    std::future::poll_fn(|cx| {
-        if std::mem::replace(&mut stepped, true) {
-            return Poll::Ready(());
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await;
 }
 
 /// The packet for an acknowledgement.
