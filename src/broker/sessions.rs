@@ -325,9 +325,10 @@ impl Inner {
                     live.kick.cancel();
                     live.done
                 });
-                // A clean session, or rights that changed since (a user re-added with another
+                // A clean session, one after a clean session (whose filters never reached the
+                // router's budget), or rights that changed since (a user re-added with another
                 // role), start afresh: nothing made under the old session carries over.
-                if clean || entry.owner != *identity {
+                if clean || !entry.persistent || entry.owner != *identity {
                     entry.subscriptions.clear();
                     entry.persistent = false;
                 }
@@ -623,6 +624,28 @@ mod tests {
         // Filters the router already has cost nothing.
         let c = claim_now(&s, "p", &bob, false).unwrap();
         assert_eq!(s.subscribe(&c, &bob, "dpi/0/1"), FilterVerdict::Granted);
+    }
+
+    #[test]
+    fn a_persistent_session_taking_over_a_clean_one_brings_its_filters_to_the_budget() {
+        let s = Sessions::new(10);
+        let bob = user("bob", Role::Resident);
+        // Past the budget with persistent sessions' filters.
+        for round in 0..3 {
+            let c = claim_now(&s, &format!("p{round}"), &bob, false).unwrap();
+            for n in 0..MAX_SUBSCRIPTIONS {
+                s.subscribe(&c, &bob, &format!("dpi/{round}/{n}"));
+            }
+            s.release(&c);
+        }
+        // A clean session's filters cost nothing; a persistent one taking its id over starts
+        // without them, so they cannot reach the router unbudgeted.
+        let clean = claim_now(&s, "phone", &bob, true).unwrap();
+        assert_eq!(s.subscribe(&clean, &bob, "dpi/new"), FilterVerdict::Granted);
+        let (persistent, previous) =
+            s.lock().claim("phone", &bob, false, (s.max_persistent, &s.closing), &s.inner).unwrap();
+        assert!(previous.is_some() && clean.kick.is_cancelled());
+        assert_eq!(s.subscribe(&persistent, &bob, "dpi/new"), FilterVerdict::OverBudget);
     }
 
     #[test]
