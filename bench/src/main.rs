@@ -55,6 +55,9 @@ struct Args {
     /// (on a shared machine, where a neighbour's load comes and goes).
     #[arg(long, value_name = "N", default_value_t = 1)]
     rounds: u32,
+    /// Seconds of load per paced rate and broker, twice that at 100 msg/s [default: 10; 5 with --quick].
+    #[arg(long, value_name = "S")]
+    paced_seconds: Option<u64>,
 }
 
 /// One measurement, run against each broker in turn.
@@ -138,7 +141,7 @@ impl Plan {
             connect_workers: 10,
             connect_duration: Duration::from_secs(if quick { 2 } else { 5 }),
             reaction_cycles: if quick { 10 } else { 30 },
-            paced: (Duration::from_secs(if quick { 5 } else { 10 }), [100, 1_000, 5_000]),
+            paced: (Duration::from_secs(args.paced_seconds.unwrap_or(if quick { 5 } else { 10 })), [100, 1_000, 5_000]),
             churn_connects: if quick { 10_000 } else { 100_000 },
             flood_logins: 1_000,
         }
@@ -211,6 +214,43 @@ async fn run(args: Args) -> Result<()> {
         report.notes.push(format!("Each figure is the median of {rounds} rounds; the brokers took turns."));
     }
     for (&scenario, round) in selected.iter().flat_map(|s| (1..=rounds).map(move |r| (s, r))) {
+        if matches!(scenario, Scenario::Paced | Scenario::PacedOneCore) {
+            // Both brokers at once, taking turns slice by slice.
+            let kinds: Vec<Kind> =
+                Kind::ALL.into_iter().filter(|&k| k == Kind::Hub || setup.mosquitto.is_some()).collect();
+            if setup.mosquitto.is_none() {
+                report.status.insert((scenario, Kind::Mosquitto), Status::NotRun);
+            }
+            match rounds {
+                1 => eprintln!("[both in turn] {} …", scenario.name()),
+                _ => eprintln!("[both in turn] {}, round {round} of {rounds} …", scenario.name()),
+            }
+            let began = Instant::now();
+            let limit = Duration::from_secs(1200);
+            let result = match tokio::time::timeout(limit, paced_in_turns(&setup, &kinds, scenario, &plan)).await {
+                Ok(r) => r,
+                Err(_) => Err(anyhow!("did not finish within {limit:?}")),
+            };
+            match result {
+                Ok(outcomes) => {
+                    for (kind, outcome) in outcomes {
+                        for m in &outcome.metrics {
+                            eprintln!("    {}: {}: {}", kind.name(), m.label, format_number(m.value, m.decimals));
+                        }
+                        report.add(scenario, kind, outcome);
+                    }
+                    eprintln!("    ({:.1} s)", began.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    warn(&format!("{} failed: {e:#}", scenario.name()));
+                    for &kind in &kinds {
+                        report.status.insert((scenario, kind), Status::Failed);
+                    }
+                    report.notes.push(format!("{}: failed: {e:#}", scenario.name()));
+                }
+            }
+            continue;
+        }
         for kind in Kind::ALL {
             // Mosquitto has no rules: the reactions are the hub's alone.
             if kind == Kind::Mosquitto && (setup.mosquitto.is_none() || scenario == Scenario::Reactions) {
@@ -251,22 +291,8 @@ async fn run(args: Args) -> Result<()> {
 
 /// Runs one measurement against a freshly started broker of `kind`, which is killed afterwards.
 async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> Result<Outcome> {
-    let one_core = scenario == Scenario::PacedOneCore;
-    let mut broker: Broker = setup.start_on(kind, one_core.then_some(BROKER_CPU))?;
-    let target = Target {
-        tls: broker.tls,
-        plain: broker.plain,
-        tls_config: client::tls_config(&setup.ca)?,
-        ca: setup.ca.clone(),
-        user: broker::USER.to_owned(),
-        password: setup.password.clone(),
-        // Mosquitto has no device accounts: everyone logs in as the bench user there.
-        logins: Arc::new(if kind == Kind::Hub { setup.device_passwords.clone() } else { HashMap::new() }),
-        churn: match kind {
-            Kind::Hub => (broker::CHURN_USER.to_owned(), setup.password.clone()),
-            Kind::Mosquitto => (broker::USER.to_owned(), setup.password.clone()),
-        },
-    };
+    let mut broker: Broker = setup.start_on(kind, None)?;
+    let target = target_of(setup, kind, &broker)?;
     let outcome = match scenario {
         Scenario::Qos0Tls => scenarios::one_to_one(&target, QoS::AtMostOnce, Transport::Tls, plan.messages).await,
         Scenario::Qos0Plain => scenarios::one_to_one(&target, QoS::AtMostOnce, Transport::Plain, plan.messages).await,
@@ -279,23 +305,7 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
             let probe: Option<&(dyn Fn() -> Result<(u64, u64)> + Sync)> = (kind == Kind::Hub).then_some(&probe);
             scenarios::fleet(&target, plan.fleet_devices, plan.fleet_rate, plan.fleet_duration, probe).await
         }
-        Scenario::Paced | Scenario::PacedOneCore => {
-            let _load = if one_core { Some(Confined::elsewhere(BROKER_CPU)?) } else { None };
-            let label = if one_core { "1 core: " } else { "" };
-            let mut all = Outcome::default();
-            let (duration, rates) = plan.paced;
-            for transport in [Transport::Plain, Transport::Tls] {
-                for rate in rates {
-                    // The slowest rate runs longer, so that the CPU ticks it is measured in add up.
-                    let duration = if rate < 1_000 { duration * 2 } else { duration };
-                    let pid = broker.pid();
-                    let out = scenarios::paced(&target, transport, 10, rate, duration, pid, label).await?;
-                    all.metrics.extend(out.metrics);
-                    all.notes.extend(out.notes);
-                }
-            }
-            Ok(all)
-        }
+        Scenario::Paced | Scenario::PacedOneCore => bail!("the paced load runs both brokers in turn"),
         Scenario::Reactions => {
             reactions::reactions(&target, plan.reaction_cycles, plan.fleet_devices, f64::from(plan.fleet_rate)).await
         }
@@ -315,6 +325,91 @@ async fn measure(setup: &Setup, kind: Kind, scenario: Scenario, plan: &Plan) -> 
     // A broker that died during the run invalidates its figures.
     broker.check_alive()?;
     outcome
+}
+
+/// How the benchmark's clients reach `broker`, a broker of `kind`.
+fn target_of(setup: &Setup, kind: Kind, broker: &Broker) -> Result<Target> {
+    Ok(Target {
+        tls: broker.tls,
+        plain: broker.plain,
+        tls_config: client::tls_config(&setup.ca)?,
+        ca: setup.ca.clone(),
+        user: broker::USER.to_owned(),
+        password: setup.password.clone(),
+        // Mosquitto has no device accounts: everyone logs in as the bench user there.
+        logins: Arc::new(if kind == Kind::Hub { setup.device_passwords.clone() } else { HashMap::new() }),
+        churn: match kind {
+            Kind::Hub => (broker::CHURN_USER.to_owned(), setup.password.clone()),
+            Kind::Mosquitto => (broker::USER.to_owned(), setup.password.clone()),
+        },
+    })
+}
+
+/// Slices each paced rate is cut into; the brokers take turns slice by slice.
+const PACED_SLICES: u32 = 4;
+
+/// The paced load against every broker of `kinds`, all started at once and loaded in turn: at
+/// each rate every broker's clients connect and warm up, then the rate's time is cut into
+/// [`PACED_SLICES`] slices and the brokers take turns at every slice (the first to go
+/// alternates), so that a neighbour's load on a shared machine weighs on each alike. A broker's
+/// figures are its slices added up.
+async fn paced_in_turns(
+    setup: &Setup,
+    kinds: &[Kind],
+    scenario: Scenario,
+    plan: &Plan,
+) -> Result<Vec<(Kind, Outcome)>> {
+    let one_core = scenario == Scenario::PacedOneCore;
+    let mut brokers = Vec::with_capacity(kinds.len());
+    for &kind in kinds {
+        let broker = setup.start_on(kind, one_core.then_some(BROKER_CPU))?;
+        let target = target_of(setup, kind, &broker)?;
+        brokers.push((kind, broker, target, Outcome::default()));
+    }
+    let _load = if one_core { Some(Confined::elsewhere(BROKER_CPU)?) } else { None };
+    let label = if one_core { "1 core: " } else { "" };
+    let (duration, rates) = plan.paced;
+    for transport in [Transport::Plain, Transport::Tls] {
+        for rate in rates {
+            // The slowest rate runs longer, so that it adds up to as many messages as the CPU needs.
+            let duration = if rate < 1_000 { duration * 2 } else { duration };
+            let prefix = format!("{label}{rate} msg/s QoS1 {} 10→1 `#`", transport.name());
+            let mut loads = Vec::with_capacity(brokers.len());
+            for (_, broker, target, _) in &brokers {
+                let slice = (duration / PACED_SLICES, PACED_SLICES);
+                loads.push(scenarios::PacedLoad::connect(target, transport, 10, rate, slice, broker.pid()).await?);
+            }
+            for slice in 0..PACED_SLICES {
+                for i in turns(slice, brokers.len()) {
+                    let us = loads[i].slice().await?;
+                    let kind = brokers[i].0.name();
+                    eprintln!("    {prefix}, slice {} of {PACED_SLICES}, {kind}: {us:.1} µs/msg", slice + 1);
+                }
+            }
+            for ((_, _, _, outcome), load) in brokers.iter_mut().zip(loads) {
+                let rows = load.finish(&prefix).await?;
+                outcome.metrics.extend(rows.metrics);
+                outcome.notes.extend(rows.notes);
+            }
+        }
+    }
+    let mut outcomes = Vec::with_capacity(brokers.len());
+    for (kind, mut broker, _, outcome) in brokers {
+        // A broker that died during the run invalidates its figures.
+        broker.check_alive()?;
+        outcomes.push((kind, outcome));
+    }
+    Ok(outcomes)
+}
+
+/// Which broker goes when, in slice `slice` of `count` brokers: in order, then the other way round,
+/// so that none is always the first after the others' load.
+fn turns(slice: u32, count: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    if slice % 2 == 1 {
+        order.reverse();
+    }
+    order
 }
 
 /// The core a confined broker runs on.
@@ -518,15 +613,16 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
     let _ = writeln!(
         h,
         "           paced: 10 publishers on bench/pace/N (no rule reads them), QoS1 64 B, to one `#` subscriber, \
-         {} s per rate ({} s at 100 msg/s); broker CPU around each run: every thread's on-CPU ns \
-         (/proc/PID/task/*/sched), or /proc/PID/stat ticks where missing",
+         {} s per rate ({} s at 100 msg/s) in {PACED_SLICES} slices after a warm-up, both brokers running and taking turns \
+         at each; broker CPU around each slice: every thread's on-CPU ns (/proc/PID/task/*/sched), or \
+         /proc/PID/stat ticks where missing",
         plan.paced.0.as_secs(),
         plan.paced.0.as_secs() * 2
     );
     let _ = writeln!(
         h,
-        "           1 core: the broker started under `taskset -c {BROKER_CPU}`, the benchmark's threads moved to \
-         the other cores"
+        "           1 core: each broker started under `taskset -c {BROKER_CPU}` (one loaded at a time), the benchmark's \
+         threads moved to the other cores"
     );
     let _ = writeln!(h, "guard:     a broker is killed if its RSS passes {} MiB", format_number(guard_mib as f64, 0));
     Ok(h)
@@ -700,6 +796,13 @@ mod tests {
         assert_eq!(median(&[3.0]), 3.0);
         assert_eq!(median(&[90.0, 30.0, 31.0]), 31.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 100.0]), 3.0);
+    }
+
+    #[test]
+    fn brokers_take_turns_and_the_first_to_go_alternates() {
+        let order: Vec<Vec<usize>> = (0..4).map(|slice| turns(slice, 2)).collect();
+        assert_eq!(order, [vec![0, 1], vec![1, 0], vec![0, 1], vec![1, 0]]);
+        assert_eq!(turns(1, 1), [0]);
     }
 
     #[test]

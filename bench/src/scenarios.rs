@@ -1,5 +1,6 @@
 //! The measurements. Each one runs against one freshly started broker and returns labelled values
-//! (and notes) for the table; every wait in here is bounded.
+//! (and notes) for the table, except the paced load, whose slices the caller gives each broker in
+//! turn; every wait in here is bounded.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +77,8 @@ struct Tracker {
     /// Those messages counted by the last level of their topic (`availability`, `status`, `error`…).
     foreign_by_leaf: BTreeMap<String, u64>,
     latencies_ns: Vec<u64>,
+    /// Messages with a lower sequence number (a warm-up) count for delivery but not for latency.
+    latency_from: u64,
     last_at: Option<Instant>,
     /// Why the subscriber's connection ended early, if it did.
     error: Option<String>,
@@ -91,6 +94,7 @@ impl Tracker {
             foreign: 0,
             foreign_by_leaf: BTreeMap::new(),
             latencies_ns: Vec::with_capacity(total),
+            latency_from: 0,
             last_at: None,
             error: None,
         }
@@ -108,7 +112,9 @@ impl Tracker {
         }
         *flag = true;
         self.distinct += 1;
-        self.latencies_ns.push(received_ns.saturating_sub(sent_ns));
+        if seq >= self.latency_from {
+            self.latencies_ns.push(received_ns.saturating_sub(sent_ns));
+        }
         self.last_at = Some(Instant::now());
     }
 }
@@ -165,6 +171,18 @@ impl Subscriber {
             }
         });
         Ok(Subscriber { client, task, tracker })
+    }
+
+    /// Messages numbered below `seq` count for delivery, not for latency.
+    fn latency_from(&self, seq: u64) {
+        if let Ok(mut t) = self.tracker.lock() {
+            t.latency_from = seq;
+        }
+    }
+
+    /// Distinct messages received so far.
+    fn distinct(&self) -> u64 {
+        self.tracker.lock().map_or(0, |t| t.distinct)
     }
 
     /// Waits until `expected` distinct messages arrived, or nothing new came for
@@ -823,81 +841,173 @@ fn decode_paced(p: &Publish) -> Option<(usize, u64, u64)> {
     Some((stream, seq, sent))
 }
 
-/// A house's load: `publishers` clients on `bench/pace/N` (no rule reads these topics), QoS1,
-/// together `rate` msg/s for `duration`, to one subscriber on `#`. Besides delivery and latency,
-/// the broker's CPU time per message, read from /proc around the run.
-pub async fn paced(
-    target: &Target,
-    transport: Transport,
-    publishers: usize,
-    rate: u32,
-    duration: Duration,
+/// One broker's paced load: `publishers` clients on `bench/pace/N` (no rule reads these topics),
+/// QoS1, together at a fixed rate, to one subscriber on `#`, connected once and loaded slice by
+/// slice, so that the brokers can take turns. Besides delivery and latency, the broker's CPU time,
+/// read from /proc around each slice's publishing and last deliveries (not around the logins).
+pub struct PacedLoad {
+    sub: Subscriber,
+    publishers: Vec<(AsyncClient, JoinHandle<()>)>,
+    /// Between two messages of one publisher.
+    period: Duration,
+    /// Messages per publisher in a slice.
+    per_slice: u64,
+    /// Messages per publisher sent so far.
+    sent: u64,
     broker_pid: u32,
-    label: &str,
-) -> Result<Outcome> {
-    let prefix = format!("{label}{rate} msg/s QoS1 {} {publishers}→1 `#`", transport.name());
-    let per_publisher = ((f64::from(rate) * duration.as_secs_f64()) / publishers as f64).round().max(1.0) as usize;
-    let expected = (per_publisher * publishers) as u64;
-    let sub = Subscriber::start(
-        target,
-        "bench-pace-sub",
-        transport,
-        "#",
-        QoS::AtLeastOnce,
-        &vec![per_publisher; publishers],
-        decode_paced,
-    )
-    .await?;
-    let mut clients = Vec::with_capacity(publishers);
-    for i in 0..publishers {
-        let (client, eventloop) = client::connect(target, &format!("bench-pace-{i}"), transport).await?;
-        clients.push((client, tokio::spawn(client::drive(eventloop))));
+    cpu_s: f64,
+    switches: u64,
+    /// Messages delivered during the measured slices.
+    measured: u64,
+}
+
+impl PacedLoad {
+    /// Connects the subscriber and the publishers, then runs a warm-up of a quarter slice, which
+    /// no figure counts but the losses.
+    pub async fn connect(
+        target: &Target,
+        transport: Transport,
+        publishers: usize,
+        rate: u32,
+        (slice, slices): (Duration, u32),
+        broker_pid: u32,
+    ) -> Result<PacedLoad> {
+        let per_slice = ((f64::from(rate) * slice.as_secs_f64()) / publishers as f64).round().max(4.0) as u64;
+        let warm_up = per_slice / 4;
+        let per_publisher = usize::try_from(warm_up + per_slice * u64::from(slices)).context("too many messages")?;
+        let sub = Subscriber::start(
+            target,
+            "bench-pace-sub",
+            transport,
+            "#",
+            QoS::AtLeastOnce,
+            &vec![per_publisher; publishers],
+            decode_paced,
+        )
+        .await?;
+        sub.latency_from(warm_up);
+        let mut clients = Vec::with_capacity(publishers);
+        for i in 0..publishers {
+            let (client, eventloop) = client::connect(target, &format!("bench-pace-{i}"), transport).await?;
+            clients.push((client, tokio::spawn(client::drive(eventloop))));
+        }
+        let period = Duration::from_secs_f64(publishers as f64 / f64::from(rate));
+        let mut load = PacedLoad {
+            sub,
+            publishers: clients,
+            period,
+            per_slice,
+            sent: 0,
+            broker_pid,
+            cpu_s: 0.0,
+            switches: 0,
+            measured: 0,
+        };
+        load.publish(warm_up).await?;
+        Ok(load)
     }
-    let period = Duration::from_secs_f64(publishers as f64 / f64::from(rate));
-    let started_tokio = tokio::time::Instant::now() + Duration::from_millis(100);
-    let started = Instant::now() + Duration::from_millis(100);
-    let cpu_before = cpu_reading(broker_pid)?;
-    let switches_before = switches_of(broker_pid)?;
-    let mut set = JoinSet::new();
-    for (i, (client, _)) in clients.iter().enumerate() {
-        let client = client.clone();
-        let first = started_tokio + period.mul_f64(i as f64 / publishers as f64);
-        set.spawn(async move {
-            let topic = format!("bench/pace/{i}");
-            let mut tick = tokio::time::interval_at(first, period);
-            let mut payload = [b'x'; PAYLOAD_BYTES];
-            for seq in 0..per_publisher as u64 {
-                tick.tick().await;
-                payload[..8].copy_from_slice(&seq.to_le_bytes());
-                payload[8..16].copy_from_slice(&now_ns().to_le_bytes());
-                client.publish(&topic, QoS::AtLeastOnce, false, payload.to_vec()).await.context("publishing")?;
-            }
-            anyhow::Ok(())
-        });
+
+    /// One measured slice; returns its CPU µs per message.
+    pub async fn slice(&mut self) -> Result<f64> {
+        let delivered_before = self.sub.distinct();
+        let cpu_before = cpu_reading(self.broker_pid)?;
+        let switches_before = switches_of(self.broker_pid)?;
+        self.publish(self.per_slice).await?;
+        let cpu = cpu_between(&cpu_before, &cpu_reading(self.broker_pid)?);
+        let switches = switches_of(self.broker_pid)?.saturating_sub(switches_before);
+        let delivered = self.sub.distinct().saturating_sub(delivered_before);
+        self.cpu_s += cpu;
+        self.switches += switches;
+        self.measured += delivered;
+        Ok(cpu * 1e6 / (delivered.max(1) as f64))
     }
-    let failure = join_publishers(set, duration + Duration::from_secs(60), "the publishers").await;
-    let published_at = Instant::now();
-    if failure.is_none() {
-        sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
+
+    /// Each publisher sends its next `count` messages at the pace, and the subscriber is waited for.
+    async fn publish(&mut self, count: u64) -> Result<()> {
+        let started = tokio::time::Instant::now() + Duration::from_millis(100);
+        let publishers = self.publishers.len();
+        let (first_seq, period) = (self.sent, self.period);
+        let mut set = JoinSet::new();
+        for (i, (client, _)) in self.publishers.iter().enumerate() {
+            let client = client.clone();
+            let first = started + period.mul_f64(i as f64 / publishers as f64);
+            set.spawn(async move {
+                let topic = format!("bench/pace/{i}");
+                let mut tick = tokio::time::interval_at(first, period);
+                let mut payload = [b'x'; PAYLOAD_BYTES];
+                for seq in first_seq..first_seq + count {
+                    tick.tick().await;
+                    payload[..8].copy_from_slice(&seq.to_le_bytes());
+                    payload[8..16].copy_from_slice(&now_ns().to_le_bytes());
+                    client.publish(&topic, QoS::AtLeastOnce, false, payload.to_vec()).await.context("publishing")?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        let limit = period.mul_f64(count as f64) + Duration::from_secs(60);
+        if let Some(e) = join_publishers(set, limit, "the publishers").await {
+            return Err(e);
+        }
+        self.sent += count;
+        let published_at = Instant::now();
+        let expected = self.sent * publishers as u64;
+        self.sub.wait_for(expected, published_at, published_at + Duration::from_secs(60)).await;
+        Ok(())
     }
-    let cpu = cpu_between(&cpu_before, &cpu_reading(broker_pid)?);
-    let switches = switches_of(broker_pid)?.saturating_sub(switches_before);
-    for (client, driver) in clients {
-        let _ = client.try_disconnect();
-        stop_task(driver).await;
+
+    /// Disconnects; the rows of the measured slices: CPU and wake-ups per message, latency, and
+    /// the messages lost over the whole load.
+    pub async fn finish(self, prefix: &str) -> Result<Outcome> {
+        for (client, driver) in self.publishers {
+            let _ = client.try_disconnect();
+            stop_task(driver).await;
+        }
+        let mut tracker = self.sub.finish().await?;
+        let per_message = |total: f64| total / (self.measured.max(1) as f64);
+        let mut out = Outcome::default();
+        out.push(format!("{prefix}: broker CPU per message (µs)"), per_message(self.cpu_s * 1e6), 1);
+        out.push(format!("{prefix}: broker thread wake-ups per message"), per_message(self.switches as f64), 2);
+        let lat = summarize(&mut tracker.latencies_ns).context("no message delivered")?;
+        out.push(format!("{prefix}: latency p50 (ms)"), lat.p50, 2);
+        out.push(format!("{prefix}: latency p99 (ms)"), lat.p99, 2);
+        out.push(format!("{prefix}: latency max (ms)"), lat.max, 2);
+        let expected = self.sent * tracker.seen.len() as u64;
+        out.push(format!("{prefix}: messages lost"), expected.saturating_sub(tracker.distinct) as f64, 0);
+        if tracker.duplicates > 0 {
+            out.notes.push(format!("{prefix}: {} duplicate deliveries (allowed at QoS1)", tracker.duplicates));
+        }
+        // The hub's retained `dpi/hub/status` reaches the `#` subscriber once; more is other traffic.
+        if tracker.foreign > 1 {
+            let by_leaf: Vec<String> =
+                tracker.foreign_by_leaf.iter().map(|(leaf, n)| format!("{n} on …/{leaf}")).collect();
+            out.notes.push(format!(
+                "{prefix}: the subscriber also got {} other messages ({})",
+                tracker.foreign,
+                by_leaf.join(", ")
+            ));
+        }
+        if let Some(e) = tracker.error {
+            out.notes.push(format!("{prefix}: the subscriber's connection ended early: {e}"));
+        }
+        Ok(out)
     }
-    let tracker = sub.finish().await?;
-    if let Some(e) = failure {
-        return Err(e);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warm_up_counts_for_delivery_but_not_for_latency() {
+        let mut tracker = Tracker::new(&[4, 4]);
+        tracker.latency_from = 2;
+        for seq in 0..4 {
+            tracker.record(0, seq, 1_000, 1_000 + seq * 10);
+        }
+        tracker.record(1, 3, 0, 7);
+        tracker.record(1, 3, 0, 9);
+        tracker.record(1, 4, 0, 1);
+        assert_eq!((tracker.distinct, tracker.duplicates, tracker.foreign), (5, 1, 1));
+        assert_eq!(tracker.latencies_ns, [20, 30, 7]);
     }
-    let delivered = tracker.distinct;
-    let mut out = Outcome::default();
-    out.push(format!("{prefix}: broker CPU per message (µs)"), cpu * 1e6 / (delivered.max(1) as f64), 1);
-    out.push(format!("{prefix}: broker thread wake-ups per message"), switches as f64 / (delivered.max(1) as f64), 2);
-    let mut rows = Outcome::default();
-    delivery_rows(&mut rows, &prefix, tracker, expected, started)?;
-    // The rate is set by the publishers: only latency and losses say something here.
-    out.metrics.extend(rows.metrics.into_iter().filter(|m| !m.label.ends_with("msgs/s delivered")));
-    out.notes.extend(rows.notes);
-    Ok(out)
 }
