@@ -348,11 +348,15 @@ fn target_of(setup: &Setup, kind: Kind, broker: &Broker) -> Result<Target> {
 /// Slices each paced rate is cut into; the brokers take turns slice by slice.
 const PACED_SLICES: u32 = 4;
 
+/// How long the brokers are left alone before each paced rate: the hub unmaps its start-up code
+/// 10 s after it is ready, and gives freed memory back at most 10 s after clients leave.
+const SETTLES: Duration = Duration::from_millis(10_500);
+
 /// The paced load against every broker of `kinds`, all started at once and loaded in turn: at
-/// each rate every broker's clients connect and warm up, then the rate's time is cut into
-/// [`PACED_SLICES`] slices and the brokers take turns at every slice (the first to go
-/// alternates), so that a neighbour's load on a shared machine weighs on each alike. A broker's
-/// figures are its slices added up.
+/// each rate, once the brokers have settled, every broker's clients connect and warm up, then
+/// the rate's time is cut into [`PACED_SLICES`] slices and the brokers take turns at every slice
+/// (the first to go alternates), so that a neighbour's load on a shared machine weighs on each
+/// alike. A broker's figures are its slices added up.
 async fn paced_in_turns(
     setup: &Setup,
     kinds: &[Kind],
@@ -374,6 +378,9 @@ async fn paced_in_turns(
             // The slowest rate runs longer, so that it adds up to as many messages as the CPU needs.
             let duration = if rate < 1_000 { duration * 2 } else { duration };
             let prefix = format!("{label}{rate} msg/s QoS1 {} 10→1 `#`", transport.name());
+            // The hub settles after it starts (its start-up code unmapped) and after clients
+            // leave (freed memory given back): a house's load is measured on a settled hub.
+            tokio::time::sleep(SETTLES).await;
             let mut loads = Vec::with_capacity(brokers.len());
             for (_, broker, target, _) in &brokers {
                 let slice = (duration / PACED_SLICES, PACED_SLICES);
@@ -613,7 +620,7 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
     let _ = writeln!(
         h,
         "           paced: 10 publishers on bench/pace/N (no rule reads them), QoS1 64 B, to one `#` subscriber, \
-         {} s per rate ({} s at 100 msg/s) in {PACED_SLICES} slices after a warm-up, both brokers running and taking turns \
+         {} s per rate ({} s at 100 msg/s) in {PACED_SLICES} slices after a settling and a warm-up, both brokers running and taking turns \
          at each; broker CPU around each slice: every thread's on-CPU ns (/proc/PID/task/*/sched), or \
          /proc/PID/stat ticks where missing",
         plan.paced.0.as_secs(),
