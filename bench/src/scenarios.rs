@@ -250,6 +250,13 @@ fn delivery_rows(out: &mut Outcome, prefix: &str, mut tracker: Tracker, expected
     out.push(format!("{prefix}: latency p99 (ms)"), lat.p99, 2);
     out.push(format!("{prefix}: latency max (ms)"), lat.max, 2);
     out.push(format!("{prefix}: messages lost"), expected.saturating_sub(tracker.distinct) as f64, 0);
+    delivery_notes(out, prefix, &tracker);
+    Ok(())
+}
+
+/// Notes on what a subscriber got besides the messages counted: duplicates, other traffic, an
+/// early end.
+fn delivery_notes(out: &mut Outcome, prefix: &str, tracker: &Tracker) {
     if tracker.duplicates > 0 {
         out.notes.push(format!("{prefix}: {} duplicate deliveries (allowed at QoS1)", tracker.duplicates));
     }
@@ -262,10 +269,9 @@ fn delivery_rows(out: &mut Outcome, prefix: &str, mut tracker: Tracker, expected
             by_leaf.join(", ")
         ));
     }
-    if let Some(e) = tracker.error {
+    if let Some(e) = &tracker.error {
         out.notes.push(format!("{prefix}: the subscriber's connection ended early: {e}"));
     }
-    Ok(())
 }
 
 /// Decodes the 1→1 payload: sequence number and send time, little-endian, then padding.
@@ -973,22 +979,7 @@ impl PacedLoad {
         out.push(format!("{prefix}: latency max (ms)"), lat.max, 2);
         let expected = self.sent * tracker.seen.len() as u64;
         out.push(format!("{prefix}: messages lost"), expected.saturating_sub(tracker.distinct) as f64, 0);
-        if tracker.duplicates > 0 {
-            out.notes.push(format!("{prefix}: {} duplicate deliveries (allowed at QoS1)", tracker.duplicates));
-        }
-        // The hub's retained `dpi/hub/status` reaches the `#` subscriber once; more is other traffic.
-        if tracker.foreign > 1 {
-            let by_leaf: Vec<String> =
-                tracker.foreign_by_leaf.iter().map(|(leaf, n)| format!("{n} on …/{leaf}")).collect();
-            out.notes.push(format!(
-                "{prefix}: the subscriber also got {} other messages ({})",
-                tracker.foreign,
-                by_leaf.join(", ")
-            ));
-        }
-        if let Some(e) = tracker.error {
-            out.notes.push(format!("{prefix}: the subscriber's connection ended early: {e}"));
-        }
+        delivery_notes(&mut out, prefix, &tracker);
         Ok(out)
     }
 }
