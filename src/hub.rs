@@ -193,7 +193,7 @@ impl Hub {
         let (link, echo, reader) = HubLink::connect(&router, retained.clone())?;
         let echo = Arc::new(tokio::sync::Mutex::new(echo));
         let router_task = tokio::spawn(reader.run());
-        let sessions = Arc::new(broker::sessions::Sessions::new(config.broker.max_connections).under(&closing));
+        let sessions = broker::sessions::Sessions::new(config.broker.max_connections).under(&closing);
         tasks.spawn(closing.clone().run_until_cancelled_owned(record_lag(
             store.clone(),
             skipped,

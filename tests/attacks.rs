@@ -214,6 +214,53 @@ async fn acknowledged_deliveries_of_a_persistent_session_are_not_delivered_again
     assert_routes(&hub).await;
 }
 
+/// A clean session's PUBACKs wait in its socket, read by no one, until the hub next writes to it
+/// (`broker::socket`). Everything still arrives past the deliveries a session keeps in flight, and
+/// what else the client sends is answered: a PINGREQ that, with an answer still owed, does not
+/// reach the socket's mark is read within the session's wait. Over TLS and plain TCP.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_whose_answers_wait_unread_gets_everything_and_its_ping_answered() {
+    let hub = TestHub::start(&format!("plain_listen = \"127.0.0.1:0\"\n{DEVICES}")).await;
+    hub.add_user("admin", Role::Admin, "admin-password");
+    let puback = |pkid| {
+        Packet::PubAck(rumqttd::protocol::PubAck { pkid, reason: rumqttd::protocol::PubAckReason::Success }, None)
+    };
+    for tls in [true, false] {
+        let mut sub = match tls {
+            true => RawClient::connect(hub.tls, &hub.ca()).await,
+            false => RawClient::connect_plain(hub.plain.unwrap()).await.unwrap(),
+        };
+        let ack = sub.login(&format!("sub-{tls}"), Some(ADMIN), true, None).await;
+        assert_eq!(ack.map(|a| a.code), Some(ConnectReturnCode::Success));
+        sub.send(raw_subscribe(1, &[("flow/#", QoS::AtLeastOnce)])).await;
+        assert_eq!(suback(&mut sub, 1).await, [1]);
+        let (mut publisher, _) = raw(&hub, &format!("pub-{tls}"), ADMIN, true).await;
+        // More than the 100 a session keeps in flight: the rest come only once the answers are read.
+        let sending = tokio::spawn(async move {
+            for n in 0..250u16 {
+                publisher.send(raw_publish(&format!("flow/{n}"), b"x", 1, n + 1, false)).await;
+            }
+            publisher
+        });
+        for n in 0..250u16 {
+            let (_, qos, pkid) = publish_on(&mut sub, &format!("flow/{n}")).await;
+            assert_eq!(qos, 1, "tls = {tls}");
+            sub.send(puback(pkid)).await;
+        }
+        let mut publisher = sending.await.unwrap();
+        // One more, left unanswered: the PINGREQ after it stays under the socket's mark.
+        publisher.send(raw_publish("flow/last", b"x", 1, 999, false)).await;
+        let (_, _, pkid) = publish_on(&mut sub, "flow/last").await;
+        sub.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
+        assert!(matches!(sub.recv(TEN_SECONDS).await, Some(Packet::PingResp(_))), "tls = {tls}");
+        // Answered with the next packet, the ping is answered as it comes.
+        sub.send(puback(pkid)).await;
+        sub.send(Packet::PingReq(rumqttd::protocol::PingReq)).await;
+        assert!(matches!(sub.recv(TEN_SECONDS).await, Some(Packet::PingResp(_))), "tls = {tls}");
+    }
+    assert_routes(&hub).await;
+}
+
 /// A raw TLS client that logs in and returns the CONNACK's code (`None`: closed without one).
 async fn code_of(
     hub: &TestHub,

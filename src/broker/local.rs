@@ -385,6 +385,12 @@ impl Outgoing {
         MAX_INFLIGHT.saturating_sub(self.inflight.len())
     }
 
+    /// How many PUBACKs the client owes, if that is all it owes: `None` while a QoS 2 delivery is
+    /// in flight.
+    pub fn owed_pubacks(&self) -> Option<usize> {
+        self.inflight.values().try_fold(0, |n, stage| (*stage == Stage::Puback).then_some(n + 1))
+    }
+
     /// The packet id for a delivery at `qos` (0 for QoS 0, which is not kept). Call only with room.
     pub fn send(&mut self, qos: u8) -> u16 {
         if qos == 0 {

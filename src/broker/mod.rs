@@ -25,6 +25,7 @@ pub mod lag;
 pub mod local;
 pub mod session;
 pub mod sessions;
+pub mod socket;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -10,7 +10,9 @@
 //! `max_payload_bytes` or a publish to a topic the guard refuses closing the connection; PINGRESP,
 //! UNSUBACK and a QoS 1 PUBLISH's PUBACK (once the message is routed) without a router round
 //! trip; the client's acknowledgements of deliveries handed to the router in batches
-//! (`ROUTER_ACK_BATCH`), one wake-up of its thread for many; and the will published once, only for
+//! (`ROUTER_ACK_BATCH`), one wake-up of its thread for many; a clean session's PUBACKs left in
+//! its socket until it next writes to the client (`ANSWERS_UNREAD` at most, [`super::socket`]),
+//! so that they wake nobody; and the will published once, only for
 //! a connection that died without DISCONNECT, before the device's `offline`. It is also where
 //! [`super::guard`] is applied: nothing reaches the router that the guard, [`super::acks`] and
 //! [`super::sessions`] have not let through. Retained publishes it lets through also go to the
@@ -34,7 +36,7 @@ use rumqttd::protocol::{
     SubAck, Subscribe, SubscribeReasonCode, UnsubAck, Unsubscribe,
 };
 use rumqttd::Notification;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -43,6 +45,7 @@ use super::admission::Ticket;
 use super::dispatch::{Origin, Verdict};
 use super::local::{Outgoing, Seat};
 use super::sessions::{Claim, ClaimError, FilterVerdict};
+use super::socket::Socket;
 use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
 use crate::auth::{Identity, PeerCert, Presented, Refusal};
 use crate::secret::Secret;
@@ -68,6 +71,12 @@ const ROUTER_ACK_BATCH: usize = 32;
 /// The longest a settled delivery waits for others before it goes to the router alone.
 const ROUTER_ACK_LINGER: Duration = Duration::from_millis(500);
 
+/// The longest the answers a clean session is owed wait unread in its socket ([`super::socket`])
+/// when no delivery follows them, and so the longest a packet too small to reach the socket's
+/// mark waits with them (a PINGREQ sent while a PUBACK is still owed). Timers that fire wake the
+/// hub's thread: this one fires at most once a second while deliveries flow.
+const ANSWERS_UNREAD: Duration = Duration::from_secs(1);
+
 /// Runs a client session on an established (TLS or plain) stream: CONNECT and login, then the
 /// client id and its link, then packets both ways, then the end. `ticket` holds the socket's
 /// place in the admission count until the session is over.
@@ -79,7 +88,7 @@ pub fn run<S>(
     ticket: Ticket,
 ) -> impl std::future::Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket,
 {
     // A future keeps room for its largest state, and for its arguments, as long as it lives. The
     // stream goes at once into the boxed first step (login, opening the link), and closing is
@@ -103,7 +112,7 @@ async fn start<S>(
     mut ticket: Ticket,
 ) -> Option<(Session<S>, bool, Ticket)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket,
 {
     let conn = Conn { stream, read: BytesMut::with_capacity(BUFFER), write: BytesMut::with_capacity(BUFFER) };
     let accepted = Box::pin(accept(conn, peer, cert, &shared, &mut ticket)).await?;
@@ -131,7 +140,7 @@ async fn accept<S>(
     ticket: &mut Ticket,
 ) -> Option<Accepted<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket,
 {
     let max_packet = shared.limits.max_payload_bytes + PACKET_OVERHEAD;
     let Packet::Connect(connect, _, will, _, login) = first_packet(&mut conn, peer, max_packet).await? else {
@@ -183,7 +192,7 @@ where
 /// answered (an overlong client id, another protocol level) or dropped (malformed, silent).
 async fn first_packet<S>(conn: &mut Conn<S>, peer: SocketAddr, max_packet: usize) -> Option<Packet>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket,
 {
     let code = match tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.read_connect(max_packet)).await {
         Ok(Ok(packet)) => return packet,
@@ -220,7 +229,7 @@ async fn log_in<S>(
     max_packet: usize,
 ) -> Result<Identity, Option<ConnectReturnCode>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Socket,
 {
     let ip = peer.ip();
     let delay = shared.throttle.delay(ip, std::time::Instant::now());
@@ -395,7 +404,7 @@ fn u16_at(buf: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]))
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+impl<S: Socket> Conn<S> {
     /// Reads the first packet; `None` when the peer closed the connection first.
     async fn read_connect(&mut self, max: usize) -> Result<Option<Packet>, FirstRead> {
         loop {
@@ -530,9 +539,15 @@ struct Session<S> {
     will: Option<LastWill>,
     /// The keepalive (seconds) and clean-session flag the client asked for, for the log.
     asked: (u16, bool),
+    /// When the client last sent something.
+    heard: Instant,
+    /// When the socket was last read, whether or not something was there.
+    checked: Instant,
+    /// The socket's receive low-water mark ([`super::socket`]); `None` if it could not be set.
+    low_water: Option<usize>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+impl<S: Socket> Session<S> {
     /// Gives the accepted client its client id (refusing one another identity holds) and opens its
     /// router link; returns the session and whether the router kept one under that id.
     async fn open(a: Accepted<S>, shared: &Arc<Shared>) -> Option<(Session<S>, bool)> {
@@ -599,6 +614,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             held_for_release: HashMap::new(),
             will,
             asked: (connect.keep_alive, clean),
+            heard: Instant::now(),
+            checked: Instant::now(),
+            low_water: Some(1),
         };
         Some((session, session_present))
     }
@@ -658,16 +676,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Moves packets both ways until the session ends.
     async fn pump(&mut self) -> End {
-        // The waits that outlive one packet are made once: each made anew would register with
-        // its token or the timer, and leave it, at every wake-up.
-        // One token for both ways a session is closed: the kick is a child of the hub's closing.
+        // The timers outlive one packet and are made once: made anew, each would register with the
+        // timer, and leave it, at every wake-up. Both are moved when they fire, not at each packet.
         let kick = self.claim.kick.clone();
-        let stop = kick.cancelled();
-        // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10): the time it was last
-        // heard is noted, and the timer, when it fires, is moved to that time plus the keepalive.
-        let mut heard = Instant::now();
-        let keepalive = tokio::time::sleep_until(heard + self.keepalive.unwrap_or(Duration::ZERO));
-        tokio::pin!(stop, keepalive);
+        // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
+        self.heard = Instant::now();
+        let keepalive = tokio::time::sleep_until(self.heard + self.keepalive.unwrap_or(Duration::ZERO));
+        let unread = tokio::time::sleep_until(self.heard + ANSWERS_UNREAD);
+        tokio::pin!(keepalive, unread);
         loop {
             let acks_due_at = self.acks_due;
             let acks_due = async {
@@ -680,7 +696,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // and still gets what it is sent (its deliveries in flight are bounded).
             tokio::select! {
                 biased;
-                () = &mut stop => return self.stopped().await,
+                () = kick.fired() => return self.stopped().await,
                 event = self.link.next() => {
                     match event {
                         LinkEvent::Router(Ok(Some(n))) => {
@@ -694,8 +710,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         LinkEvent::Router(Ok(None)) => {}
                         LinkEvent::Router(Err(())) => return End::Router,
                         LinkEvent::Mail => {
-                            self.deliver_local();
-                            if let Err(end) = self.flush_client().await {
+                            // The answers first: they make room for the deliveries.
+                            let end = if self.answers_unread() { self.read_arrived() } else { None };
+                            if let Err(end) = self.answer().await {
+                                return end;
+                            }
+                            if let Some(end) = end {
                                 return end;
                             }
                         }
@@ -707,15 +727,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Err(e) => return End::Lost(e.to_string()),
                         Ok(_) => {}
                     }
-                    heard = Instant::now();
+                    self.heard = Instant::now();
+                    self.checked = self.heard;
                     let end = self.handle_incoming();
-                    // Answers may have made room for deliveries; a SUBSCRIBE may have brought some.
-                    self.deliver_local();
-                    // The router first: a QoS 1 PUBLISH is acknowledged once the router has it.
-                    if !self.flush_router().await {
-                        return End::Router;
-                    }
-                    if let Err(end) = self.flush_client().await {
+                    if let Err(end) = self.answer().await {
                         return end;
                     }
                     if let Some(end) = end {
@@ -723,11 +738,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 () = &mut keepalive, if self.keepalive.is_some() => {
-                    let due = heard + self.keepalive.unwrap_or(Duration::ZERO);
+                    if self.answers_unread() {
+                        let end = self.read_arrived();
+                        if let Some(end) = self.answer().await.err().or(end) {
+                            return end;
+                        }
+                    }
+                    let due = self.heard + self.keepalive.unwrap_or(Duration::ZERO);
                     if Instant::now() >= due {
                         return End::Lost("keepalive timeout".into());
                     }
                     keepalive.as_mut().reset(due);
+                }
+                () = &mut unread, if self.answers_unread() => {
+                    let due = self.checked + ANSWERS_UNREAD;
+                    if Instant::now() < due {
+                        unread.as_mut().reset(due);
+                        continue;
+                    }
+                    let end = self.read_arrived();
+                    if let Some(end) = self.answer().await.err().or(end) {
+                        return end;
+                    }
                 }
                 () = acks_due => {
                     if !self.send_to_router().await {
@@ -738,12 +770,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// After reading: the deliveries that found room, the socket's mark for the answers they
+    /// bring, then the router first (a QoS 1 PUBLISH is acknowledged once the router has it) and
+    /// the client.
+    async fn answer(&mut self) -> Result<(), End> {
+        self.deliver_local();
+        self.expect_answers();
+        if !self.flush_router().await {
+            return Err(End::Router);
+        }
+        self.flush_client().await
+    }
+
+    /// Whether answers may wait in the socket, read by no one (the mark is above one byte).
+    fn answers_unread(&self) -> bool {
+        self.low_water.is_some_and(|mark| mark > 1)
+    }
+
+    /// Sets the socket's low-water mark one byte above the PUBACKs a clean session is owed, so
+    /// that they wake no one and anything more does ([`super::socket`]). The mark is one byte
+    /// while a QoS 2 delivery is in flight (its flow goes on at each answer) or half the room in
+    /// flight is taken (the answers make room for the next deliveries).
+    fn expect_answers(&mut self) {
+        let (Some(mark), Link::Local { out, .. }) = (self.low_water, &self.link) else { return };
+        let owed = out.owed_pubacks().filter(|owed| *owed <= super::local::MAX_INFLIGHT / 2).unwrap_or(0);
+        let wanted = owed * self.conn.stream.ack_bytes() + 1;
+        if wanted == mark {
+            return;
+        }
+        self.low_water = match self.conn.stream.set_low_water(wanted) {
+            Ok(()) => Some(wanted),
+            Err(e) => {
+                warn!(client = %self.client_id, error = %e, "could not set the socket's receive low-water mark: answers are read as they come");
+                let _ = self.conn.stream.set_low_water(1);
+                None
+            }
+        };
+    }
+
+    /// Reads and acts on what the client sent that woke no one: the answers it owes, and maybe
+    /// what came with them.
+    fn read_arrived(&mut self) -> Option<End> {
+        self.checked = Instant::now();
+        match self.conn.stream.read_arrived(&mut self.conn.read) {
+            Ok(arrived) => {
+                if arrived.read > 0 {
+                    self.heard = self.checked;
+                    if let Some(end) = self.handle_incoming() {
+                        return Some(end);
+                    }
+                }
+                arrived.closed.then(|| End::Lost("connection closed by peer".into()))
+            }
+            Err(e) => Some(End::Lost(e.to_string())),
+        }
+    }
+
     /// Writes what is queued for the client; a client that does not read for [`WRITE_TIMEOUT`],
     /// or a session the hub closes meanwhile, ends here rather than holding the session.
     async fn flush_client(&mut self) -> Result<(), End> {
-        let kick = self.claim.kick.clone();
+        let (conn, kick) = (&mut self.conn, &self.claim.kick);
         let written = {
-            let flush = self.conn.flush();
+            let flush = conn.flush();
             tokio::pin!(flush);
             // Nearly always written at once: then neither the timer nor the token is set up.
             match std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await {
@@ -751,7 +839,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Poll::Pending => tokio::select! {
                     biased;
                     written = tokio::time::timeout(WRITE_TIMEOUT, flush) => Some(written),
-                    () = kick.cancelled() => None,
+                    () = kick.fired() => None,
                 },
             }
         };

@@ -22,9 +22,12 @@
 //! Sessions and filters live in memory only, as in the router.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -82,8 +85,51 @@ pub struct Sessions {
     /// Links the router dropped on its own (it disconnected a client, or it died). The guard
     /// exists so that this stays 0 while the router runs.
     router_drops: std::sync::atomic::AtomicU64,
-    /// The parent of every claim's kick: the hub's closing token.
+    /// The hub's closing: it kicks every claim, those made after it at once.
     closing: CancellationToken,
+}
+
+/// What closes one connection: a takeover of its client id, its rights revoked, or the hub
+/// closing. A flag and one waker, because the session looks at it at every wake-up; a
+/// `CancellationToken` takes two locks each time it is polled.
+#[derive(Debug, Clone, Default)]
+pub struct Kick(Arc<KickState>);
+
+#[derive(Debug, Default)]
+struct KickState {
+    fired: AtomicBool,
+    /// The one task that waits on it: the session's.
+    waker: AtomicWaker,
+}
+
+impl Kick {
+    /// Closes the connection.
+    pub fn fire(&self) {
+        self.0.fired.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.0.fired.load(Ordering::Acquire)
+    }
+
+    /// Ready once fired; only the last task to poll it is woken.
+    pub fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_fired() {
+            return Poll::Ready(());
+        }
+        // Registered before looking again, so that a kick in between wakes it.
+        self.0.waker.register(cx.waker());
+        match self.is_fired() {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
+    /// Resolves once fired.
+    pub async fn fired(&self) {
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -128,8 +174,8 @@ struct Entry {
 #[derive(Debug)]
 struct Live {
     generation: u64,
-    /// Cancelled to close the connection.
-    kick: CancellationToken,
+    /// Fired to close the connection.
+    kick: Kick,
     /// Ends when that connection has closed its router link.
     done: oneshot::Receiver<()>,
 }
@@ -145,9 +191,9 @@ pub struct Claim {
     /// Open the link with clean session once and close it before the real one: the router may
     /// hold another session's state under this id.
     pub purge: bool,
-    /// Cancelled when another connection takes the client id over, the identity is revoked, or
-    /// the hub closes ([`Sessions::under`]): a session waits on this one token for all three.
-    pub kick: CancellationToken,
+    /// Fired when another connection takes the client id over, the identity is revoked, or the
+    /// hub closes ([`Sessions::under`]): a session waits on this one kick for all three.
+    pub kick: Kick,
     generation: u64,
     router: u32,
     registry: Arc<Mutex<Inner>>,
@@ -182,10 +228,26 @@ impl Sessions {
         }
     }
 
-    /// Makes every claim's kick a child of `closing`, so that closing the hub kicks every session.
-    pub fn under(mut self, closing: &CancellationToken) -> Sessions {
+    /// Makes `closing` kick every claim, those made after it at once. Spawns the task that waits
+    /// for it, which ends then.
+    pub fn under(mut self, closing: &CancellationToken) -> Arc<Sessions> {
         self.closing = closing.clone();
-        self
+        let sessions = Arc::new(self);
+        let (closing, watched) = (closing.clone(), Arc::downgrade(&sessions));
+        tokio::spawn(async move {
+            closing.cancelled().await;
+            if let Some(sessions) = watched.upgrade() {
+                sessions.kick_all();
+            }
+        });
+        sessions
+    }
+
+    /// Closes every connection.
+    fn kick_all(&self) {
+        for live in self.lock().clients.values().filter_map(|e| e.live.as_ref()) {
+            live.kick.fire();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -267,7 +329,7 @@ impl Sessions {
         let inner = self.lock();
         match inner.clients.get(client_id).and_then(|e| e.live.as_ref()) {
             Some(live) => {
-                live.kick.cancel();
+                live.kick.fire();
                 true
             }
             None => false,
@@ -322,7 +384,7 @@ impl Inner {
             Some(entry) if principal(&entry.owner) != principal(identity) => return Err(ClaimError::Taken),
             Some(entry) => {
                 let previous = entry.live.take().map(|live| {
-                    live.kick.cancel();
+                    live.kick.fire();
                     live.done
                 });
                 // A clean session, one after a clean session (whose filters never reached the
@@ -369,7 +431,12 @@ impl Inner {
         entry.persistent = !clean;
         entry.last_used = now;
         let (done_tx, done_rx) = oneshot::channel();
-        let kick = closing.child_token();
+        let kick = Kick::default();
+        // Read under the registry's lock, which `kick_all` takes after the hub's closing: a claim
+        // made as the hub closes is kicked once, by one or the other.
+        if closing.is_cancelled() {
+            kick.fire();
+        }
         entry.live = Some(Live { generation: now, kick: kick.clone(), done: done_rx });
         let router = entry.router;
         *self.busy.entry(router).or_default() += 1;
@@ -469,16 +536,19 @@ mod tests {
         assert_eq!(s.held(), 0);
     }
 
-    #[test]
-    fn closing_the_hub_kicks_every_claim_and_a_kick_only_its_own() {
+    #[tokio::test]
+    async fn closing_the_hub_kicks_every_claim_and_a_kick_only_its_own() {
         let closing = CancellationToken::new();
         let s = Sessions::new(10).under(&closing);
         let alice = user("alice", Role::Admin);
         let (a, b) = (claim_now(&s, "a", &alice, true).unwrap(), claim_now(&s, "b", &alice, false).unwrap());
         assert!(s.kick("a"));
-        assert!(a.kick.is_cancelled() && !b.kick.is_cancelled() && !closing.is_cancelled());
+        assert!(a.kick.is_fired() && !b.kick.is_fired() && !closing.is_cancelled());
         closing.cancel();
-        assert!(b.kick.is_cancelled());
+        b.kick.fired().await;
+        // A claim made once the hub is closing is kicked from the start.
+        let late = claim_now(&s, "late", &alice, true).unwrap();
+        assert!(late.kick.is_fired());
     }
 
     #[test]
@@ -502,7 +572,7 @@ mod tests {
             let (s, admin) = (s.clone(), admin.clone());
             tokio::spawn(async move { s.claim("phone", &admin, false).await })
         };
-        first.kick.cancelled().await;
+        first.kick.fired().await;
         let router_id = first.router_id.clone();
         s.release(&first);
         drop(first);
@@ -585,7 +655,7 @@ mod tests {
         let clean = claim_now(&s, "a", &alice, true).unwrap();
         let (persistent, previous) =
             s.lock().claim("a", &alice, false, (s.max_persistent, &s.closing), &s.inner).unwrap();
-        assert!(previous.is_some() && clean.kick.is_cancelled());
+        assert!(previous.is_some() && clean.kick.is_fired());
         assert!(persistent.purge);
     }
 
@@ -644,7 +714,7 @@ mod tests {
         assert_eq!(s.subscribe(&clean, &bob, "dpi/new"), FilterVerdict::Granted);
         let (persistent, previous) =
             s.lock().claim("phone", &bob, false, (s.max_persistent, &s.closing), &s.inner).unwrap();
-        assert!(previous.is_some() && clean.kick.is_cancelled());
+        assert!(previous.is_some() && clean.kick.is_fired());
         assert_eq!(s.subscribe(&persistent, &bob, "dpi/new"), FilterVerdict::OverBudget);
     }
 
