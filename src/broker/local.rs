@@ -158,6 +158,15 @@ impl Mailbox {
     }
 }
 
+/// Whom a message reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reach {
+    /// Clean sessions it was put in the mailbox of.
+    pub sessions: usize,
+    /// The router must have it too.
+    pub router: bool,
+}
+
 /// A session's place in the table; [`Local::leave`] it when the connection ends.
 #[derive(Debug)]
 pub struct Seat {
@@ -285,10 +294,11 @@ impl Local {
     }
 
     /// Delivers a message that passed every check to the clean sessions it matches (`qos`: its
-    /// publish QoS), keeps it if retained (an empty payload clears), and says whether the router
-    /// must have it too. `topic` passed the guard; its bytes are shared by every delivery.
-    pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> bool {
-        let Ok(name) = std::str::from_utf8(topic) else { return false };
+    /// publish QoS), keeps it if retained (an empty payload clears), and says whom it reached and
+    /// whether the router must have it too. `topic` passed the guard; its bytes are shared by
+    /// every delivery.
+    pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> Reach {
+        let Ok(name) = std::str::from_utf8(topic) else { return Reach { sessions: 0, router: false } };
         let mut t = self.lock();
         let t = &mut *t;
         if retain {
@@ -306,14 +316,17 @@ impl Local {
             targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
             targets.dedup_by_key(|(id, _)| *id);
         }
+        let mut sessions = 0;
         for &(id, sub_qos) in targets.iter() {
             if let Some(seated) = t.seats.get(&id) {
                 let delivery =
                     Delivery { topic: topic.clone(), payload: payload.clone(), qos: qos.min(sub_qos), retain: false };
                 self.deliver(&seated.mailbox, delivery);
+                sessions += 1;
             }
         }
-        retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name))
+        let router = retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name));
+        Reach { sessions, router }
     }
 
     /// Clean sessions seated now.
@@ -521,7 +534,8 @@ mod tests {
         local.subscribe(&b, "dpi/+/set", 2);
         local.subscribe(&c, "dpi/other/set", 1);
         let payload = Bytes::from_static(b"{}");
-        assert!(!local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 2, false));
+        let reach = local.publish(&Bytes::from_static(b"dpi/lamp/set"), &payload, 2, false);
+        assert_eq!(reach, Reach { sessions: 2, router: false });
         assert_eq!(topics(&a), [("dpi/lamp/set".to_owned(), 1, false)]);
         assert_eq!(topics(&b), [("dpi/lamp/set".to_owned(), 2, false)]);
         assert!(topics(&c).is_empty());
@@ -602,13 +616,13 @@ mod tests {
     fn the_router_gets_what_its_subscribers_match_and_every_retained_message() {
         let local = Local::default();
         let none = Bytes::new();
-        assert!(!local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, false));
-        assert!(local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, true));
+        assert!(!local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, false).router);
+        assert!(local.publish(&Bytes::from_static(b"bench/pace/1"), &none, 1, true).router);
         local.want("dpi/+/state");
         local.want("dpi/hub/status");
-        assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false));
-        assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false));
-        assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false));
+        assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false).router);
+        assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false).router);
+        assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false).router);
     }
 
     #[test]

@@ -329,7 +329,7 @@ impl HubLink {
             let _ = self.retained.send((topic.clone(), (!payload.is_empty()).then(|| payload.clone())));
         }
         let topic = Bytes::from(topic);
-        if self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, retain) {
+        if self.local.publish(&topic, &payload, local::AT_SUBSCRIPTION_QOS, retain).router {
             let _ = self.commands.send(LinkCommand::Publish(Publish::new(topic, payload, retain)));
         }
     }

@@ -545,6 +545,8 @@ struct Session<S> {
     checked: Instant,
     /// The socket's receive low-water mark ([`super::socket`]); `None` if it could not be set.
     low_water: Option<usize>,
+    /// What the client sent since the last flush was put in other sessions' mailboxes.
+    woke_others: bool,
 }
 
 impl<S: Socket> Session<S> {
@@ -617,6 +619,7 @@ impl<S: Socket> Session<S> {
             heard: Instant::now(),
             checked: Instant::now(),
             low_water: Some(1),
+            woke_others: false,
         };
         Some((session, session_present))
     }
@@ -778,6 +781,11 @@ impl<S: Socket> Session<S> {
         self.expect_answers();
         if !self.flush_router().await {
             return Err(End::Router);
+        }
+        // The sessions given the client's messages write them before it hears its answers, as a
+        // one-thread broker does: a write wakes its reader, who may take this core before the next.
+        if std::mem::take(&mut self.woke_others) {
+            step_aside().await;
         }
         self.flush_client().await
     }
@@ -1048,7 +1056,8 @@ impl<S: Socket> Session<S> {
             return None;
         }
         // Clean sessions subscribed get it now; the router those it serves.
-        self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        self.woke_others |= reach.sessions > 0;
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             // The router takes a QoS 2 message only once it is released: so does the disk.
@@ -1077,7 +1086,9 @@ impl<S: Socket> Session<S> {
     /// Routes a clean session's accepted PUBLISH: to the clean sessions it matches, to the router
     /// if its subscribers match it (see [`super::local`]), and to the disk if retained.
     fn route_local(&mut self, publish: Publish, qos: u8) {
-        if self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain) {
+        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        self.woke_others |= reach.sessions > 0;
+        if reach.router {
             let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
             let at_most_once = Publish::new(publish.topic.clone(), publish.payload.clone(), publish.retain);
             self.to_router.push(Packet::Publish(at_most_once, Some(props)));
@@ -1295,6 +1306,21 @@ impl<S: Socket> Session<S> {
             }
         }
     }
+}
+
+/// Lets the tasks this one woke run before it goes on: it wakes itself and steps aside once, to
+/// the back of the runtime's queue (`tokio::task::yield_now` would poll the I/O driver first on a
+/// current-thread runtime: a system call).
+async fn step_aside() {
+    let mut stepped = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut stepped, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await;
 }
 
 /// The packet for an acknowledgement.
