@@ -67,9 +67,9 @@ pub enum Topic<'a> {
 /// Parses a topic name; `None` for anything that is not one of SPEC §5's (other prefixes, other
 /// depths, unknown leaves, an empty id, or a reserved id with a device's leaf).
 pub fn parse(topic: &str) -> Option<Topic<'_>> {
-    let mut levels = topic.split('/');
-    let (prefix, id, leaf) = (levels.next()?, levels.next()?, levels.next()?);
-    if prefix != "dpi" || levels.next().is_some() || id.is_empty() {
+    // Every message a client publishes is parsed here: most are told apart by their first bytes.
+    let (id, leaf) = topic.strip_prefix("dpi/")?.split_once('/')?;
+    if id.is_empty() || leaf.contains('/') {
         return None;
     }
     Some(match (id, leaf) {

@@ -84,7 +84,7 @@ impl fmt::Display for Refused {
 pub fn topic(bytes: &[u8]) -> Result<&str, Refused> {
     let topic = std::str::from_utf8(bytes).map_err(|_| Refused::NotUtf8)?;
     common(topic)?;
-    if topic.contains(['+', '#']) {
+    if bytes.iter().any(|&b| b == b'+' || b == b'#') {
         return Err(Refused::WildcardInTopic);
     }
     Ok(topic)

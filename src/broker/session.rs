@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use super::acks::{Ack, Acks, Incoming, Sends};
 use super::admission::Ticket;
 use super::dispatch::{Origin, Verdict};
-use super::local::{Outgoing, Seat};
+use super::local::{Delivery, Outgoing, Seat};
 use super::sessions::{Claim, ClaimError, FilterVerdict};
 use super::socket::Socket;
 use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
@@ -547,6 +547,8 @@ struct Session<S> {
     low_water: Option<usize>,
     /// What the client sent since the last flush was put in other sessions' mailboxes.
     woke_others: bool,
+    /// Deliveries taken from the mailbox to be written (kept, so that writing them allocates nothing).
+    batch: Vec<Delivery>,
 }
 
 impl<S: Socket> Session<S> {
@@ -620,6 +622,7 @@ impl<S: Socket> Session<S> {
             checked: Instant::now(),
             low_water: Some(1),
             woke_others: false,
+            batch: Vec::new(),
         };
         Some((session, session_present))
     }
@@ -1004,8 +1007,10 @@ impl<S: Socket> Session<S> {
 
     /// Checks a PUBLISH and passes it to the router, or refuses it.
     fn incoming_publish(&mut self, mut publish: Publish, qos: u8, pkid: u16) -> Option<End> {
-        let topic = match guard::topic(&publish.topic) {
-            Ok(topic) => topic.to_owned(),
+        // The topic's bytes are shared, not copied: `publish` moves on while the name is read.
+        let name = publish.topic.clone();
+        let topic = match guard::topic(&name) {
+            Ok(topic) => topic,
             Err(e) => {
                 let shown = guard::shown(&String::from_utf8_lossy(&publish.topic));
                 warn!(client = %self.client_id, topic = %shown, reason = %e, "closing: publish to a topic the hub does not take");
@@ -1018,15 +1023,15 @@ impl<S: Socket> Session<S> {
             self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
             return None;
         }
-        match inspect(&self.shared, &self.identity, &self.client_id, &topic, &publish.payload) {
+        match inspect(&self.shared, &self.identity, &self.client_id, topic, &publish.payload) {
             Ok(replacement) => {
                 if let Some(payload) = replacement {
                     publish.payload = payload;
                 }
             }
             Err(reason) => {
-                warn!(client = %self.client_id, user = self.identity.name(), topic = %guard::shown(&topic), %reason, "publish refused");
-                return self.refuse_publish(&topic, &reason, qos, pkid);
+                warn!(client = %self.client_id, user = self.identity.name(), topic = %guard::shown(topic), %reason, "publish refused");
+                return self.refuse_publish(topic, &reason, qos, pkid);
             }
         }
         let local = matches!(self.link, Link::Local { .. });
@@ -1062,8 +1067,8 @@ impl<S: Socket> Session<S> {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
             // The router takes a QoS 2 message only once it is released: so does the disk.
             match qos {
-                2 => drop(self.retained_on_release.insert(pkid, (topic, payload))),
-                _ => self.shared.retain(topic, payload),
+                2 => drop(self.retained_on_release.insert(pkid, (topic.to_owned(), payload))),
+                _ => self.shared.retain(topic.to_owned(), payload),
             }
         }
         // The router delivers at the subscription's QoS; the publish QoS travels with the message
@@ -1293,16 +1298,16 @@ impl<S: Socket> Session<S> {
     /// Writes what waits in a clean session's mailbox, as far as its room in flight allows.
     fn deliver_local(&mut self) {
         let Link::Local { seat, out } = &mut self.link else { return };
-        let mut batch = Vec::new();
+        let batch = &mut self.batch;
         loop {
             let room = out.room();
-            seat.mailbox.take(room, &mut batch);
-            if batch.is_empty() {
-                return;
-            }
+            let emptied = seat.mailbox.take(room, batch);
             for delivery in batch.drain(..) {
                 let pkid = out.send(delivery.qos);
                 delivery.encode(pkid, &mut self.conn.write);
+            }
+            if emptied || out.room() == 0 {
+                return;
             }
         }
     }

@@ -79,15 +79,19 @@ impl Now {
     }
 }
 
-impl Read for Now {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Now {
+    /// Receives at most `len` bytes at `at`, without waiting.
+    ///
+    /// # Safety
+    /// `at` must be valid for writes of `len` bytes (initialised or not: only the kernel writes).
+    unsafe fn recv(&mut self, at: *mut u8, len: usize) -> io::Result<usize> {
         loop {
-            // SAFETY: the buffer is valid for writes of its length; the descriptor is open (see
+            // SAFETY: the caller's promise for the buffer; the descriptor is open (see
             // `Socket::set_low_water`).
-            let n = unsafe { libc::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let n = unsafe { libc::recv(self.fd, at.cast(), len, libc::MSG_DONTWAIT) };
             match usize::try_from(n) {
                 Ok(n) => {
-                    self.emptied = n < buf.len();
+                    self.emptied = n < len;
                     return Ok(n);
                 }
                 Err(_) => {
@@ -99,18 +103,38 @@ impl Read for Now {
             }
         }
     }
+
+    /// Receives at most `most` bytes onto the end of `buf`, into its spare room as it is: no byte
+    /// is zeroed first.
+    fn recv_onto(&mut self, buf: &mut BytesMut, most: usize) -> io::Result<usize> {
+        buf.reserve(most);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `spare` is the buffer's own room past its length, at least `most` bytes.
+        let n = unsafe { self.recv(spare.as_mut_ptr().cast(), most) }?;
+        // SAFETY: the kernel wrote the first `n` bytes of that room.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
 }
 
-/// Reads from `from` onto `buf` until it has no more (a read short of what was asked, or one
-/// that would block), it ends, or [`MOST_AT_ONCE`] bytes.
-fn read_onto(from: &mut impl Read, buf: &mut BytesMut, arrived: &mut Arrived) -> io::Result<()> {
+impl Read for Now {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: the slice is valid for writes of its length.
+        unsafe { self.recv(buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+/// Reads from `from` (at most `CHUNK` bytes onto the end of the buffer at a time) until it has no
+/// more (a read short of what was asked, or one that would block), it ends, or [`MOST_AT_ONCE`]
+/// bytes.
+fn read_onto(
+    mut from: impl FnMut(&mut BytesMut, usize) -> io::Result<usize>,
+    buf: &mut BytesMut,
+    arrived: &mut Arrived,
+) -> io::Result<()> {
     const CHUNK: usize = 1024;
     while arrived.read < MOST_AT_ONCE {
-        let start = buf.len();
-        buf.resize(start + CHUNK, 0);
-        let read = from.read(&mut buf[start..]);
-        buf.truncate(start + *read.as_ref().unwrap_or(&0));
-        match read {
+        match from(buf, CHUNK) {
             Ok(0) => {
                 arrived.closed = true;
                 break;
@@ -127,6 +151,15 @@ fn read_onto(from: &mut impl Read, buf: &mut BytesMut, arrived: &mut Arrived) ->
     Ok(())
 }
 
+/// Reads at most `most` bytes from `from` onto the end of `buf` (a `Read` wants its room zeroed).
+fn read_zeroed(from: &mut impl Read, buf: &mut BytesMut, most: usize) -> io::Result<usize> {
+    let start = buf.len();
+    buf.resize(start + most, 0);
+    let read = from.read(&mut buf[start..]);
+    buf.truncate(start + *read.as_ref().unwrap_or(&0));
+    read
+}
+
 impl Socket for TcpStream {
     fn ack_bytes(&self) -> usize {
         ACK_BYTES
@@ -138,7 +171,8 @@ impl Socket for TcpStream {
 
     fn read_arrived(&mut self, buf: &mut BytesMut) -> io::Result<Arrived> {
         let mut arrived = Arrived { read: 0, closed: false };
-        read_onto(&mut Now::new(self.as_raw_fd()), buf, &mut arrived)?;
+        let mut raw = Now::new(self.as_raw_fd());
+        read_onto(|buf, most| raw.recv_onto(buf, most), buf, &mut arrived)?;
         Ok(arrived)
     }
 }
@@ -164,7 +198,9 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
         // Plaintext out, records in, in turns (rustls holds a bounded amount of either), until the
         // socket has no more.
         loop {
-            read_onto(&mut tls.reader(), buf, &mut arrived).or_else(|e| match e.kind() {
+            read_onto(|buf, most| read_zeroed(&mut tls.reader(), buf, most), buf, &mut arrived).or_else(|e| match e
+                .kind()
+            {
                 // The client closed without close_notify; what it sent before is kept.
                 io::ErrorKind::UnexpectedEof => {
                     arrived.closed = true;
