@@ -20,11 +20,6 @@
 //! are dropped, and the hub told, once per episode, as it is of the router's skips ([`super::lag`]).
 
 use std::collections::VecDeque;
-
-/// The tables every message looks up: foldhash, seeded per process (std's SipHash took a tenth of
-/// the instructions the hub ran per message).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -32,6 +27,11 @@ use std::task::Poll;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
+
+/// The tables every message looks up: foldhash, seeded per process (std's SipHash took a tenth of
+/// the instructions the hub ran per message).
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 /// Bytes (topics and payloads) waiting for one session that does not read, beyond which its
 /// messages are dropped: what the router keeps for one filter (5 segments of 256 KiB).

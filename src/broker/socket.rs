@@ -198,9 +198,8 @@ impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
         // Plaintext out, records in, in turns (rustls holds a bounded amount of either), until the
         // socket has no more.
         loop {
-            read_onto(|buf, most| read_zeroed(&mut tls.reader(), buf, most), buf, &mut arrived).or_else(|e| match e
-                .kind()
-            {
+            let plaintext = |buf: &mut BytesMut, most| read_zeroed(&mut tls.reader(), buf, most);
+            read_onto(plaintext, buf, &mut arrived).or_else(|e| match e.kind() {
                 // The client closed without close_notify; what it sent before is kept.
                 io::ErrorKind::UnexpectedEof => {
                     arrived.closed = true;
