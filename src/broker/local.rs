@@ -19,7 +19,7 @@
 //! A session that does not read is given at most [`MAX_QUEUED_BYTES`]; past that its messages
 //! are dropped, and the hub told, once per episode, as it is of the router's skips ([`super::lag`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
@@ -28,10 +28,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use tokio::sync::mpsc;
 
-/// The tables every message looks up: foldhash, seeded per process (std's SipHash took a tenth of
-/// the instructions the hub ran per message).
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+/// A table keyed by numbers of the hub's own making (sessions' seats, packet ids), looked up at
+/// every message: foldhash, seeded per process, where std's SipHash took a twentieth of the
+/// instructions the hub ran per message. Tables keyed by what clients choose (filters, topics)
+/// keep SipHash: foldhash does not claim to hold against a client that probes it.
+type OwnMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Bytes (topics and payloads) waiting for one session that does not read, beyond which its
 /// messages are dropped: what the router keeps for one filter (5 segments of 256 KiB).
@@ -192,7 +193,7 @@ pub struct Local {
 #[derive(Debug, Default)]
 struct Table {
     next: u64,
-    seats: HashMap<u64, Seated>,
+    seats: OwnMap<u64, Seated>,
     /// Filters without wildcards, by topic: most of a house's (a device's own command topic).
     exact: HashMap<String, Vec<(u64, u8)>>,
     /// Filters with wildcards.
@@ -398,7 +399,7 @@ pub fn matches(filter: &str, topic: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct Outgoing {
     last: u16,
-    inflight: HashMap<u16, Stage>,
+    inflight: OwnMap<u16, Stage>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
