@@ -109,6 +109,7 @@ impl Kick {
         self.0.waker.wake();
     }
 
+    /// Whether the connection is to close.
     pub fn is_fired(&self) -> bool {
         self.0.fired.load(Ordering::Acquire)
     }
