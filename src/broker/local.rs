@@ -19,10 +19,10 @@
 //! A session that does not read is given at most [`MAX_QUEUED_BYTES`]; past that its messages
 //! are dropped, and the hub told, once per episode, as it is of the router's skips ([`super::lag`]).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
@@ -95,6 +95,8 @@ pub struct Mailbox {
     /// waker rather than a `Notify`, whose wait takes a lock each time it is polled.
     rung: AtomicBool,
     waker: AtomicWaker,
+    /// Deliveries wait: set and cleared under the queue's lock, read without it.
+    filled: AtomicBool,
     /// Named to [`super::lag`] when messages are dropped.
     name: String,
 }
@@ -122,6 +124,7 @@ impl Mailbox {
             }
             q.bytes += size;
             q.items.push_back(delivery);
+            self.filled.store(true, Ordering::Release);
         }
         self.rung.store(true, Ordering::Release);
         self.waker.wake();
@@ -130,6 +133,10 @@ impl Mailbox {
 
     /// Moves at most `most` deliveries, oldest first, to `into`; true if none is left.
     pub fn take(&self, most: usize, into: &mut Vec<Delivery>) -> bool {
+        // Most calls find it empty: they take no lock.
+        if !self.filled.load(Ordering::Acquire) {
+            return true;
+        }
         let mut q = self.lock();
         let q = &mut *q;
         let n = most.min(q.items.len());
@@ -139,6 +146,7 @@ impl Mailbox {
         }
         if q.items.is_empty() {
             q.lagging = false;
+            self.filled.store(false, Ordering::Release);
         }
         q.items.is_empty()
     }
@@ -148,20 +156,22 @@ impl Mailbox {
         self.lock().items.is_empty()
     }
 
+    /// Ready once something was put in the mailbox since it was last ready (or was created).
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        // Registered before looking again, so that a delivery queued in between wakes it.
+        self.waker.register(cx.waker());
+        match self.rung.swap(false, Ordering::Acquire) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    }
+
     /// Resolves once something was put in the mailbox since it last resolved (or was created).
     pub async fn ready(&self) {
-        std::future::poll_fn(|cx| {
-            if self.rung.swap(false, Ordering::Acquire) {
-                return Poll::Ready(());
-            }
-            // Registered before looking again, so that a delivery queued in between wakes it.
-            self.waker.register(cx.waker());
-            match self.rung.swap(false, Ordering::Acquire) {
-                true => Poll::Ready(()),
-                false => Poll::Pending,
-            }
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 }
 
@@ -195,17 +205,26 @@ struct Table {
     next: u64,
     seats: OwnMap<u64, Seated>,
     /// Filters without wildcards, by topic: most of a house's (a device's own command topic).
-    exact: HashMap<String, Vec<(u64, u8)>>,
+    exact: HashMap<String, Exact>,
     /// Filters with wildcards.
-    wild: Vec<(String, u64, u8)>,
+    wild: Vec<(Wild, u64, u8)>,
     /// Retained messages by topic, with their publish QoS.
     retained: HashMap<String, (Bytes, u8)>,
-    /// Filters of the router's subscribers (persistent sessions, the hub's links). Kept until the
-    /// hub restarts, as the router keeps them; bounded by the sessions' filter budget.
-    router_exact: HashSet<String>,
-    router_wild: Vec<String>,
+    /// Wildcard filters of the router's subscribers (persistent sessions, the hub's links); their
+    /// exact ones are marked in `exact`. Kept until the hub restarts, as the router keeps them;
+    /// bounded by the sessions' filter budget.
+    router_wild: Vec<Wild>,
     /// The sessions one message goes to: kept between messages, so that publishing allocates nothing.
     targets: Vec<(u64, u8)>,
+}
+
+/// Who holds one exact filter: one lookup per message finds both.
+#[derive(Debug, Default)]
+struct Exact {
+    /// Clean sessions, with their QoS.
+    sessions: Vec<(u64, u8)>,
+    /// A subscriber of the router.
+    router: bool,
 }
 
 #[derive(Debug)]
@@ -238,6 +257,7 @@ impl Local {
             queue: Mutex::default(),
             rung: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            filled: AtomicBool::new(false),
             name: name.to_owned(),
         });
         let mut t = self.lock();
@@ -264,8 +284,8 @@ impl Local {
         let mut t = self.lock();
         t.remove(seat.id, filter);
         match is_wild(filter) {
-            true => t.wild.push((filter.to_owned(), seat.id, qos)),
-            false => t.exact.entry(filter.to_owned()).or_default().push((seat.id, qos)),
+            true => t.wild.push((Wild::new(filter), seat.id, qos)),
+            false => t.exact.entry(filter.to_owned()).or_default().sessions.push((seat.id, qos)),
         }
         if let Some(seated) = t.seats.get_mut(&seat.id) {
             if !seated.filters.iter().any(|f| f == filter) {
@@ -294,9 +314,9 @@ impl Local {
     pub fn want(&self, filter: &str) {
         let mut t = self.lock();
         match is_wild(filter) {
-            true if !t.router_wild.iter().any(|f| f == filter) => t.router_wild.push(filter.to_owned()),
+            true if !t.router_wild.iter().any(|f| f.filter == filter) => t.router_wild.push(Wild::new(filter)),
             true => {}
-            false => drop(t.router_exact.insert(filter.to_owned())),
+            false => t.exact.entry(filter.to_owned()).or_default().router = true,
         }
     }
 
@@ -305,7 +325,15 @@ impl Local {
     /// whether the router must have it too. `topic` passed the guard; its bytes are shared by
     /// every delivery.
     pub fn publish(&self, topic: &Bytes, payload: &Bytes, qos: u8, retain: bool) -> Reach {
-        let Ok(name) = std::str::from_utf8(topic) else { return Reach { sessions: 0, router: false } };
+        match std::str::from_utf8(topic) {
+            Ok(name) => self.publish_named(topic, name, payload, qos, retain),
+            Err(_) => Reach { sessions: 0, router: false },
+        }
+    }
+
+    /// [`Local::publish`] for a topic the guard has read as `name` already.
+    pub fn publish_named(&self, topic: &Bytes, name: &str, payload: &Bytes, qos: u8, retain: bool) -> Reach {
+        debug_assert_eq!(topic.as_ref(), name.as_bytes());
         let mut t = self.lock();
         let t = &mut *t;
         if retain {
@@ -314,10 +342,11 @@ impl Local {
                 false => drop(t.retained.insert(name.to_owned(), (payload.clone(), qos))),
             }
         }
+        let exact = t.exact.get(name);
         let targets = &mut t.targets;
         targets.clear();
-        targets.extend(t.exact.get(name).into_iter().flatten().copied());
-        targets.extend(t.wild.iter().filter(|(f, _, _)| matches(f, name)).map(|(_, id, q)| (*id, *q)));
+        targets.extend(exact.into_iter().flat_map(|e| e.sessions.iter()).copied());
+        targets.extend(t.wild.iter().filter(|(f, _, _)| f.matches(name)).map(|(_, id, q)| (*id, *q)));
         if targets.len() > 1 {
             // Once per session, at the highest QoS of its matching filters.
             targets.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
@@ -332,7 +361,7 @@ impl Local {
                 sessions += 1;
             }
         }
-        let router = retain || t.router_exact.contains(name) || t.router_wild.iter().any(|f| matches(f, name));
+        let router = retain || exact.is_some_and(|e| e.router) || t.router_wild.iter().any(|f| f.matches(name));
         Reach { sessions, router }
     }
 
@@ -345,11 +374,11 @@ impl Local {
 impl Table {
     fn remove(&mut self, id: u64, filter: &str) {
         match is_wild(filter) {
-            true => self.wild.retain(|(f, i, _)| !(*i == id && f == filter)),
+            true => self.wild.retain(|(f, i, _)| !(*i == id && f.filter == filter)),
             false => {
-                if let Some(subs) = self.exact.get_mut(filter) {
-                    subs.retain(|(i, _)| *i != id);
-                    if subs.is_empty() {
+                if let Some(exact) = self.exact.get_mut(filter) {
+                    exact.sessions.retain(|(i, _)| *i != id);
+                    if exact.sessions.is_empty() && !exact.router {
                         self.exact.remove(filter);
                     }
                 }
@@ -368,16 +397,21 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
-    // The filter's text before its first wildcard starts the topic too (less the `/` before a
-    // last `#`, which also matches the level above it): most filters are told apart there.
-    let literal = match filter.bytes().position(|b| b == b'+' || b == b'#') {
+    topic.starts_with(literal(filter)) && levels_match(filter, topic)
+}
+
+/// The filter's text before its first wildcard, which starts every topic it matches (less the
+/// `/` before a last `#`, which also matches the level above it): most filters are told apart there.
+fn literal(filter: &str) -> &str {
+    match filter.bytes().position(|b| b == b'+' || b == b'#') {
         Some(at) if filter[at..].starts_with('#') => filter[..at].strip_suffix('/').unwrap_or(&filter[..at]),
         Some(at) => &filter[..at],
         None => filter,
-    };
-    if !topic.starts_with(literal) {
-        return false;
     }
+}
+
+/// Whether the topic's levels match the filter's (the `$` rule aside).
+fn levels_match(filter: &str, topic: &str) -> bool {
     // Levels as bytes: `/` is one byte in UTF-8 and in no other character's encoding.
     let mut levels = topic.as_bytes().split(|&b| b == b'/');
     for f in filter.as_bytes().split(|&b| b == b'/') {
@@ -390,6 +424,52 @@ pub fn matches(filter: &str, topic: &str) -> bool {
         }
     }
     levels.next().is_none()
+}
+
+/// A filter with wildcards, read once when subscribed, matched at every message.
+#[derive(Debug)]
+struct Wild {
+    filter: String,
+    shape: Shape,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `#`: every topic but the `$` ones.
+    All,
+    /// `P/#` with no `+`: `P` (this many bytes) and every topic under it.
+    Under(usize),
+    /// Any other: topics start with its first this many bytes ([`literal`]), then levels decide.
+    Levels(usize),
+}
+
+impl Wild {
+    fn new(filter: &str) -> Wild {
+        let shape = match filter.strip_suffix("#") {
+            Some("") => Shape::All,
+            Some(under) if under.ends_with('/') && !under.contains(['+', '#']) => Shape::Under(under.len() - 1),
+            _ => Shape::Levels(literal(filter).len()),
+        };
+        Wild { filter: filter.to_owned(), shape }
+    }
+
+    /// [`matches`], for this filter.
+    fn matches(&self, topic: &str) -> bool {
+        match self.shape {
+            Shape::All => !topic.starts_with('$'),
+            Shape::Under(len) => {
+                let under = &self.filter.as_bytes()[..len];
+                topic.as_bytes().starts_with(under) && topic.as_bytes().get(len).is_none_or(|&b| b == b'/')
+            }
+            Shape::Levels(len) => {
+                // A `$` topic matches no filter that starts with a wildcard.
+                let dollar = topic.starts_with('$') && len == 0;
+                !dollar
+                    && topic.as_bytes().starts_with(&self.filter.as_bytes()[..len])
+                    && levels_match(&self.filter, topic)
+            }
+        }
+    }
 }
 
 /// The deliveries at QoS 1 and 2 a clean session has in flight: packet ids, and the client's
@@ -467,6 +547,7 @@ impl Outgoing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn drain(seat: &Seat) -> Vec<Delivery> {
         let mut out = Vec::new();
@@ -505,6 +586,9 @@ mod tests {
         ];
         for (filter, topic, expected) in cases {
             assert_eq!(matches(filter, topic), expected, "{filter} against {topic}");
+            if is_wild(filter) {
+                assert_eq!(Wild::new(filter).matches(topic), expected, "{filter} against {topic}, read once");
+            }
         }
     }
 
@@ -535,11 +619,11 @@ mod tests {
             if crate::broker::guard::filter(&filter).is_err() || topic.is_empty() {
                 continue;
             }
-            assert_eq!(
-                matches(&filter, &topic),
-                rumqttd::protocol::matches(&topic, &filter),
-                "{filter} against {topic}"
-            );
+            let router = rumqttd::protocol::matches(&topic, &filter);
+            assert_eq!(matches(&filter, &topic), router, "{filter} against {topic}");
+            if is_wild(&filter) {
+                assert_eq!(Wild::new(&filter).matches(&topic), router, "{filter} against {topic}, read once");
+            }
         }
     }
 

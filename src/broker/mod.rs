@@ -27,6 +27,7 @@ pub mod session;
 pub mod sessions;
 pub mod socket;
 pub mod tls;
+pub mod wakes;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;

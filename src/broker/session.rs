@@ -20,9 +20,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use std::collections::HashMap;
@@ -37,7 +38,7 @@ use rumqttd::protocol::{
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use super::acks::{Ack, Acks, Incoming, Sends};
@@ -46,6 +47,7 @@ use super::dispatch::{Origin, Verdict};
 use super::local::{Delivery, Outgoing, Seat};
 use super::sessions::{Claim, ClaimError, FilterVerdict};
 use super::socket::Socket;
+use super::wakes::Sources;
 use super::{acl, guard, Shared, HANDSHAKE_TIMEOUT};
 use crate::auth::{Identity, PeerCert, Presented, Refusal};
 use crate::secret::Secret;
@@ -76,6 +78,9 @@ const ROUTER_ACK_LINGER: Duration = Duration::from_millis(500);
 /// mark waits with them (a PINGREQ sent while a PUBACK is still owed). Timers that fire wake the
 /// hub's thread: this one fires at most once a second while deliveries flow.
 const ANSWERS_UNREAD: Duration = Duration::from_secs(1);
+
+/// How often the timer of a client with keepalive 0 fires when it has nothing else to wait for.
+const NO_KEEPALIVE: Duration = Duration::from_secs(3600);
 
 /// Runs a client session on an established (TLS or plain) stream: CONNECT and login, then the
 /// client id and its link, then packets both ways, then the end. `ticket` holds the socket's
@@ -477,29 +482,29 @@ enum Link {
     Local { seat: Seat, out: Outgoing },
 }
 
-/// What woke a session on its link's side.
+/// What a session's wait found to do.
 // Lives on the stack for one step of the pump: boxing would cost an allocation per delivery.
 #[allow(clippy::large_enum_variant)]
-enum LinkEvent {
+enum Woke {
+    /// The hub closes the connection.
+    Kicked,
+    /// A persistent session's router link.
     Router(Result<Option<Notification>, ()>),
+    /// A clean session's mailbox.
     Mail,
+    /// The socket was read.
+    Read(std::io::Result<usize>),
+    /// The timer fired.
+    Due,
 }
 
-impl Link {
-    async fn next(&mut self) -> LinkEvent {
-        match self {
-            Link::Router { rx, .. } => LinkEvent::Router(rx.next().await.map_err(drop)),
-            Link::Local { seat, out } => {
-                // A client with every delivery unanswered gets more once it answers.
-                if out.room() == 0 {
-                    std::future::pending::<()>().await;
-                }
-                seat.mailbox.ready().await;
-                LinkEvent::Mail
-            }
-        }
-    }
-}
+/// The sources a session waits on, in the order it polls them ([`super::wakes`]): so that a
+/// client that never stops sending is still closed when asked, and still gets what it is sent
+/// (its deliveries in flight are bounded).
+const KICK: usize = 0;
+const LINK: usize = 1;
+const READ: usize = 2;
+const TIMER: usize = 3;
 
 /// An established session.
 struct Session<S> {
@@ -549,6 +554,8 @@ struct Session<S> {
     woke_others: bool,
     /// Deliveries taken from the mailbox to be written (kept, so that writing them allocates nothing).
     batch: Vec<Delivery>,
+    /// A write waited on the kick with the task's own waker: the pump polls it again.
+    kick_polled_elsewhere: bool,
 }
 
 impl<S: Socket> Session<S> {
@@ -623,6 +630,7 @@ impl<S: Socket> Session<S> {
             low_water: Some(1),
             woke_others: false,
             batch: Vec::new(),
+            kick_polled_elsewhere: false,
         };
         Some((session, session_present))
     }
@@ -682,52 +690,37 @@ impl<S: Socket> Session<S> {
 
     /// Moves packets both ways until the session ends.
     async fn pump(&mut self) -> End {
-        // The timers outlive one packet and are made once: made anew, each would register with the
-        // timer, and leave it, at every wake-up. Both are moved when they fire, not at each packet.
-        let kick = self.claim.kick.clone();
         // Only what the client sends keeps it alive (MQTT 3.1.1 §3.1.2.10).
         self.heard = Instant::now();
-        let keepalive = tokio::time::sleep_until(self.heard + self.keepalive.unwrap_or(Duration::ZERO));
-        let unread = tokio::time::sleep_until(self.heard + ANSWERS_UNREAD);
-        tokio::pin!(keepalive, unread);
+        // One timer for every deadline, made once and moved only when it fires or a deadline comes
+        // sooner: made anew, it would register with the runtime's timer, and leave it, at every wake-up.
+        let timer = tokio::time::sleep_until(self.next_due());
+        tokio::pin!(timer);
+        let mut sources = Sources::<4>::new();
         loop {
-            let acks_due_at = self.acks_due;
-            let acks_due = async {
-                match acks_due_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            // In this order, so that a client that never stops sending is still closed when asked,
-            // and still gets what it is sent (its deliveries in flight are bounded).
-            tokio::select! {
-                biased;
-                () = kick.fired() => return self.stopped().await,
-                event = self.link.next() => {
-                    match event {
-                        LinkEvent::Router(Ok(Some(n))) => {
-                            if let Err(end) = self.handle_outgoing(n).await {
-                                return end;
-                            }
-                            if !self.flush_router().await {
-                                return End::Router;
-                            }
-                        }
-                        LinkEvent::Router(Ok(None)) => {}
-                        LinkEvent::Router(Err(())) => return End::Router,
-                        LinkEvent::Mail => {
-                            // The answers first: they make room for the deliveries.
-                            let end = if self.answers_unread() { self.read_arrived() } else { None };
-                            if let Err(end) = self.answer().await {
-                                return end;
-                            }
-                            if let Some(end) = end {
-                                return end;
-                            }
-                        }
+            match self.wait(&mut sources, timer.as_mut()).await {
+                Woke::Kicked => return self.stopped().await,
+                Woke::Router(Ok(Some(n))) => {
+                    if let Err(end) = self.handle_outgoing(n).await {
+                        return end;
+                    }
+                    if !self.flush_router().await {
+                        return End::Router;
                     }
                 }
-                read = self.conn.stream.read_buf(&mut self.conn.read) => {
+                Woke::Router(Ok(None)) => {}
+                Woke::Router(Err(())) => return End::Router,
+                Woke::Mail => {
+                    // The answers first: they make room for the deliveries.
+                    let end = if self.answers_unread() { self.read_arrived() } else { None };
+                    if let Err(end) = self.answer().await {
+                        return end;
+                    }
+                    if let Some(end) = end {
+                        return end;
+                    }
+                }
+                Woke::Read(read) => {
                     match read {
                         Ok(0) => return End::Lost("connection closed by peer".into()),
                         Err(e) => return End::Lost(e.to_string()),
@@ -743,37 +736,99 @@ impl<S: Socket> Session<S> {
                         return end;
                     }
                 }
-                () = &mut keepalive, if self.keepalive.is_some() => {
-                    if self.answers_unread() {
-                        let end = self.read_arrived();
-                        if let Some(end) = self.answer().await.err().or(end) {
-                            return end;
-                        }
-                    }
-                    let due = self.heard + self.keepalive.unwrap_or(Duration::ZERO);
-                    if Instant::now() >= due {
-                        return End::Lost("keepalive timeout".into());
-                    }
-                    keepalive.as_mut().reset(due);
-                }
-                () = &mut unread, if self.answers_unread() => {
-                    let due = self.checked + ANSWERS_UNREAD;
-                    if Instant::now() < due {
-                        unread.as_mut().reset(due);
-                        continue;
-                    }
-                    let end = self.read_arrived();
-                    if let Some(end) = self.answer().await.err().or(end) {
+                Woke::Due => {
+                    if let Err(end) = self.due().await {
                         return end;
                     }
-                }
-                () = acks_due => {
-                    if !self.send_to_router().await {
-                        return End::Router;
-                    }
+                    // Polled again, as every source that was ready.
+                    timer.as_mut().reset(self.next_due());
                 }
             }
+            // A deadline that came sooner (answers left unread, settled deliveries waiting).
+            let due = self.next_due();
+            if due < timer.deadline() {
+                timer.as_mut().reset(due);
+                sources.mark(TIMER);
+            }
+            if std::mem::take(&mut self.kick_polled_elsewhere) {
+                sources.mark(KICK);
+            }
         }
+    }
+
+    /// Waits for something to do, polling only the sources that woke the task ([`super::wakes`]).
+    async fn wait(&mut self, sources: &mut Sources<4>, mut timer: Pin<&mut Sleep>) -> Woke {
+        let Session { conn, link, claim, .. } = self;
+        let kick = &claim.kick;
+        // The router's `next` forgets the task once dropped: a persistent session polls it at each wait.
+        let (router, local) = match link {
+            Link::Router { rx, .. } => {
+                sources.mark(LINK);
+                (Some(rx.next()), None)
+            }
+            Link::Local { seat, out } => (None, Some((&*seat, &*out))),
+        };
+        let mut router = std::pin::pin!(router);
+        std::future::poll_fn(|cx| {
+            sources.begin(cx);
+            if sources.poll(KICK, |cx| kick.poll_fired(cx)).is_ready() {
+                return Poll::Ready(Woke::Kicked);
+            }
+            if let Some(next) = router.as_mut().as_pin_mut() {
+                if let Poll::Ready(n) = sources.poll(LINK, |cx| next.poll(cx)) {
+                    return Poll::Ready(Woke::Router(n.map_err(drop)));
+                }
+            }
+            // A client with every delivery unanswered gets more once it answers: until then its
+            // mailbox stays due, and is looked at again after each answer.
+            if let Some((seat, _)) = local.filter(|(_, out)| out.room() > 0) {
+                if sources.poll(LINK, |cx| seat.mailbox.poll_ready(cx)).is_ready() {
+                    return Poll::Ready(Woke::Mail);
+                }
+            }
+            let read = |cx: &mut Context<'_>| std::pin::pin!(conn.stream.read_buf(&mut conn.read)).poll(cx);
+            if let Poll::Ready(read) = sources.poll(READ, read) {
+                return Poll::Ready(Woke::Read(read));
+            }
+            if sources.poll(TIMER, |cx| timer.as_mut().poll(cx)).is_ready() {
+                return Poll::Ready(Woke::Due);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// When the timer must next fire: the client's keepalive, the answers it owes left unread,
+    /// settled deliveries waiting for company.
+    fn next_due(&self) -> Instant {
+        let mut due = self.heard + self.keepalive.unwrap_or(NO_KEEPALIVE);
+        if self.answers_unread() {
+            due = due.min(self.checked + ANSWERS_UNREAD);
+        }
+        if let Some(at) = self.acks_due {
+            due = due.min(at);
+        }
+        due
+    }
+
+    /// The timer fired: answers left unread too long are read (they keep the client alive too),
+    /// a client silent past its keepalive is closed, settled deliveries due go to the router.
+    async fn due(&mut self) -> Result<(), End> {
+        let now = Instant::now();
+        let silent = |s: &Self| s.keepalive.is_some_and(|keepalive| now >= s.heard + keepalive);
+        if self.answers_unread() && (silent(self) || now >= self.checked + ANSWERS_UNREAD) {
+            let end = self.read_arrived();
+            if let Some(end) = self.answer().await.err().or(end) {
+                return Err(end);
+            }
+        }
+        if silent(self) {
+            return Err(End::Lost("keepalive timeout".into()));
+        }
+        if self.acks_due.is_some_and(|at| now >= at) && !self.send_to_router().await {
+            return Err(End::Router);
+        }
+        Ok(())
     }
 
     /// After reading: the deliveries that found room, the socket's mark for the answers they
@@ -847,11 +902,14 @@ impl<S: Socket> Session<S> {
             // Nearly always written at once: then neither the timer nor the token is set up.
             match std::future::poll_fn(|cx| Poll::Ready(flush.as_mut().poll(cx))).await {
                 Poll::Ready(written) => Some(Ok(written)),
-                Poll::Pending => tokio::select! {
-                    biased;
-                    written = tokio::time::timeout(WRITE_TIMEOUT, flush) => Some(written),
-                    () = kick.fired() => None,
-                },
+                Poll::Pending => {
+                    self.kick_polled_elsewhere = true;
+                    tokio::select! {
+                        biased;
+                        written = tokio::time::timeout(WRITE_TIMEOUT, flush) => Some(written),
+                        () = kick.fired() => None,
+                    }
+                }
             }
         };
         match written {
@@ -922,6 +980,11 @@ impl<S: Socket> Session<S> {
         }
     }
 
+    /// Writes an acknowledgement to the client's write buffer: four bytes, without building a packet.
+    fn queue_ack(&mut self, ack: Ack) {
+        self.conn.write.extend_from_slice(&ack_bytes(ack));
+    }
+
     /// Sends what the acknowledgement state asks: to the router (gathered) and to the client.
     fn apply(&mut self, sends: Sends) {
         for ack in sends.router {
@@ -933,13 +996,14 @@ impl<S: Socket> Session<S> {
             self.to_router.push(ack_packet(ack));
         }
         for ack in sends.client {
-            self.queue(ack_packet(ack));
+            self.queue_ack(ack);
         }
     }
 
     /// Decodes every complete packet in the read buffer and acts on it.
     fn handle_incoming(&mut self) -> Option<End> {
-        loop {
+        // Nearly every read ends on a packet's last byte: then the decoder is not asked again.
+        while !self.conn.read.is_empty() {
             // QoS and packet id of a PUBLISH, read from its bytes: rumqttd keeps those fields private.
             let meta = publish_meta(&self.conn.read);
             let packet = match V4.read_mut(&mut self.conn.read, self.max_packet) {
@@ -969,7 +1033,7 @@ impl<S: Socket> Session<S> {
                 Packet::PubRec(rec, _) => match &mut self.link {
                     Link::Local { out, .. } => {
                         if out.pubrec(rec.pkid) {
-                            self.queue(Packet::PubRel(PubRel { pkid: rec.pkid, reason: PubRelReason::Success }, None));
+                            self.queue_ack(Ack::PubRel(rec.pkid));
                         }
                     }
                     Link::Router { .. } => {
@@ -979,7 +1043,10 @@ impl<S: Socket> Session<S> {
                 },
                 Packet::PubRel(rel, _) => {
                     if let Some(publish) = self.held_for_release.remove(&rel.pkid) {
-                        self.route_local(publish, 2);
+                        let name = publish.topic.clone();
+                        // The guard read it when it came.
+                        let topic = std::str::from_utf8(&name).unwrap_or_default();
+                        self.route_local(publish, topic, 2);
                     }
                     let sends = self.acks.pubrel(rel.pkid);
                     self.apply(sends);
@@ -1003,6 +1070,7 @@ impl<S: Socket> Session<S> {
                 }
             }
         }
+        None
     }
 
     /// Checks a PUBLISH and passes it to the router, or refuses it.
@@ -1020,7 +1088,7 @@ impl<S: Socket> Session<S> {
         };
         // A QoS 2 message the router already has (or the hub refused) is answered, never handled twice.
         if qos == 2 && self.acks.awaiting_release(pkid) {
-            self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+            self.queue_ack(Ack::PubRec(pkid));
             return None;
         }
         match inspect(&self.shared, &self.identity, &self.client_id, topic, &publish.payload) {
@@ -1050,18 +1118,19 @@ impl<S: Socket> Session<S> {
                 // releases reaches no one.
                 2 => {
                     self.held_for_release.insert(pkid, publish);
-                    self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+                    self.queue_ack(Ack::PubRec(pkid));
                 }
                 1 => {
-                    self.route_local(publish, 1);
-                    self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+                    self.route_local(publish, topic, 1);
+                    self.queue_ack(Ack::PubAck(pkid));
                 }
-                _ => self.route_local(publish, 0),
+                _ => self.route_local(publish, topic, 0),
             }
             return None;
         }
         // Clean sessions subscribed get it now; the router those it serves.
-        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+        let local = &self.shared.router.local;
+        let reach = local.publish_named(&publish.topic, topic, &publish.payload, qos, publish.retain);
         self.woke_others |= reach.sessions > 0;
         if publish.retain {
             let payload = (!publish.payload.is_empty()).then(|| publish.payload.clone());
@@ -1081,17 +1150,19 @@ impl<S: Socket> Session<S> {
             // thread and this one for every message, and it delivers at the subscriptions' QoS anyway.
             let at_most_once = Publish::new(publish.topic, publish.payload, publish.retain);
             self.to_router.push(Packet::Publish(at_most_once, Some(props)));
-            self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None));
+            self.queue_ack(Ack::PubAck(pkid));
         } else {
             self.to_router.push(Packet::Publish(publish, Some(props)));
         }
         None
     }
 
-    /// Routes a clean session's accepted PUBLISH: to the clean sessions it matches, to the router
-    /// if its subscribers match it (see [`super::local`]), and to the disk if retained.
-    fn route_local(&mut self, publish: Publish, qos: u8) {
-        let reach = self.shared.router.local.publish(&publish.topic, &publish.payload, qos, publish.retain);
+    /// Routes a clean session's accepted PUBLISH (its topic read as `topic`): to the clean sessions
+    /// it matches, to the router if its subscribers match it (see [`super::local`]), and to the disk
+    /// if retained.
+    fn route_local(&mut self, publish: Publish, topic: &str, qos: u8) {
+        let local = &self.shared.router.local;
+        let reach = local.publish_named(&publish.topic, topic, &publish.payload, qos, publish.retain);
         self.woke_others |= reach.sessions > 0;
         if reach.router {
             let props = PublishProperties { payload_format_indicator: Some(qos), ..Default::default() };
@@ -1099,8 +1170,7 @@ impl<S: Socket> Session<S> {
             self.to_router.push(Packet::Publish(at_most_once, Some(props)));
         }
         if publish.retain {
-            let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-            self.shared.retain(topic, (!publish.payload.is_empty()).then_some(publish.payload));
+            self.shared.retain(topic.to_owned(), (!publish.payload.is_empty()).then_some(publish.payload));
         }
     }
 
@@ -1109,12 +1179,12 @@ impl<S: Socket> Session<S> {
     fn refuse_publish(&mut self, topic: &str, reason: &str, qos: u8, pkid: u16) -> Option<End> {
         self.shared.report_error(topic, &self.client_id, reason);
         match qos {
-            1 => self.queue(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
+            1 => self.queue_ack(Ack::PubAck(pkid)),
             2 => {
                 if !self.acks.answered_qos2(pkid) {
                     return Some(End::Lost("too many QoS 2 messages awaiting release".into()));
                 }
-                self.queue(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None));
+                self.queue_ack(Ack::PubRec(pkid));
             }
             _ => {}
         }
@@ -1338,6 +1408,17 @@ fn ack_packet(ack: Ack) -> Packet {
     }
 }
 
+/// An acknowledgement as it goes on the wire (MQTT 3.1.1 §3.4–3.7: PUBREL's header has flags 0010).
+fn ack_bytes(ack: Ack) -> [u8; 4] {
+    let (header, [hi, lo]) = match ack {
+        Ack::PubAck(pkid) => (0x40, pkid.to_be_bytes()),
+        Ack::PubRec(pkid) => (0x50, pkid.to_be_bytes()),
+        Ack::PubRel(pkid) => (0x62, pkid.to_be_bytes()),
+        Ack::PubComp(pkid) => (0x70, pkid.to_be_bytes()),
+    };
+    [header, 2, hi, lo]
+}
+
 /// QoS and packet id of the PUBLISH at the start of `buf`, if it is a complete-enough PUBLISH.
 fn publish_meta(buf: &[u8]) -> Option<(u8, u16)> {
     let i = variable_header(buf, 3)?;
@@ -1376,6 +1457,17 @@ mod tests {
         assert_eq!(connect_client_id_len(&long[..20]), Some(20_000), "the header alone tells");
         assert_eq!(connect_client_id_len(&long[..5]), None);
         assert_eq!(connect_client_id_len(&[0x30, 0]), None);
+    }
+
+    #[test]
+    fn acknowledgements_are_written_as_the_router_writes_them() {
+        for pkid in [1, 255, 256, 513, u16::MAX] {
+            for ack in [Ack::PubAck(pkid), Ack::PubRec(pkid), Ack::PubRel(pkid), Ack::PubComp(pkid)] {
+                let mut theirs = BytesMut::new();
+                V4.write(ack_packet(ack), &mut theirs).unwrap();
+                assert_eq!(&theirs[..], &ack_bytes(ack), "{ack:?}");
+            }
+        }
     }
 
     #[test]
