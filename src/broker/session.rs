@@ -711,12 +711,8 @@ impl<S: Socket> Session<S> {
                 Woke::Router(Ok(None)) => {}
                 Woke::Router(Err(())) => return End::Router,
                 Woke::Mail => {
-                    // The deliveries go out first, then the answers the client owes are read: off
-                    // the deliveries' way, and making room for what did not fit (written next).
-                    self.deliver_local();
-                    if let Err(end) = self.flush_client().await {
-                        return end;
-                    }
+                    // The answers first: they make room for the deliveries, and read after the
+                    // deliveries they would often be joined by the next ones' (BENCHMARKS.md).
                     let end = if self.answers_unread() { self.read_arrived() } else { None };
                     if let Err(end) = self.answer().await {
                         return end;

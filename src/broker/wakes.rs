@@ -107,10 +107,15 @@ mod tests {
         }
     }
 
+    /// A counting task's waker, and its count.
+    fn counted() -> (Waker, Arc<Count>) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (Waker::from(Arc::clone(&count)), count)
+    }
+
     #[test]
     fn only_the_sources_that_woke_the_task_are_polled_again() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let task = Waker::from(Arc::clone(&count));
+        let (task, count) = counted();
         let cx = Context::from_waker(&task);
         let mut sources = Sources::<3>::new();
         let mut kept: [Option<Waker>; 3] = Default::default();
@@ -150,8 +155,7 @@ mod tests {
 
     #[test]
     fn a_source_that_fires_while_the_task_runs_is_seen_at_the_next_look() {
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let task = Waker::from(Arc::clone(&count));
+        let (task, count) = counted();
         let cx = Context::from_waker(&task);
         let mut sources = Sources::<2>::new();
         sources.begin(&cx);
