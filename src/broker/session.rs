@@ -711,8 +711,9 @@ impl<S: Socket> Session<S> {
                 Woke::Router(Ok(None)) => {}
                 Woke::Router(Err(())) => return End::Router,
                 Woke::Mail => {
-                    // The answers first: they make room for the deliveries, and read after the
-                    // deliveries they would often be joined by the next ones' (BENCHMARKS.md).
+                    // The answers first: they make room for the deliveries. Read after them, they
+                    // would often come with the next delivery's answer, which crosses the socket's
+                    // mark: a wake-up for nothing (BENCHMARKS.md, "the deliveries before the answers").
                     let end = if self.answers_unread() { self.read_arrived() } else { None };
                     if let Err(end) = self.answer().await {
                         return end;
