@@ -965,3 +965,36 @@ async fn a_subscriber_that_does_not_read_loses_messages_not_the_others() {
     assert!(got > 0 && got < count, "the slow subscriber got {got} of {count}");
     assert_routes(&hub).await;
 }
+
+/// A client whose session waited on a write (it stopped reading, then read again) is still closed
+/// at once when another connection takes its client id: the wait on the write held the session's
+/// kick, and the session listens to it again afterwards (`broker::wakes`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_whose_writes_waited_is_still_closed_when_its_id_is_taken_over() {
+    let hub = hub().await;
+    let (mut stalled, _) = raw(&hub, "stalled", ADMIN, true).await;
+    stalled.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut stalled, 1).await, [0]);
+    let (mut publisher, _) = raw(&hub, "flooder", ADMIN, true).await;
+    // 16 MiB: more than the socket buffers and the hub's bound for one client together, so the
+    // session's writes wait and some messages are dropped (which the hub records).
+    let payload = vec![b'x'; 16 * 1024 - 64];
+    for n in 0..1024u16 {
+        publisher.send(raw_publish(&format!("flood/{n}"), &payload, 0, 0, false)).await;
+    }
+    eventually("the stalled client is recorded", 10, || {
+        hub.db()
+            .query_row("SELECT COUNT(*) FROM client_lag WHERE client = 'stalled'", [], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+    // It reads again, so the writes end.
+    while let Read::Packet(_) = stalled.read(Duration::from_secs(1)).await {}
+    let started = std::time::Instant::now();
+    let (_taken_over, _) = raw(&hub, "stalled", ADMIN, true).await;
+    assert!(matches!(stalled.read(TEN_SECONDS).await, Read::Closed), "the first connection stayed open");
+    // Well within the 5 s a new connection waits for the old one to let the id go.
+    assert!(started.elapsed() < Duration::from_secs(3), "closed only after {:?}", started.elapsed());
+    assert_routes(&hub).await;
+}
