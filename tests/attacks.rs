@@ -919,18 +919,33 @@ async fn retain_is_set_only_on_messages_a_new_subscription_brings() {
     assert!(matches!(late.read(Duration::from_millis(300)).await, Read::Silent), "the cleared kept/b came back");
 }
 
+/// A client subscribed to `flood/#` at QoS 0.
+async fn flood_subscriber(hub: &TestHub, id: &str) -> RawClient {
+    let (mut c, _) = raw(hub, id, ADMIN, true).await;
+    c.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
+    assert_eq!(suback(&mut c, 1).await, [0]);
+    c
+}
+
+/// Waits until the hub has recorded that client `id` lost messages.
+async fn lag_recorded(hub: &TestHub, id: &str) {
+    eventually(&format!("{id} is recorded as losing messages"), 10, || {
+        hub.db()
+            .query_row("SELECT COUNT(*) FROM client_lag WHERE client = ?1", [id], |r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+            > 0
+    })
+    .await;
+}
+
 /// A subscriber that stops reading is given a bounded amount, then loses messages, which the hub
 /// records for `domoticpi status`; a subscriber that reads loses nothing, and the publisher is never
 /// held up.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_that_does_not_read_loses_messages_not_the_others() {
     let hub = hub().await;
-    let (mut slow, _) = raw(&hub, "slow", ADMIN, true).await;
-    slow.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
-    assert_eq!(suback(&mut slow, 1).await, [0]);
-    let (mut fast, _) = raw(&hub, "fast", ADMIN, true).await;
-    fast.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
-    assert_eq!(suback(&mut fast, 1).await, [0]);
+    let mut slow = flood_subscriber(&hub, "slow").await;
+    let mut fast = flood_subscriber(&hub, "fast").await;
     let (mut publisher, _) = raw(&hub, "flooder", ADMIN, true).await;
     // 32 MiB, in rounds the reading subscriber takes whole: more than the socket buffers and the
     // hub's bound for one client together.
@@ -949,13 +964,7 @@ async fn a_subscriber_that_does_not_read_loses_messages_not_the_others() {
             }
         }
     }
-    eventually("the slow client is recorded", 10, || {
-        hub.db()
-            .query_row("SELECT COUNT(*) FROM client_lag WHERE client = 'slow'", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0)
-            > 0
-    })
-    .await;
+    lag_recorded(&hub, "slow").await;
     let mut got = 0;
     while let Read::Packet(packet) = slow.read(Duration::from_secs(1)).await {
         if matches!(packet, Packet::Publish(..)) {
@@ -972,9 +981,7 @@ async fn a_subscriber_that_does_not_read_loses_messages_not_the_others() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_whose_writes_waited_is_still_closed_when_its_id_is_taken_over() {
     let hub = hub().await;
-    let (mut stalled, _) = raw(&hub, "stalled", ADMIN, true).await;
-    stalled.send(raw_subscribe(1, &[("flood/#", QoS::AtMostOnce)])).await;
-    assert_eq!(suback(&mut stalled, 1).await, [0]);
+    let mut stalled = flood_subscriber(&hub, "stalled").await;
     let (mut publisher, _) = raw(&hub, "flooder", ADMIN, true).await;
     // 16 MiB: more than the socket buffers and the hub's bound for one client together, so the
     // session's writes wait and some messages are dropped (which the hub records).
@@ -982,13 +989,7 @@ async fn a_client_whose_writes_waited_is_still_closed_when_its_id_is_taken_over(
     for n in 0..1024u16 {
         publisher.send(raw_publish(&format!("flood/{n}"), &payload, 0, 0, false)).await;
     }
-    eventually("the stalled client is recorded", 10, || {
-        hub.db()
-            .query_row("SELECT COUNT(*) FROM client_lag WHERE client = 'stalled'", [], |r| r.get::<_, i64>(0))
-            .unwrap_or(0)
-            > 0
-    })
-    .await;
+    lag_recorded(&hub, "stalled").await;
     // It reads again, so the writes end.
     while let Read::Packet(_) = stalled.read(Duration::from_secs(1)).await {}
     let started = std::time::Instant::now();
