@@ -725,6 +725,20 @@ mod tests {
         assert!(local.publish(&Bytes::from_static(b"dpi/door/state"), &none, 1, false).router);
         assert!(local.publish(&Bytes::from_static(b"dpi/hub/status"), &none, 0, false).router);
         assert!(!local.publish(&Bytes::from_static(b"dpi/door/set"), &none, 1, false).router);
+        // A clean session on a filter the router's subscribers hold too: both get the message,
+        // and the router still does once the session has left.
+        let a = local.join("a");
+        local.subscribe(&a, "dpi/hub/status", 1);
+        let status = Bytes::from_static(b"dpi/hub/status");
+        assert_eq!(local.publish(&status, &none, 1, false), Reach { sessions: 1, router: true });
+        local.leave(&a);
+        assert_eq!(local.publish(&status, &none, 1, false), Reach { sessions: 0, router: true });
+        // And the other way round: a router filter given after a session's, kept after it leaves.
+        let b = local.join("b");
+        local.subscribe(&b, "dpi/lamp/set", 1);
+        local.want("dpi/lamp/set");
+        local.leave(&b);
+        assert!(local.publish(&Bytes::from_static(b"dpi/lamp/set"), &none, 1, false).router);
     }
 
     #[test]
