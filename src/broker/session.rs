@@ -1046,9 +1046,10 @@ impl<S: Socket> Session<S> {
                 Packet::PubRel(rel, _) => {
                     if let Some(publish) = self.held_for_release.remove(&rel.pkid) {
                         let name = publish.topic.clone();
-                        // The guard read it when it came.
-                        let topic = std::str::from_utf8(&name).unwrap_or_default();
-                        self.route_local(publish, topic, 2);
+                        // The guard read it as text when it came: this never fails.
+                        if let Ok(topic) = std::str::from_utf8(&name) {
+                            self.route_local(publish, topic, 2);
+                        }
                     }
                     let sends = self.acks.pubrel(rel.pkid);
                     self.apply(sends);
