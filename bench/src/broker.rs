@@ -42,18 +42,24 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Kind {
     Hub,
     Mosquitto,
+    /// A second hub of the same binary, on a copy of the first's data dir (`--twin`): both columns
+    /// the same broker, so the ratios show how far the table moves when nothing differs.
+    Twin,
 }
 
 impl Kind {
-    /// Both brokers, in the order they run and appear in the table.
-    pub const ALL: [Kind; 2] = [Kind::Hub, Kind::Mosquitto];
-
     /// The column name.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Hub => "hub",
             Kind::Mosquitto => "mosquitto",
+            Kind::Twin => "twin",
         }
+    }
+
+    /// Whether this is a DomoticPi hub (its logins, its store).
+    pub fn is_hub(self) -> bool {
+        matches!(self, Kind::Hub | Kind::Twin)
     }
 }
 
@@ -71,6 +77,8 @@ pub struct Setup {
     dir: tempfile::TempDir,
     hub_bin: PathBuf,
     hub_config: PathBuf,
+    /// The twin hub's config, on its copy of the data dir (`--twin` only).
+    twin_config: Option<PathBuf>,
     /// The hub CA, trusted by every TLS client; Mosquitto serves the hub's server certificate.
     pub ca: PathBuf,
     server_cert: PathBuf,
@@ -90,16 +98,22 @@ impl Setup {
     /// and it is installed, Mosquitto's password file. The hub's config declares `devices` motion
     /// sensors `dev-1`… (it rejects states of undeclared devices) that switch a light by rule, and
     /// the devices of the reaction measurements; the bench user gets an alarm code. Brokers
-    /// started from this setup are killed when their RSS passes `guard_kib`. Returns notes (e.g.
-    /// Mosquitto unavailable).
-    pub fn new(hub_bin: &Path, want_mosquitto: bool, guard_kib: u64, devices: usize) -> Result<(Setup, Vec<String>)> {
+    /// started from this setup are killed when their RSS passes `guard_kib`. With `twin`, a copy
+    /// of the hub's data dir for a second hub ([`Kind::Twin`]). Returns notes (e.g. Mosquitto
+    /// unavailable).
+    pub fn new(
+        hub_bin: &Path,
+        want_mosquitto: bool,
+        twin: bool,
+        guard_kib: u64,
+        devices: usize,
+    ) -> Result<(Setup, Vec<String>)> {
         let dir = tempfile::Builder::new().prefix("domoticpi-bench-").tempdir().context("creating the temp dir")?;
         let data = dir.path().join("hub-data");
         let hub_config = dir.path().join("domoticpi.toml");
-        let mut config = format!(
-            "data_dir = {:?}\nlog_level = \"warn\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[broker]\n\
+        let mut config = String::from(
+            "log_level = \"warn\"\n\n[web]\nlisten = \"127.0.0.1:0\"\n\n[broker]\n\
              tls_listen = \"127.0.0.1:0\"\nplain_listen = \"127.0.0.1:0\"\nmax_connections = 4000\n",
-            data.display().to_string()
         );
         config.push_str(&reaction_config());
         for n in 1..=devices {
@@ -113,7 +127,9 @@ impl Setup {
                 sensors.join(", ")
             ));
         }
-        std::fs::write(&hub_config, config).with_context(|| format!("writing {}", hub_config.display()))?;
+        // TOML: the top-level keys come before the first table.
+        let config_on = |data: &Path| format!("data_dir = {:?}\n{config}", data.display().to_string());
+        std::fs::write(&hub_config, config_on(&data)).with_context(|| format!("writing {}", hub_config.display()))?;
         let password = format!("bench-{:x}-{:x}", std::process::id(), crate::now_nanos_since_epoch());
 
         let config_arg = hub_config.to_str().context("temp dir path is not UTF-8")?;
@@ -144,6 +160,7 @@ impl Setup {
         let mut setup = Setup {
             hub_bin: hub_bin.to_path_buf(),
             hub_config,
+            twin_config: None,
             ca: certs.join("ca.pem"),
             server_cert: certs.join("server.pem"),
             server_key: certs.join("server.key"),
@@ -162,6 +179,15 @@ impl Setup {
                     "hub: no device credentials ({e:#}); the fleet's devices log in as the admin user `{USER}`"
                 )),
             }
+        }
+        if twin {
+            // Once the first hub's data dir is complete: the same users, devices and certificates.
+            let twin_data = setup.dir.path().join("twin-data");
+            run_checked(Command::new("cp").arg("-a").arg(&data).arg(&twin_data), None, "copying the data dir")?;
+            let twin_config = setup.dir.path().join("twin.toml");
+            std::fs::write(&twin_config, config_on(&twin_data))
+                .with_context(|| format!("writing {}", twin_config.display()))?;
+            setup.twin_config = Some(twin_config);
         }
         if want_mosquitto {
             match setup.prepare_mosquitto() {
@@ -207,6 +233,11 @@ impl Setup {
         Ok(Mosquitto { bin, passwd_file, version })
     }
 
+    /// Whether a twin hub was set up.
+    pub fn has_twin(&self) -> bool {
+        self.twin_config.is_some()
+    }
+
     /// The running hub's count of its SQLite write transactions, from `domoticpi status`.
     pub fn hub_store_commits(&self) -> Result<u64> {
         let mut cmd = Command::new(&self.hub_bin);
@@ -229,7 +260,11 @@ impl Setup {
     /// broker may run on that core only, and the hub's runtime sizes itself to it).
     pub fn start_on(&self, kind: Kind, cpu: Option<usize>) -> Result<Broker> {
         match kind {
-            Kind::Hub => self.start_hub(cpu),
+            Kind::Hub => self.start_hub(kind, &self.hub_config, cpu),
+            Kind::Twin => {
+                let config = self.twin_config.as_ref().ok_or_else(|| anyhow!("no twin hub was set up"))?;
+                self.start_hub(kind, config, cpu)
+            }
             Kind::Mosquitto => {
                 let m = self.mosquitto.as_ref().ok_or_else(|| anyhow!("mosquitto is not available"))?;
                 let mut last_error = anyhow!("mosquitto did not start");
@@ -246,12 +281,12 @@ impl Setup {
     }
 
     /// Runs `domoticpi --config C run` and reads its listeners from the `hub ready` log line.
-    fn start_hub(&self, cpu: Option<usize>) -> Result<Broker> {
+    fn start_hub(&self, kind: Kind, config: &Path, cpu: Option<usize>) -> Result<Broker> {
         let mut cmd = wrapped(&self.hub_bin, cpu);
-        cmd.arg("--config").arg(&self.hub_config).arg("run");
+        cmd.arg("--config").arg(config).arg("run");
         // Warnings only, like Mosquitto's `log_type error`, plus the one line that gives the ports.
         cmd.env("RUST_LOG", "warn,domoticpi::hub=info");
-        let (mut broker, lines) = Broker::spawn(Kind::Hub, cmd, self.guard_kib)?;
+        let (mut broker, lines) = Broker::spawn(kind, cmd, self.guard_kib)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());

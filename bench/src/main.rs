@@ -48,6 +48,11 @@ struct Args {
     /// Leave Mosquitto out (its column reads n/a).
     #[arg(long)]
     no_mosquitto: bool,
+    /// A second hub of the same binary in Mosquitto's column (an A/A run): the ratios then show how
+    /// far a figure moves between two runs of one broker on this machine, the floor under which a
+    /// difference from Mosquitto means nothing.
+    #[arg(long, conflicts_with = "no_mosquitto")]
+    twin: bool,
     /// Kill a broker whose RSS passes this many MiB [default: half the available memory, at most 8 GiB].
     #[arg(long, value_name = "MIB")]
     max_broker_rss: Option<u64>,
@@ -200,9 +205,17 @@ async fn run(args: Args) -> Result<()> {
     } else {
         0
     };
-    let (setup, setup_notes) = Setup::new(&hub_bin, !args.no_mosquitto, guard_mib * 1024, devices)?;
+    let (setup, setup_notes) =
+        Setup::new(&hub_bin, !args.no_mosquitto && !args.twin, args.twin, guard_mib * 1024, devices)?;
+    // The broker in the second column.
+    let other = if args.twin { Kind::Twin } else { Kind::Mosquitto };
+    // Whether `other` can run a scenario (Mosquitto: when installed, and it has no rules to react).
+    let other_runs = |scenario: Scenario| match other {
+        Kind::Mosquitto => setup.mosquitto.is_some() && scenario != Scenario::Reactions,
+        Kind::Hub | Kind::Twin => true,
+    };
 
-    let mut report = Report::default();
+    let mut report = Report::new(other);
     report.notes.extend(setup_notes);
     if args.hub_bin.is_none() {
         report.notes.extend(stale_binary_note(&hub_bin));
@@ -217,9 +230,9 @@ async fn run(args: Args) -> Result<()> {
         if matches!(scenario, Scenario::Paced | Scenario::PacedOneCore) {
             // Both brokers at once, taking turns slice by slice.
             let kinds: Vec<Kind> =
-                Kind::ALL.into_iter().filter(|&k| k == Kind::Hub || setup.mosquitto.is_some()).collect();
-            if setup.mosquitto.is_none() {
-                report.status.insert((scenario, Kind::Mosquitto), Status::NotRun);
+                [Kind::Hub, other].into_iter().filter(|&k| k == Kind::Hub || other_runs(scenario)).collect();
+            if !other_runs(scenario) {
+                report.status.insert((scenario, other), Status::NotRun);
             }
             match rounds {
                 1 => eprintln!("[both in turn] {} …", scenario.name()),
@@ -251,9 +264,8 @@ async fn run(args: Args) -> Result<()> {
             }
             continue;
         }
-        for kind in Kind::ALL {
-            // Mosquitto has no rules: the reactions are the hub's alone.
-            if kind == Kind::Mosquitto && (setup.mosquitto.is_none() || scenario == Scenario::Reactions) {
+        for kind in [Kind::Hub, other] {
+            if kind != Kind::Hub && !other_runs(scenario) {
                 report.status.insert((scenario, kind), Status::NotRun);
                 continue;
             }
@@ -337,9 +349,9 @@ fn target_of(setup: &Setup, kind: Kind, broker: &Broker) -> Result<Target> {
         user: broker::USER.to_owned(),
         password: setup.password.clone(),
         // Mosquitto has no device accounts: everyone logs in as the bench user there.
-        logins: Arc::new(if kind == Kind::Hub { setup.device_passwords.clone() } else { HashMap::new() }),
+        logins: Arc::new(if kind.is_hub() { setup.device_passwords.clone() } else { HashMap::new() }),
         churn: match kind {
-            Kind::Hub => (broker::CHURN_USER.to_owned(), setup.password.clone()),
+            Kind::Hub | Kind::Twin => (broker::CHURN_USER.to_owned(), setup.password.clone()),
             Kind::Mosquitto => (broker::USER.to_owned(), setup.password.clone()),
         },
     })
@@ -581,7 +593,11 @@ fn header(setup: &Setup, hub_bin: &Path, plan: &Plan, quick: bool, guard_mib: u6
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();
     let size = std::fs::metadata(hub_bin).with_context(|| format!("reading {}", hub_bin.display()))?.len();
-    let mosquitto = setup.mosquitto.as_ref().map_or("not run".to_owned(), |m| m.version.clone());
+    let mosquitto = match (&setup.mosquitto, setup.has_twin()) {
+        (Some(m), _) => m.version.clone(),
+        (None, true) => "not run: its column is a second hub of the same binary (--twin)".to_owned(),
+        (None, false) => "not run".to_owned(),
+    };
 
     let mut h = String::new();
     let _ = writeln!(h, "DomoticPi benchmark ({} run)", if quick { "quick" } else { "full" });
@@ -671,14 +687,19 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Everything measured, in order, plus notes.
-#[derive(Default)]
 struct Report {
+    /// The broker in the second column, beside the hub.
+    other: Kind,
     rows: Vec<Row>,
     status: HashMap<(Scenario, Kind), Status>,
     notes: Vec<String>,
 }
 
 impl Report {
+    fn new(other: Kind) -> Report {
+        Report { other, rows: Vec::new(), status: HashMap::new(), notes: Vec::new() }
+    }
+
     /// Files one broker's outcome of one scenario.
     fn add(&mut self, scenario: Scenario, kind: Kind, outcome: Outcome) {
         self.status.insert((scenario, kind), Status::Ok);
@@ -714,8 +735,9 @@ impl Report {
 
     /// The table (Markdown, aligned) and the notes under it.
     fn table(&self) -> String {
+        let other = self.other;
         let mut lines =
-            vec![["metric".to_owned(), "hub".to_owned(), "mosquitto".to_owned(), "hub/mosquitto".to_owned()]];
+            vec![["metric".to_owned(), "hub".to_owned(), other.name().to_owned(), format!("hub/{}", other.name())]];
         for row in &self.rows {
             let value = |kind: Kind| row.values.get(&kind).map(|v| median(v));
             let cell = |kind: Kind| match value(kind) {
@@ -727,11 +749,11 @@ impl Report {
                     _ => "—".to_owned(),
                 },
             };
-            let ratio = match (value(Kind::Hub), value(Kind::Mosquitto)) {
+            let ratio = match (value(Kind::Hub), value(other)) {
                 (Some(h), Some(m)) if m > 0.0 => format!("{:.2}", h / m),
                 _ => "—".to_owned(),
             };
-            lines.push([row.label.clone(), cell(Kind::Hub), cell(Kind::Mosquitto), ratio]);
+            lines.push([row.label.clone(), cell(Kind::Hub), cell(other), ratio]);
         }
         let width = |i: usize| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0);
         let widths = [width(0), width(1), width(2), width(3)];
@@ -813,8 +835,22 @@ mod tests {
     }
 
     #[test]
+    fn an_a_a_run_puts_the_twin_in_the_second_column() {
+        let mut report = Report::new(Kind::Twin);
+        for (kind, value) in [(Kind::Hub, 3.0), (Kind::Twin, 4.0)] {
+            let mut outcome = Outcome::default();
+            outcome.push("row", value, 1);
+            report.add(Scenario::Paced, kind, outcome);
+        }
+        let table = report.table();
+        let header = table.lines().next().unwrap_or_default();
+        assert!(header.contains(" twin ") && header.contains(" hub/twin "), "{table}");
+        assert!(table.lines().any(|l| l.starts_with("| row") && l.ends_with(" 0.75 |")), "{table}");
+    }
+
+    #[test]
     fn a_note_made_in_every_round_is_kept_once() {
-        let mut report = Report::default();
+        let mut report = Report::new(Kind::Mosquitto);
         for value in [1.0, 5.0, 2.0] {
             let mut outcome = Outcome::default();
             outcome.push("row", value, 1);
