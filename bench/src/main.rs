@@ -56,8 +56,9 @@ struct Args {
     /// Kill a broker whose RSS passes this many MiB [default: half the available memory, at most 8 GiB].
     #[arg(long, value_name = "MIB")]
     max_broker_rss: Option<u64>,
-    /// Run each measurement N times, the brokers taking turns, and print each figure's median
-    /// (on a shared machine, where a neighbour's load comes and goes).
+    /// Run each measurement N times, the brokers taking turns, and print each figure's median and
+    /// the median of each round's own hub/other ratio (on a shared machine, where a neighbour's
+    /// load comes and goes).
     #[arg(long, value_name = "N", default_value_t = 1)]
     rounds: u32,
     /// Seconds of load per paced rate and broker, twice that at 100 msg/s [default: 10; 5 with --quick].
@@ -216,6 +217,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     let mut report = Report::new(other);
+    report.paired = args.rounds > 1;
     report.notes.extend(setup_notes);
     if args.hub_bin.is_none() {
         report.notes.extend(stale_binary_note(&hub_bin));
@@ -690,6 +692,10 @@ fn median(values: &[f64]) -> f64 {
 struct Report {
     /// The broker in the second column, beside the hub.
     other: Kind,
+    /// Whether to add the median of the rounds' own ratios, each round's hub figure over the other
+    /// broker's in that round: it holds when the machine's speed drifts from round to round,
+    /// where the ratio of the two medians compares different moments.
+    paired: bool,
     rows: Vec<Row>,
     status: HashMap<(Scenario, Kind), Status>,
     notes: Vec<String>,
@@ -697,7 +703,7 @@ struct Report {
 
 impl Report {
     fn new(other: Kind) -> Report {
-        Report { other, rows: Vec::new(), status: HashMap::new(), notes: Vec::new() }
+        Report { other, paired: false, rows: Vec::new(), status: HashMap::new(), notes: Vec::new() }
     }
 
     /// Files one broker's outcome of one scenario.
@@ -737,7 +743,10 @@ impl Report {
     fn table(&self) -> String {
         let other = self.other;
         let mut lines =
-            vec![["metric".to_owned(), "hub".to_owned(), other.name().to_owned(), format!("hub/{}", other.name())]];
+            vec![vec!["metric".to_owned(), "hub".to_owned(), other.name().to_owned(), format!("hub/{}", other.name())]];
+        if self.paired {
+            lines[0].push("per round".to_owned());
+        }
         for row in &self.rows {
             let value = |kind: Kind| row.values.get(&kind).map(|v| median(v));
             let cell = |kind: Kind| match value(kind) {
@@ -753,10 +762,21 @@ impl Report {
                 (Some(h), Some(m)) if m > 0.0 => format!("{:.2}", h / m),
                 _ => "—".to_owned(),
             };
-            lines.push([row.label.clone(), cell(Kind::Hub), cell(other), ratio]);
+            let mut line = vec![row.label.clone(), cell(Kind::Hub), cell(other), ratio];
+            if self.paired {
+                line.push(match (row.values.get(&Kind::Hub), row.values.get(&other)) {
+                    (Some(h), Some(o)) if h.len() == o.len() && o.iter().all(|&v| v > 0.0) => {
+                        let ratios: Vec<f64> = h.iter().zip(o).map(|(h, o)| h / o).collect();
+                        format!("{:.2}", median(&ratios))
+                    }
+                    _ => "—".to_owned(),
+                });
+            }
+            lines.push(line);
         }
         let width = |i: usize| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0);
-        let widths = [width(0), width(1), width(2), width(3)];
+        let columns = lines[0].len();
+        let widths: Vec<usize> = (0..columns).map(width).collect();
         let pad = |s: &str, w: usize, right: bool| {
             let fill = " ".repeat(w.saturating_sub(s.chars().count()));
             if right {
@@ -767,11 +787,11 @@ impl Report {
         };
         let mut out = String::new();
         for (n, l) in lines.iter().enumerate() {
-            let cells: Vec<String> = (0..4).map(|i| pad(&l[i], widths[i], i > 0)).collect();
+            let cells: Vec<String> = (0..columns).map(|i| pad(&l[i], widths[i], i > 0)).collect();
             let _ = writeln!(out, "| {} |", cells.join(" | "));
             if n == 0 {
                 // Markdown: the metric column left-aligned, the numbers right-aligned.
-                let rule: Vec<String> = (0..4)
+                let rule: Vec<String> = (0..columns)
                     .map(|i| if i == 0 { "-".repeat(widths[i] + 2) } else { format!("{}:", "-".repeat(widths[i] + 1)) })
                     .collect();
                 let _ = writeln!(out, "|{}|", rule.join("|"));
@@ -846,6 +866,24 @@ mod tests {
         let header = table.lines().next().unwrap_or_default();
         assert!(header.contains(" twin ") && header.contains(" hub/twin "), "{table}");
         assert!(table.lines().any(|l| l.starts_with("| row") && l.ends_with(" 0.75 |")), "{table}");
+    }
+
+    #[test]
+    fn with_rounds_the_table_adds_the_median_of_each_rounds_ratio() {
+        let mut report = Report::new(Kind::Mosquitto);
+        report.paired = true;
+        // The machine slows down in the last two rounds: the medians compare different moments.
+        for (hub, other) in [(10.0, 14.0), (14.0, 12.0), (16.0, 13.0), (19.0, 22.0), (19.0, 21.0)] {
+            for (kind, value) in [(Kind::Hub, hub), (Kind::Mosquitto, other)] {
+                let mut outcome = Outcome::default();
+                outcome.push("row", value, 1);
+                report.add(Scenario::Paced, kind, outcome);
+            }
+        }
+        let table = report.table();
+        assert!(table.lines().next().unwrap_or_default().ends_with(" per round |"), "{table}");
+        // Medians 16 / 14 = 1.14; each round's ratio 0.71, 1.17, 1.23, 0.86, 0.90: median 0.90.
+        assert!(table.lines().any(|l| l.starts_with("| row") && l.ends_with(" 1.14 |      0.90 |")), "{table}");
     }
 
     #[test]
